@@ -1,0 +1,53 @@
+"""arraysyncbn: synchronized batch normalization on any array-API library.
+
+SyncBN normalizes each channel with the statistics of the global batch, the
+union of every rank's local batch. The kernels are written once against the
+Python array API standard (numpy, cupy, torch, array-api-strict, ...); ranks
+communicate through one packed allreduce per pass.
+
+Public API
+----------
+SyncBatchNorm
+    The layer (parameters, running statistics, train/eval, state_dict).
+sync_batch_norm_forward, sync_batch_norm_backward
+    The functional form.
+Communicator, SelfCommunicator, thread_group, run_ranks
+    Groups of ranks; ``comm=None`` is a world of one.
+arraysyncbn.testing
+    Float64 reference, hypothesis strategies and assertions.
+"""
+
+from .comm import (
+    Communicator,
+    SelfCommunicator,
+    ThreadCommunicator,
+    run_ranks,
+    thread_group,
+)
+from .errors import CollectiveMismatchError, CommunicatorAbortedError, NoForwardError
+from .functional import (
+    SavedForBackward,
+    check_consistency,
+    sync_batch_norm_backward,
+    sync_batch_norm_forward,
+)
+from .layer import SyncBatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollectiveMismatchError",
+    "Communicator",
+    "CommunicatorAbortedError",
+    "NoForwardError",
+    "SavedForBackward",
+    "SelfCommunicator",
+    "SyncBatchNorm",
+    "ThreadCommunicator",
+    "__version__",
+    "check_consistency",
+    "run_ranks",
+    "sync_batch_norm_backward",
+    "sync_batch_norm_forward",
+    "thread_group",
+]

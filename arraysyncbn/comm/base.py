@@ -1,0 +1,81 @@
+"""The :class:`Communicator` protocol and the world of one.
+
+A communicator sums (or takes the maximum of) one 1-D array across the ranks
+of a group. SyncBN calls it once per pass with everything packed into that
+array, which is why the protocol has a single method. The array lives in the
+caller's namespace and on the caller's device; a communicator returns the
+result there too, moving bytes however it must (a thread group adds arrays in
+place, MPI passes device buffers or stages through the host).
+
+Contract every implementation must keep: the reduced array is **bitwise
+identical on every rank**. SyncBN takes decisions (skip an empty batch, raise
+on a single-sample batch) and updates running statistics from reduced values;
+ranks that saw different bits could take different branches and deadlock, or
+drift apart. :func:`~arraysyncbn.thread_group` sums in rank order on every
+rank; MPICH's ``Allreduce`` gives identical results on every rank in practice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = ["Communicator", "ReduceOp", "SelfCommunicator", "as_communicator"]
+
+ReduceOp = Literal["sum", "max"]
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What SyncBN needs from a group of ranks.
+
+    Attributes
+    ----------
+    rank : int
+        This rank's index in ``range(size)``.
+    size : int
+        Number of ranks in the group.
+    """
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def allreduce(self, buf: Any, op: ReduceOp = "sum") -> Any:
+        """Return the elementwise ``op`` of ``buf`` over all ranks.
+
+        ``buf`` is a 1-D array of a real floating dtype, of the same length,
+        dtype and namespace on every rank. The result has ``buf``'s
+        namespace, device, dtype and shape; ``buf`` itself may be reused as
+        the result or left untouched, never partly written.
+        """
+        ...
+
+
+class SelfCommunicator:
+    """The world of one: every reduction returns its input."""
+
+    rank = 0
+    size = 1
+
+    def allreduce(self, buf: Any, op: ReduceOp = "sum") -> Any:
+        if op not in ("sum", "max"):
+            raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
+        return buf
+
+    def __repr__(self) -> str:
+        return "SelfCommunicator()"
+
+
+def as_communicator(comm: Any) -> Communicator:
+    """Return ``comm``, or the world of one for None; reject anything else."""
+    if comm is None:
+        return SelfCommunicator()
+    if not isinstance(comm, Communicator):
+        raise TypeError(
+            "comm must provide rank, size and allreduce(buf, op) "
+            f"(the arraysyncbn.Communicator protocol), got {type(comm).__name__}; "
+            "wrap an mpi4py communicator with arraysyncbn.MPICommunicator"
+        )
+    return comm

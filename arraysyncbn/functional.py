@@ -1,0 +1,437 @@
+"""One SyncBN step: validate, compute local moments, allreduce once, normalize.
+
+This module owns the path of a training step (``docs/design.md``)::
+
+    x ─validate─> local moments ─pack─> allreduce ─unpack─> mean, var, N ─> y
+
+and its backward. It calls :mod:`arraysyncbn.kernels` for the math and the
+communicator exactly once per pass. Every decision that changes whether a
+rank communicates or raises after communication (N = 0, N = 1) is taken from
+the reduced buffer, which is bitwise identical on every rank, so every rank
+takes the same branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from . import kernels
+from .comm.base import Communicator, as_communicator
+from .errors import CollectiveMismatchError
+
+__all__ = [
+    "SavedForBackward",
+    "check_consistency",
+    "sync_batch_norm_backward",
+    "sync_batch_norm_forward",
+]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class SavedForBackward:
+    """What a forward keeps for its backward.
+
+    Attributes
+    ----------
+    count : int
+        The global number of elements per channel (the N of the statistics),
+        the same on every rank; 0 when every rank's batch was empty. For a
+        forward that used running statistics it is None.
+    batch_stats : bool
+        Whether the forward normalized with batch statistics (and its
+        backward therefore communicates).
+    """
+
+    x: Array
+    mean: Array
+    invstd: Array
+    weight: Array | None
+    bias: Array | None
+    axis: int
+    count: int | None
+    batch_stats: bool
+    comm: Communicator
+    xp: Any
+
+
+def _namespace(**arrays: Array | None) -> Any:
+    """Return the one namespace of the given arrays, with a clear error."""
+    present = {k: v for k, v in arrays.items() if v is not None}
+    for name, a in present.items():
+        if not array_api_compat.is_array_api_obj(a):
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+    try:
+        return array_api_compat.array_namespace(*present.values())
+    except TypeError:
+        libs = {k: type(v).__module__.split(".")[0] for k, v in present.items()}
+        raise TypeError(
+            "arrays from different array libraries cannot be mixed: "
+            + ", ".join(f"{k} is {m}" for k, m in libs.items())
+        ) from None
+
+
+def _check_devices(**arrays: Array | None) -> Any:
+    present = {k: v for k, v in arrays.items() if v is not None}
+    devices = {k: array_api_compat.device(v) for k, v in present.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(
+                f"arrays on different devices cannot be mixed: {first_name} is on "
+                f"{first}, {name} is on {dev}"
+            )
+    return first
+
+
+def _check_floating(xp: Any, name: str, a: Array | None) -> None:
+    if a is not None and not xp.isdtype(a.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
+
+
+def _normalize_axis(axis: Any, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input of {ndim} dimensions")
+    return axis % ndim
+
+
+def check_input(x: Array, axis: Any) -> int:
+    """Validate one input batch; return its non-negative channel axis.
+
+    Raises TypeError for a non-array or a non-floating dtype, ValueError for
+    fewer than 2 dimensions or an axis out of range.
+    """
+    if not array_api_compat.is_array_api_obj(x):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have at least 2 dimensions (batch and channels), got shape {tuple(x.shape)}"
+        )
+    ax = _normalize_axis(axis, x.ndim)
+    _check_floating(array_api_compat.array_namespace(x), "x", x)
+    return ax
+
+
+def _check_hyper(eps: Any, momentum: Any) -> None:
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not (math.isfinite(eps) and eps > 0)
+    ):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if momentum is not None and (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+
+
+def _validate_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    axis: Any,
+    eps: Any,
+    momentum: Any,
+    num_batches_tracked: Any,
+) -> tuple[Any, int]:
+    """Check every argument of a forward; return ``(xp, axis)``."""
+    xp = _namespace(
+        x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+    ax = check_input(x, axis)
+    params = {
+        "weight": weight,
+        "bias": bias,
+        "running_mean": running_mean,
+        "running_var": running_var,
+    }
+    for name, a in params.items():
+        _check_floating(xp, name, a)
+    _check_devices(x=x, **params)
+    channels = x.shape[ax]
+    for name, a in params.items():
+        if a is not None and tuple(a.shape) != (channels,):
+            raise ValueError(
+                f"{name} must have shape ({channels},) to match the {channels} channels "
+                f"on axis {axis} of x {tuple(x.shape)}, got {tuple(a.shape)}"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    _check_hyper(eps, momentum)
+    if (
+        isinstance(num_batches_tracked, bool)
+        or not isinstance(num_batches_tracked, int)
+        or num_batches_tracked < 0
+    ):
+        raise ValueError(
+            f"num_batches_tracked must be a non-negative int, got {num_batches_tracked!r}"
+        )
+    return xp, ax
+
+
+def _pack(xp: Any, count: int, parts: list[Array], acc: Any, device: Any) -> Array:
+    head = xp.asarray([float(count)], dtype=acc, device=device)
+    return xp.concat([head, *parts])
+
+
+def _global_count(buf: Array) -> int:
+    value = float(buf[0])
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise CollectiveMismatchError(
+            f"the reduced element count is {value}, not a non-negative integer: "
+            "the communicator returned a corrupt sum"
+        )
+    return int(value)
+
+
+def _running_update(
+    xp: Any,
+    running: Array,
+    batch_value: Array,
+    momentum: float,
+) -> Array:
+    """Return ``(1 − m)·running + m·batch_value`` in running's dtype."""
+    r = xp.astype(running, batch_value.dtype)
+    return xp.astype((1.0 - momentum) * r + momentum * batch_value, running.dtype)
+
+
+def sync_batch_norm_forward(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array | None,
+    running_var: Array | None,
+    *,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    comm: Communicator | None = None,
+    num_batches_tracked: int = 0,
+    check: bool = False,
+) -> tuple[Array, Array | None, Array | None, SavedForBackward]:
+    """Synchronized batch normalization of this rank's shard ``x``.
+
+    Parameters
+    ----------
+    x : array, at least 2-D, real floating dtype
+        This rank's local batch, channels on ``axis``. May be empty.
+    weight, bias : arrays of shape ``(C,)`` or None
+        Affine parameters (None: no scale / no shift).
+    running_mean, running_var : arrays of shape ``(C,)`` or None
+        Running statistics; both or neither. Not modified.
+    training : bool
+        Normalize with the batch statistics of all ranks and return updated
+        running statistics. When False and running statistics are given,
+        normalize with them and communicate nothing. When running statistics
+        are None, batch statistics are used either way.
+    momentum : float in [0, 1] or None
+        ``running = (1 − m)·running + m·batch``; None uses the cumulative
+        average, ``m = 1/(num_batches_tracked + 1)``.
+    eps : float > 0
+        Added to the variance.
+    axis : int
+        Channel axis (1 for NCHW, -1 for channels-last).
+    comm : Communicator or None
+        The group of ranks; None is a world of one.
+    num_batches_tracked : int
+        Batches counted *before* this step (only used when momentum is None).
+    check : bool
+        Before the statistics allreduce, verify with :func:`check_consistency`
+        that all ranks agree on channels, dtype and axis (one more small
+        collective). Only when batch statistics are used.
+
+    Returns
+    -------
+    y : array like ``x`` (namespace, device, dtype, shape)
+    new_running_mean, new_running_var : arrays or None
+        Updated running statistics in their input dtype; the inputs themselves
+        when nothing was updated (eval, or global N = 0).
+    saved : SavedForBackward
+        Pass to :func:`sync_batch_norm_backward`; ``saved.count`` is the
+        global N (0: statistics were not updated).
+
+    Raises
+    ------
+    TypeError
+        Non-array or non-floating inputs, or arrays of different libraries.
+    ValueError
+        Bad shapes, axis, eps, momentum or devices (before any
+        communication); a global batch of one element per channel (on every
+        rank, after the allreduce).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from arraysyncbn import sync_batch_norm_forward
+    >>> x = xp.reshape(xp.arange(8, dtype=xp.float64), (4, 2))
+    >>> y, rm, rv, saved = sync_batch_norm_forward(x, None, None, None, None, eps=0.0 + 1e-12)
+    >>> [round(float(v), 6) for v in y[:, 0]]
+    [-1.341641, -0.447214, 0.447214, 1.341641]
+    """
+    xp, ax = _validate_forward(
+        x, weight, bias, running_mean, running_var, axis, eps, momentum, num_batches_tracked
+    )
+    communicator = as_communicator(comm)
+    device = array_api_compat.device(x)
+    acc = kernels.accumulation_dtype(xp, device)
+    use_batch = training or running_mean is None
+
+    if not use_batch:
+        mean = xp.astype(running_mean, acc)
+        invstd = kernels.invstd_of(xp.astype(running_var, acc), eps, xp=xp)
+        y = kernels.normalize(x, mean, invstd, weight, bias, ax, xp=xp)
+        saved = SavedForBackward(x, mean, invstd, weight, bias, ax, None, False, communicator, xp)
+        return y, running_mean, running_var, saved
+
+    if check:
+        check_consistency(communicator, x, num_features=x.shape[ax], axis=ax)
+    n, s1, s2 = kernels.local_moments(x, ax, xp=xp, acc=acc)
+    buf = communicator.allreduce(_pack(xp, n, [s1, s2], acc, device))
+    channels = x.shape[ax]
+    if tuple(buf.shape) != (1 + 2 * channels,):
+        raise CollectiveMismatchError(
+            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
+        )
+    count = _global_count(buf)
+    if count == 0:
+        zeros = xp.zeros((channels,), dtype=acc, device=device)
+        saved = SavedForBackward(x, zeros, zeros, weight, bias, ax, 0, True, communicator, xp)
+        return xp.zeros_like(x), running_mean, running_var, saved
+    if count == 1:
+        raise ValueError(
+            "expected more than 1 value per channel when using batch statistics, got a "
+            f"global batch of 1 (input shape {tuple(x.shape)} on rank {communicator.rank})"
+        )
+    mean, var = kernels.finalize_moments(count, buf[1 : 1 + channels], buf[1 + channels :], xp=xp)
+    invstd = kernels.invstd_of(var, eps, xp=xp)
+    y = kernels.normalize(x, mean, invstd, weight, bias, ax, xp=xp)
+
+    new_mean, new_var = running_mean, running_var
+    if training and running_mean is not None and running_var is not None:
+        m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
+        new_mean = _running_update(xp, running_mean, mean, m)
+        new_var = _running_update(xp, running_var, var * (count / (count - 1)), m)
+    saved = SavedForBackward(x, mean, invstd, weight, bias, ax, count, True, communicator, xp)
+    return y, new_mean, new_var, saved
+
+
+def sync_batch_norm_backward(
+    dy: Array, saved: SavedForBackward
+) -> tuple[Array, Array | None, Array | None]:
+    """Gradients of :func:`sync_batch_norm_forward`.
+
+    Parameters
+    ----------
+    dy : array of y's shape, namespace and device, real floating dtype
+    saved : what the forward returned
+
+    Returns
+    -------
+    dx : array like the forward's x
+    dweight, dbias : arrays of shape ``(C,)`` in weight's and bias's dtype, or None
+        This rank's contribution only, *not* reduced across ranks (as in
+        PyTorch, data-parallel gradient averaging reduces them).
+
+    When the forward used batch statistics this communicates once: one
+    allreduce of the packed per-channel ``Σdy`` and ``Σdy·x̂``.
+    """
+    if not isinstance(saved, SavedForBackward):
+        raise TypeError(
+            f"saved must be the SavedForBackward of a forward, got {type(saved).__name__}"
+        )
+    xp, x = saved.xp, saved.x
+    if _namespace(dy=dy, x=x) is not xp:
+        raise TypeError("dy comes from a different array library than the forward's x")
+    _check_floating(xp, "dy", dy)
+    _check_devices(x=x, dy=dy)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(
+            f"dy has shape {tuple(dy.shape)}, but the forward's output has shape {tuple(x.shape)}"
+        )
+    ax, acc = saved.axis, saved.mean.dtype
+    sum_dy, sum_dy_xhat = kernels.backward_sums(dy, x, saved.mean, saved.invstd, ax, xp=xp, acc=acc)
+    if not saved.batch_stats:
+        dx = kernels.backward_input(
+            dy, x, saved.mean, saved.invstd, saved.weight, None, None, ax, xp=xp
+        )
+    elif saved.count == 0:
+        dx = xp.zeros_like(x)
+    else:
+        channels = x.shape[ax]
+        device = array_api_compat.device(x)
+        buf = saved.comm.allreduce(_pack(xp, 0, [sum_dy, sum_dy_xhat], acc, device))
+        count = float(saved.count)  # type: ignore[arg-type]
+        dx = kernels.backward_input(
+            dy,
+            x,
+            saved.mean,
+            saved.invstd,
+            saved.weight,
+            buf[1 : 1 + channels] / count,
+            buf[1 + channels :] / count,
+            ax,
+            xp=xp,
+        )
+    dweight = None if saved.weight is None else xp.astype(sum_dy_xhat, saved.weight.dtype)
+    dbias = None if saved.bias is None else xp.astype(sum_dy, saved.bias.dtype)
+    return dx, dweight, dbias
+
+
+_DTYPE_CODES = {"float16": 16.0, "bfloat16": 17.0, "float32": 32.0, "float64": 64.0}
+
+
+def _dtype_name(dtype: Any) -> str:
+    text = str(dtype)
+    for name in sorted(_DTYPE_CODES, key=len, reverse=True):
+        if text.endswith(name):
+            return name
+    return text
+
+
+def check_consistency(comm: Communicator | None, x: Array, *, num_features: int, axis: int) -> None:
+    """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
+
+    One small allreduce (``max`` of each value and of its negation) compares
+    the channel count, the input dtype, the channel axis and the number of
+    dimensions across ranks. Call it with arguments that passed validation,
+    on every rank, at the same point of the program.
+    """
+    communicator = as_communicator(comm)
+    xp = array_api_compat.array_namespace(x)
+    device = array_api_compat.device(x)
+    acc = kernels.accumulation_dtype(xp, device)
+    name = _dtype_name(x.dtype)
+    code = _DTYPE_CODES.get(name, 99.0)
+    values = [float(num_features), code, float(axis % x.ndim), float(x.ndim)]
+    buf = xp.asarray(values + [-v for v in values], dtype=acc, device=device)
+    reduced = communicator.allreduce(buf, "max")
+    high = [float(v) for v in reduced[:4]]
+    low = [-float(v) for v in reduced[4:]]
+    labels = ["channel count", "dtype", "channel axis", "number of dimensions"]
+    codes = {v: k for k, v in _DTYPE_CODES.items()}
+    problems = []
+    for label, lo, hi in zip(labels, low, high, strict=True):
+        if lo != hi:
+            if label == "dtype":
+                lo_s, hi_s = codes.get(lo, "other"), codes.get(hi, "other")
+            else:
+                lo_s, hi_s = str(int(lo)), str(int(hi))
+            problems.append(f"{label} differs (values seen include {lo_s} and {hi_s})")
+    if problems:
+        raise CollectiveMismatchError(
+            f"ranks disagree on this SyncBatchNorm call (rank {communicator.rank} has "
+            f"{num_features} channels, dtype {name}, axis {axis % x.ndim}, "
+            f"{x.ndim} dimensions): " + "; ".join(problems)
+        )

@@ -1,0 +1,334 @@
+"""The :class:`SyncBatchNorm` layer: parameters, buffers, modes and state.
+
+The layer keeps state (weight, bias, running statistics, the last forward's
+saved values) and delegates every formula to :mod:`arraysyncbn.functional`.
+Parameters and buffers are created lazily, in the namespace and on the device
+of the first input, unless ``xp`` (and ``device``) are given up front.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import array_api_compat
+
+from . import functional as F
+from .comm.base import Communicator, as_communicator
+from .errors import NoForwardError
+
+__all__ = ["SyncBatchNorm"]
+
+Array = Any
+_PARAM_KEYS = ("weight", "bias")
+_BUFFER_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _resolve_dtype(xp: Any, dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        try:
+            dtype = getattr(xp, dtype)
+        except AttributeError:
+            raise TypeError(f"{xp.__name__} has no dtype named {dtype!r}") from None
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"parameters need a real floating dtype, got {dtype}")
+    return dtype
+
+
+def _env_check_every_call() -> bool:
+    return os.environ.get("ARRAYSYNCBN_CHECK", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _convert(value: Any, xp: Any, device: Any, dtype: Any) -> Array:
+    """Return a copy of ``value`` as an array of ``xp`` on ``device`` with ``dtype``."""
+    if array_api_compat.is_array_api_obj(value):
+        if array_api_compat.array_namespace(value) is not xp:
+            try:
+                value = xp.from_dlpack(value)
+            except (AttributeError, TypeError, ValueError, RuntimeError, BufferError):
+                value = xp.asarray(value)
+        value = array_api_compat.to_device(value, device)
+        return xp.astype(value, dtype, copy=True)
+    return xp.asarray(value, dtype=dtype, device=device, copy=True)
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        raise TypeError(f"state dict values must be arrays, got {type(value).__name__}")
+    return tuple(int(s) for s in shape)
+
+
+class SyncBatchNorm:
+    """Batch normalization over the global batch of every rank of ``comm``.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float
+        Added to the variance (> 0).
+    momentum : float in [0, 1] or None
+        Running-statistics factor; None is the cumulative average.
+    affine : bool
+        Keep a learnable per-channel weight (ones) and bias (zeros).
+    track_running_stats : bool
+        Keep running mean and variance; when False, eval mode also uses
+        (synchronized) batch statistics.
+    axis : int
+        Channel axis of the input (1 for NCHW, -1 for channels-last).
+    comm : Communicator or None
+        The ranks to synchronize over; None is a world of one.
+    dtype, device, xp :
+        Where to create parameters and buffers. With ``xp`` given they are
+        created now (``dtype`` defaults to float32); otherwise at the first
+        forward, in the input's namespace and device, with the input's dtype
+        for float32/float64 input and float32 for float16/bfloat16 input
+        (``dtype`` overrides that).
+
+    Notes
+    -----
+    ``backward`` differentiates the last forward. It needs that forward to
+    have used batch statistics: after an eval forward with running
+    statistics it raises :class:`~arraysyncbn.NoForwardError` rather than
+    silently differentiating an older training forward (use
+    :func:`~arraysyncbn.sync_batch_norm_backward` for the frozen-statistics
+    gradient).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from arraysyncbn import SyncBatchNorm
+    >>> bn = SyncBatchNorm(3)
+    >>> x = xp.reshape(xp.arange(24, dtype=xp.float32), (4, 3, 2))
+    >>> y = bn(x)
+    >>> y.shape, y.dtype == xp.float32
+    ((4, 3, 2), True)
+    >>> dx = bn.backward(xp.ones_like(y))
+    >>> [float(v) for v in bn.grad_bias]
+    [8.0, 8.0, 8.0]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        axis: int = 1,
+        comm: Communicator | None = None,
+        dtype: Any = None,
+        device: Any = None,
+        xp: Any = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        F._check_hyper(eps, momentum)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.comm = as_communicator(comm)
+        self.training = True
+        self.weight: Array | None = None
+        self.bias: Array | None = None
+        self.running_mean: Array | None = None
+        self.running_var: Array | None = None
+        self.num_batches_tracked = 0
+        self.grad_weight: Array | None = None
+        self.grad_bias: Array | None = None
+        self._dtype = dtype
+        self._xp: Any = None
+        self._device: Any = None
+        self._pending: dict[str, Any] | None = None
+        self._saved: F.SavedForBackward | None = None
+        self._checked = False
+        if xp is not None:
+            xp = array_api_compat.array_namespace(xp.zeros(0))
+            self._materialize(xp, device, _resolve_dtype(xp, "float32" if dtype is None else dtype))
+
+    # -- state ---------------------------------------------------------------
+    def _materialize(self, xp: Any, device: Any, dtype: Any) -> None:
+        c = self.num_features
+        self._xp, self._device = xp, device
+        if self.affine:
+            self.weight = xp.ones((c,), dtype=dtype, device=device)
+            self.bias = xp.zeros((c,), dtype=dtype, device=device)
+        if self.track_running_stats:
+            self.running_mean = xp.zeros((c,), dtype=dtype, device=device)
+            self.running_var = xp.ones((c,), dtype=dtype, device=device)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._assign(pending)
+
+    def _materialize_like(self, x: Array) -> None:
+        xp = array_api_compat.array_namespace(x)
+        if self._dtype is not None:
+            dtype = _resolve_dtype(xp, self._dtype)
+        elif x.dtype in (xp.float32, xp.float64):
+            dtype = x.dtype
+        else:
+            dtype = xp.float32
+        self._materialize(xp, array_api_compat.device(x), dtype)
+
+    def _expected_keys(self) -> list[str]:
+        keys = list(_PARAM_KEYS) if self.affine else []
+        return keys + (list(_BUFFER_KEYS) if self.track_running_stats else [])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return parameters and buffers under PyTorch's BatchNorm keys.
+
+        Arrays are the layer's own (not copies); ``num_batches_tracked`` is
+        an int.
+        """
+        if self._xp is None:
+            raise RuntimeError(
+                "SyncBatchNorm creates its parameters at the first forward; call it once, "
+                "or construct it with xp=... (and device=...) to have them now"
+            )
+        out: dict[str, Any] = {}
+        for key in self._expected_keys():
+            out[key] = getattr(self, key)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load parameters and buffers saved by :meth:`state_dict` or by PyTorch.
+
+        Values are copied into the layer's namespace, device and dtype
+        (before the first forward they are kept and converted then).
+        ``num_batches_tracked`` may be an int or a 0-d integer array.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys, or arrays whose shape is not
+            ``(num_features,)``.
+        """
+        expected = self._expected_keys()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match SyncBatchNorm(affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}): missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        checked: dict[str, Any] = {}
+        for key in expected:
+            value = state[key]
+            if key == "num_batches_tracked":
+                checked[key] = self._count_from(value)
+                continue
+            shape = _shape_of(value)
+            if shape != (self.num_features,):
+                raise ValueError(
+                    f"state dict entry {key!r} has shape {shape}, expected ({self.num_features},)"
+                )
+            checked[key] = value
+        if self._xp is None:
+            self._pending = checked
+        else:
+            self._assign(checked)
+
+    @staticmethod
+    def _count_from(value: Any) -> int:
+        shape = getattr(value, "shape", ())
+        if tuple(shape) != ():
+            raise ValueError(f"num_batches_tracked must be a scalar, got shape {tuple(shape)}")
+        dtype_kind = getattr(getattr(value, "dtype", None), "kind", None)
+        if dtype_kind == "f" or isinstance(value, float):
+            raise ValueError("num_batches_tracked must be an integer, got a float")
+        count = int(value)
+        if count < 0:
+            raise ValueError(f"num_batches_tracked must be non-negative, got {count}")
+        return count
+
+    def _assign(self, checked: Mapping[str, Any]) -> None:
+        xp, device = self._xp, self._device
+        for key, value in checked.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = int(value)
+            else:
+                current = getattr(self, key)
+                setattr(self, key, _convert(value, xp, device, current.dtype))
+
+    # -- modes ---------------------------------------------------------------
+    def train(self, mode: bool = True) -> SyncBatchNorm:
+        """Switch to training (batch statistics) or, with False, eval mode."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> SyncBatchNorm:
+        """Switch to eval mode (running statistics where they are kept)."""
+        return self.train(False)
+
+    # -- passes --------------------------------------------------------------
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def forward(self, x: Array) -> Array:
+        """Normalize ``x``; see the class docstring. Returns y like x."""
+        ax = F.check_input(x, self.axis)
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"x has {x.shape[ax]} channels on axis {self.axis} (shape {tuple(x.shape)}), "
+                f"but this SyncBatchNorm has num_features={self.num_features}"
+            )
+        if self._xp is None:
+            self._materialize_like(x)
+        batch_stats = self._uses_batch_stats()
+        check = batch_stats and (not self._checked or _env_check_every_call())
+        y, new_mean, new_var, saved = F.sync_batch_norm_forward(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            training=self.training and self.track_running_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            comm=self.comm,
+            num_batches_tracked=self.num_batches_tracked,
+            check=check,
+        )
+        if check:
+            self._checked = True
+        if self.training and self.track_running_stats and saved.count:
+            self.running_mean, self.running_var = new_mean, new_var
+            self.num_batches_tracked += 1
+        self._saved = saved
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy: Array) -> Array:
+        """Return dx for the last forward; set ``grad_weight`` and ``grad_bias``.
+
+        ``grad_weight``/``grad_bias`` are this rank's contributions (None
+        without ``affine``), not reduced across ranks.
+        """
+        if self._saved is None:
+            raise NoForwardError("backward called before any forward: run a training forward first")
+        if not self._saved.batch_stats:
+            raise NoForwardError(
+                "the last forward normalized with running statistics (eval mode), which "
+                "SyncBatchNorm.backward does not differentiate; run a training forward, or "
+                "use arraysyncbn.sync_batch_norm_backward for the frozen-statistics gradient"
+            )
+        dx, self.grad_weight, self.grad_bias = F.sync_batch_norm_backward(dy, self._saved)
+        return dx
+
+    def __repr__(self) -> str:
+        return (
+            f"SyncBatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"axis={self.axis}, comm={self.comm!r})"
+        )

@@ -1,0 +1,300 @@
+"""Error bounds against the float64 reference, and assertions that use them.
+
+The bounds are formulas, not tuned tolerances. Per channel, with
+
+* ``e_out``: machine epsilon of the output dtype (x's dtype for y and dx,
+  the parameter dtype ``e_p`` for gradients and running statistics),
+* ``e_w``: epsilon of the work dtype (``e_out`` for float32/float64, float32's
+  for float16/bfloat16),
+* ``e_acc``: epsilon of the accumulation dtype (float64's, or float32's on a
+  device without float64),
+* ``n``: the global reduction length (elements per channel),
+* ``μ``, ``var``: the reference mean and biased variance, ``σ² = var + eps``,
+* ``A = max|x − μ|`` (so ``r = A/σ = max|x̂|``),
+
+the statistics carry at most
+
+* ``Δμ = e_acc·(n + 2)·(|μ| + A)`` (summation),
+* ``Δv = 2·e_acc·(n + 4)·(μ² + A²) + 4·e_w·A²`` (the float64 merge of
+  ``Σx²`` and ``Nμ²`` cancels: this ``μ²`` term is the E[x²]−E[x]² hazard,
+  negligible in float64 until |μ|/σ nears 1e6, real with float32
+  accumulation),
+
+so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
+1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
+``Δi`` be its largest distance from the true ``invstd = 1/σ`` (plus
+``2·e_acc·invstd``) and ``i⁺`` the upper end. The normalized value then errs
+by ``Δx̂ = (A + Δμ)·Δi + Δμ·i⁺`` and is at most ``X = r + Δx̂``. With
+``W = max|weight|`` (1 without), ``B = max|bias|``, ``G = max|dy|`` and
+``m`` the momentum used:
+
+* ``|Δy| ≤ 2·[W·Δx̂ + (4·e_w + e_out)·(W·X + B)] + floor``,
+* ``|Δdx| ≤ 2·W·[Δi·G·(2 + X²) + i⁺·G·(2·X·Δx̂ + (8·e_w + e_out)·(2 + X²))] + floor``,
+* ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X``,
+  ``|Δdbias| ≤ 2·n·G·e_acc·n + e_p·n·G``,
+* ``|Δrunning_mean| ≤ m·Δμ + 4·e_p·|ref|``,
+  ``|Δrunning_var| ≤ m·Δv·n/(n−1) + 4·e_p·|ref|``,
+
+where ``floor`` is a few subnormal spacings of the output dtype, plus one of
+the work dtype times ``1 + A + W·i⁺`` (y) or ``1 + G·(2 + X²) + W·i⁺²·G·X``
+(dx): a per-channel factor such as ``weight·invstd``, or a centered value,
+that underflowed before being scaled up. The factor 2 covers the constants this analysis
+drops; the ``n`` terms assume no better than naive summation. y and dx
+bounds are the maximum over channels.
+
+Each bound is far below what a wrong formula produces: a variance divided
+by the local instead of the global count, E[x²]−E[x]² in float32 on float64
+devices, or a missing Bessel correction all exceed it by orders of magnitude
+(``tests/test_planted_bugs.py`` shows the property tests catching them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .reference import ReferenceBackward, ReferenceForward, to_numpy
+
+__all__ = [
+    "BackwardBounds",
+    "ForwardBounds",
+    "assert_close_to_reference",
+    "assert_like",
+    "backward_bounds",
+    "dtype_eps",
+    "forward_bounds",
+]
+
+_EPS = {
+    "float16": float(np.finfo(np.float16).eps),
+    "bfloat16": 2.0**-7,
+    "float32": float(np.finfo(np.float32).eps),
+    "float64": float(np.finfo(np.float64).eps),
+}
+
+
+def dtype_eps(dtype: Any) -> float:
+    """Machine epsilon of a floating dtype of any array library."""
+    text = str(dtype)
+    for name in sorted(_EPS, key=len, reverse=True):
+        if text.endswith(name):
+            return _EPS[name]
+    raise TypeError(f"not a supported floating dtype: {dtype}")
+
+
+def _work_eps(e_out: float) -> float:
+    return min(e_out, _EPS["float32"])
+
+
+@dataclass(frozen=True)
+class ForwardBounds:
+    """Absolute bounds: ``y`` a scalar, running statistics per channel."""
+
+    y: float
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class BackwardBounds:
+    """Absolute bounds for dx, and per-channel bounds for dweight and dbias."""
+
+    dx: float
+    dweight: np.ndarray
+    dbias: np.ndarray
+
+
+_TINY = {
+    "float16": 2.0**-24,
+    "bfloat16": 2.0**-133,
+    "float32": 2.0**-149,
+    "float64": 2.0**-1074,
+}
+
+
+def _tiny(dtype: Any) -> float:
+    text = str(dtype)
+    for name in sorted(_TINY, key=len, reverse=True):
+        if text.endswith(name):
+            return _TINY[name]
+    raise TypeError(f"not a supported floating dtype: {dtype}")
+
+
+def _max_abs(values: list[np.ndarray]) -> float:
+    return max((float(np.max(np.abs(v))) for v in values if v.size), default=0.0)
+
+
+def _param_max(a: Any, default: float) -> float:
+    return default if a is None else float(np.max(np.abs(to_numpy(a)), initial=0.0))
+
+
+@dataclass(frozen=True)
+class _StatErrors:
+    """Per-channel error budget of the statistics (module docstring)."""
+
+    d_mean: np.ndarray
+    d_var: np.ndarray
+    d_invstd: np.ndarray
+    invstd_hi: np.ndarray
+    d_xhat: np.ndarray
+    xhat_max: np.ndarray
+    spread: np.ndarray
+
+
+def _floor(dtype: Any, e_w: float, magnitude: float) -> float:
+    """Underflow allowance: output subnormals, and a per-channel factor that
+    underflowed in the work dtype and was then multiplied by ``magnitude``."""
+    work = "float32" if e_w == _EPS["float32"] else dtype
+    return 4 * (_tiny(dtype) + _tiny(work) * (1 + magnitude))
+
+
+def _stat_errors(ref: ReferenceForward, e_w: float, e_acc: float) -> _StatErrors:
+    ax, channels = ref.axis, ref.mean.shape[0]
+    a = np.zeros(channels)
+    for x in ref.xhats:
+        if x.size:
+            axes = tuple(i for i in range(x.ndim) if i != ax)
+            a = np.maximum(a, np.max(np.abs(x), axis=axes) / ref.invstd)
+    mu = np.abs(ref.mean)
+    n = ref.count if ref.batch_stats else 0
+    d_mean = e_acc * (n + 2) * (mu + a) if ref.batch_stats else np.zeros(channels)
+    d_var = (
+        2 * e_acc * (n + 4) * (mu * mu + a * a) + 4 * e_w * a * a
+        if ref.batch_stats
+        else np.zeros(channels)
+    )
+    eps = 1.0 / ref.invstd**2 - ref.var
+    hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
+    lo = 1.0 / np.sqrt(ref.var + d_var + eps)
+    d_inv = np.maximum(hi - ref.invstd, ref.invstd - lo) + 2 * e_acc * ref.invstd
+    hi = hi + 2 * e_acc * ref.invstd
+    d_xhat = (a + d_mean) * d_inv + d_mean * hi
+    return _StatErrors(d_mean, d_var, d_inv, hi, d_xhat, a * ref.invstd + d_xhat, a)
+
+
+def forward_bounds(
+    ref: ReferenceForward,
+    dtype: Any,
+    *,
+    weight: Any = None,
+    bias: Any = None,
+    param_dtype: Any = None,
+    momentum: float | None = 0.1,
+    num_batches_tracked: int = 0,
+    accumulation_eps: float = _EPS["float64"],
+) -> ForwardBounds:
+    """Bounds on the forward's error against ``ref`` (see the module docstring).
+
+    ``dtype`` is the input dtype; ``param_dtype`` that of the parameters and
+    running statistics (default: the work dtype); ``accumulation_eps`` is
+    2**-23 for devices without float64.
+    """
+    e_out = dtype_eps(dtype)
+    e_w = _work_eps(e_out)
+    e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
+    w, b = _param_max(weight, 1.0), _param_max(bias, 0.0)
+    st = _stat_errors(ref, e_w, accumulation_eps)
+    floor = _floor(dtype, e_w, float(np.max(st.spread + st.d_mean + w * st.invstd_hi, initial=0.0)))
+    per_channel = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b))
+    y = float(np.max(per_channel, initial=0.0)) + floor
+    rm_b = rv_b = None
+    if ref.running_mean is not None and ref.running_var is not None:
+        if ref.batch_stats and ref.count > 1:
+            m = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
+            bessel = ref.count / (ref.count - 1)
+        else:
+            m, bessel = 0.0, 1.0
+        tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
+        rm_b = m * st.d_mean + 4 * e_p * np.abs(ref.running_mean) + tiny_p
+        rv_b = m * st.d_var * bessel + 4 * e_p * np.abs(ref.running_var) + tiny_p
+    return ForwardBounds(y, rm_b, rv_b)
+
+
+def backward_bounds(
+    ref: ReferenceForward,
+    grads: ReferenceBackward,
+    dys: list[Any],
+    dtype: Any,
+    *,
+    weight: Any = None,
+    param_dtype: Any = None,
+    accumulation_eps: float = _EPS["float64"],
+) -> BackwardBounds:
+    """Bounds on the backward's error against ``grads`` (module docstring)."""
+    e_out = dtype_eps(dtype)
+    e_w = _work_eps(e_out)
+    e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
+    e_acc = accumulation_eps
+    w = _param_max(weight, 1.0)
+    g = _max_abs([to_numpy(d).astype(np.float64) for d in dys])
+    st = _stat_errors(ref, e_w, e_acc)
+    x = st.xhat_max
+    floor = _floor(
+        dtype,
+        e_w,
+        float(np.max(g * (2 + x * x) + w * st.invstd_hi**2 * g * x, initial=0.0)),
+    )
+    per_channel = (
+        2
+        * w
+        * (
+            st.d_invstd * g * (2 + x * x)
+            + st.invstd_hi * g * (2 * x * st.d_xhat + (8 * e_w + e_out) * (2 + x * x))
+        )
+    )
+    dx = float(np.max(per_channel, initial=0.0)) + floor
+    n = max(ref.count, 1)
+    tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
+    dweight = 2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x) + e_p * n * g * x + tiny_p
+    dbias = np.full(x.shape, 2 * n * g * e_acc * n + e_p * n * g + tiny_p)
+    return BackwardBounds(dx, dweight, dbias)
+
+
+def assert_like(actual: Any, like: Any, *, dtype: Any = None, name: str = "array") -> None:
+    """Assert ``actual`` has ``like``'s namespace, device and shape, and ``dtype``.
+
+    ``dtype`` defaults to ``like.dtype``.
+    """
+    import array_api_compat
+
+    xp_a = array_api_compat.array_namespace(actual)
+    xp_l = array_api_compat.array_namespace(like)
+    assert xp_a is xp_l, f"{name}: namespace {xp_a.__name__}, expected {xp_l.__name__}"
+    dev_a, dev_l = array_api_compat.device(actual), array_api_compat.device(like)
+    assert dev_a == dev_l, f"{name}: device {dev_a}, expected {dev_l}"
+    assert tuple(actual.shape) == tuple(like.shape), (
+        f"{name}: shape {tuple(actual.shape)}, expected {tuple(like.shape)}"
+    )
+    want = like.dtype if dtype is None else dtype
+    assert actual.dtype == want, f"{name}: dtype {actual.dtype}, expected {want}"
+
+
+def assert_close_to_reference(
+    actual: Any, expected: np.ndarray, bound: float | np.ndarray, *, name: str = "array"
+) -> float:
+    """Assert ``|actual − expected| ≤ bound`` elementwise; return the max error.
+
+    ``actual`` may come from any array library; ``expected`` is float64.
+    NaN or infinity in ``actual`` fails unless ``expected`` has the very
+    same non-finite value there.
+    """
+    a = to_numpy(actual).astype(np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{name}: shape {a.shape}, expected {e.shape}"
+    if a.size == 0:
+        return 0.0
+    same_nonfinite = ~np.isfinite(e) & (a == e)
+    err = np.where(same_nonfinite, 0.0, np.abs(a - e))
+    err = np.where(np.isnan(err), np.inf, err)
+    ok = err <= bound
+    if not np.all(ok):
+        idx = np.unravel_index(np.argmax(np.where(ok, -np.inf, err - bound)), a.shape)
+        b = bound if np.ndim(bound) == 0 else np.broadcast_to(bound, a.shape)[idx]
+        raise AssertionError(
+            f"{name}: {int(np.size(ok) - np.count_nonzero(ok))} of {a.size} elements exceed "
+            f"the bound; worst at {tuple(int(i) for i in idx)}: got {a[idx]!r}, "
+            f"expected {e[idx]!r}, error {err[idx]:.3e} > bound {float(b):.3e}"
+        )
+    return float(np.max(err))

@@ -1,0 +1,182 @@
+"""A float64, single-process reference for synchronized batch normalization.
+
+Independent of :mod:`arraysyncbn.kernels`: plain numpy in float64, two-pass
+statistics, textbook formulas. It takes the list of every rank's shard, so
+the "global batch" is simply the union of the shards (no concatenation is
+needed, and shards may differ in every non-channel size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ReferenceBackward",
+    "ReferenceForward",
+    "reference_backward",
+    "reference_forward",
+    "to_numpy",
+]
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Return a host numpy copy of an array of any array-API library (or None)."""
+    if a is None:
+        return None  # type: ignore[return-value]
+    if isinstance(a, np.ndarray | np.generic):
+        return np.array(a)
+    mod = type(a).__module__.split(".")[0]
+    if mod == "cupy":
+        return a.get()
+    if mod == "torch":
+        return (
+            a.detach().cpu().float().numpy()
+            if str(a.dtype) == "torch.bfloat16"
+            else (a.detach().cpu().numpy())
+        )
+    try:
+        return np.array(np.from_dlpack(a))
+    except (TypeError, RuntimeError, BufferError, AttributeError, ValueError):
+        return np.asarray(a)
+
+
+def _f64(a: Any) -> np.ndarray | None:
+    return None if a is None else to_numpy(a).astype(np.float64)
+
+
+def _axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis)
+
+
+def _bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+@dataclass(frozen=True)
+class ReferenceForward:
+    """Float64 results of a forward over all shards.
+
+    ``ys[i]`` and ``xhats[i]`` belong to shard i. ``count`` is the global N
+    per channel. ``mean``/``var`` are the statistics used to normalize (the
+    batch statistics, or the running ones in eval mode); ``var`` is biased.
+    ``running_mean``/``running_var`` are the updated running statistics
+    (None when not tracked). ``batch_stats`` says which statistics were used.
+    """
+
+    ys: list[np.ndarray]
+    xhats: list[np.ndarray]
+    mean: np.ndarray
+    var: np.ndarray
+    invstd: np.ndarray
+    count: int
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    batch_stats: bool
+    axis: int
+
+
+@dataclass(frozen=True)
+class ReferenceBackward:
+    """Float64 gradients: per shard ``dxs`` and per-rank weight/bias gradients.
+
+    ``dweights[i]``/``dbiases[i]`` are shard i's contributions (what each
+    rank's SyncBN returns); ``dweight``/``dbias`` their sums (the gradients
+    of the whole batch).
+    """
+
+    dxs: list[np.ndarray]
+    dweights: list[np.ndarray]
+    dbiases: list[np.ndarray]
+    dweight: np.ndarray
+    dbias: np.ndarray
+
+
+def reference_forward(
+    shards: Sequence[Any],
+    weight: Any = None,
+    bias: Any = None,
+    running_mean: Any = None,
+    running_var: Any = None,
+    *,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    num_batches_tracked: int = 0,
+) -> ReferenceForward:
+    """Batch norm of the union of ``shards`` in float64.
+
+    Semantics are PyTorch's: biased variance for normalization, unbiased
+    (N/(N−1)) for the running variance, ``momentum=None`` is the cumulative
+    average with ``m = 1/(num_batches_tracked + 1)``; global N = 0 leaves the
+    running statistics unchanged; N = 1 with batch statistics raises
+    ValueError.
+    """
+    xs = [_f64(s) for s in shards]
+    ndim = xs[0].ndim
+    ax = axis % ndim
+    channels = xs[0].shape[ax]
+    w, b = _f64(weight), _f64(bias)
+    rm, rv = _f64(running_mean), _f64(running_var)
+    batch_stats = training or rm is None
+    count = sum(int(np.prod([s for i, s in enumerate(x.shape) if i != ax])) for x in xs)
+    if batch_stats:
+        if count == 1:
+            raise ValueError("a global batch of one element per channel has no variance")
+        if count == 0:
+            mean = np.zeros(channels)
+            var = np.zeros(channels)
+        else:
+            total = sum(x.sum(axis=_axes(ndim, ax)) for x in xs)
+            mean = total / count
+            sq = sum(((x - _bcast(mean, ndim, ax)) ** 2).sum(axis=_axes(ndim, ax)) for x in xs)
+            var = sq / count
+    else:
+        mean, var = rm, rv
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhats = [(x - _bcast(mean, ndim, ax)) * _bcast(invstd, ndim, ax) for x in xs]
+    ys = []
+    for xh in xhats:
+        y = xh if w is None else xh * _bcast(w, ndim, ax)
+        ys.append(y if b is None else y + _bcast(b, ndim, ax))
+    new_rm, new_rv = rm, rv
+    if training and rm is not None and count > 0:
+        m = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
+        new_rm = (1 - m) * rm + m * mean
+        new_rv = (1 - m) * rv + m * var * count / (count - 1)
+    return ReferenceForward(ys, xhats, mean, var, invstd, count, new_rm, new_rv, batch_stats, ax)
+
+
+def reference_backward(
+    fwd: ReferenceForward, dys: Sequence[Any], weight: Any = None
+) -> ReferenceBackward:
+    """Gradients of :func:`reference_forward` for upstream gradients ``dys``."""
+    dys64 = [_f64(d) for d in dys]
+    ax = fwd.axis
+    ndim = fwd.xhats[0].ndim
+    channels = fwd.mean.shape[0]
+    w = np.ones(channels) if weight is None else _f64(weight)
+    axes = _axes(ndim, ax)
+    dbiases = [d.sum(axis=axes) for d in dys64]
+    dweights = [(d * xh).sum(axis=axes) for d, xh in zip(dys64, fwd.xhats, strict=True)]
+    dbias = sum(dbiases, np.zeros(channels))
+    dweight = sum(dweights, np.zeros(channels))
+    scale = _bcast(w * fwd.invstd, ndim, ax)
+    if not fwd.batch_stats:
+        dxs = [d * scale for d in dys64]
+    elif fwd.count == 0:
+        dxs = [np.zeros_like(d) for d in dys64]
+    else:
+        mean_dy = _bcast(dbias / fwd.count, ndim, ax)
+        mean_dy_xhat = _bcast(dweight / fwd.count, ndim, ax)
+        dxs = [
+            scale * (d - mean_dy - xh * mean_dy_xhat)
+            for d, xh in zip(dys64, fwd.xhats, strict=True)
+        ]
+    return ReferenceBackward(dxs, dweights, dbiases, dweight, dbias)

@@ -1,0 +1,176 @@
+"""Hypothesis strategies for SyncBN property tests.
+
+:func:`sharded_batches` draws a whole problem: a global batch split into one
+shard per rank (uneven, empty shards included, or shards that differ in every
+non-channel size), per-channel data far from zero or nearly constant,
+optional affine parameters and running statistics, and upstream gradients.
+Everything is numpy; convert the shards to the library under test and build
+the reference from the *converted* values (``to_numpy`` of what you pass in),
+so rounding into bfloat16 and friends is part of the input, not an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+__all__ = ["ShardedBatch", "sharded_batches", "splits"]
+
+_CENTERS = {
+    "float16": [0.0, 1.0, -3.0, 50.0],
+    "bfloat16": [0.0, 1.0, -3.0, 50.0],
+    "float32": [0.0, 1.0, -3.0, 1e3, -1e4],
+    "float64": [0.0, 1.0, -3.0, 1e3, -1e4, 1e6],
+}
+_SPREADS = [1e-2, 1.0, 30.0]
+
+
+@dataclass(frozen=True)
+class ShardedBatch:
+    """One drawn SyncBN problem; ``shards[i]`` and ``dys[i]`` belong to rank i.
+
+    ``dtype`` names the input dtype (``"bfloat16"`` shards are float32 arrays
+    to be rounded by the library under test).
+    """
+
+    shards: list[np.ndarray]
+    dys: list[np.ndarray]
+    axis: int
+    dtype: str
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    momentum: float | None
+    eps: float
+
+    @property
+    def channels(self) -> int:
+        return int(self.shards[0].shape[self.axis])
+
+    @property
+    def count(self) -> int:
+        """Global number of elements per channel."""
+        return sum(int(s.size) // self.channels for s in self.shards)
+
+
+@st.composite
+def splits(draw: st.DrawFn, total: int, parts: int) -> list[int]:
+    """Non-negative sizes summing to ``total``; zeros (empty shards) allowed."""
+    cuts = sorted(draw(st.lists(st.integers(0, total), min_size=parts - 1, max_size=parts - 1)))
+    edges = [0, *cuts, total]
+    return [edges[i + 1] - edges[i] for i in range(parts)]
+
+
+def _numpy_dtype(name: str) -> type:
+    return np.float32 if name == "bfloat16" else getattr(np, name)
+
+
+@st.composite
+def _values(
+    draw: st.DrawFn,
+    shape: tuple[int, ...],
+    axis: int,
+    centers: list[float],
+    spreads: list[float],
+    dtype: str,
+) -> np.ndarray:
+    """Data whose channel ``c`` has its own center and spread."""
+    channels = shape[axis]
+    z = draw(
+        hnp.arrays(
+            np.float64,
+            shape,
+            elements=st.floats(-4, 4, allow_subnormal=False, width=32),
+        )
+    )
+    view = [1] * len(shape)
+    view[axis] = channels
+    center = np.array([draw(st.sampled_from(centers)) for _ in range(channels)]).reshape(view)
+    spread = np.array([draw(st.sampled_from(spreads)) for _ in range(channels)]).reshape(view)
+    return (center + spread * z).astype(_numpy_dtype(dtype))
+
+
+@st.composite
+def sharded_batches(
+    draw: st.DrawFn,
+    *,
+    ranks: st.SearchStrategy[int] | None = None,
+    dtypes: st.SearchStrategy[str] | None = None,
+    max_ndim: int = 4,
+    max_channels: int = 4,
+    max_side: int = 4,
+    min_count: int = 2,
+    same_shapes: bool | None = None,
+) -> ShardedBatch:
+    """Draw a :class:`ShardedBatch`.
+
+    Parameters
+    ----------
+    ranks, dtypes : strategies for the world size (default 1..4) and the dtype
+        name (default float32 or float64).
+    max_ndim, max_channels, max_side : size limits (ndim is at least 2).
+    min_count : the drawn global count per channel is at least this (use 0
+        to allow all shards empty, 1 to allow the single-sample error case).
+    same_shapes : True splits one global batch along its first non-channel
+        axis (uneven, empty shards allowed); False draws every shard's
+        non-channel sizes independently; None draws which.
+    """
+    k = draw(st.integers(1, 4) if ranks is None else ranks)
+    dtype = draw(st.sampled_from(["float32", "float64"]) if dtypes is None else dtypes)
+    ndim = draw(st.integers(2, max_ndim))
+    axis = draw(st.integers(0, ndim - 1))
+    channels = draw(st.integers(1, max_channels))
+    split = draw(st.booleans()) if same_shapes is None else same_shapes
+    batch_axis = 0 if axis != 0 else 1
+    side = st.integers(0, max_side)
+    if split:
+        rest = [draw(st.integers(1, max_side)) for _ in range(ndim)]
+        total = draw(st.integers(0, 3 * max_side))
+        sizes = draw(splits(total, k))
+        shapes = []
+        for n in sizes:
+            shape = list(rest)
+            shape[axis], shape[batch_axis] = channels, n
+            shapes.append(tuple(shape))
+    else:
+        shapes = []
+        for _ in range(k):
+            shape = [draw(side) for _ in range(ndim)]
+            shape[axis] = channels
+            shapes.append(tuple(shape))
+    count = sum(int(np.prod(s)) // channels for s in shapes)
+    if count < min_count:
+        shape = [2] * ndim
+        shape[axis] = channels
+        shape[batch_axis] = max(2, min_count)
+        shapes[0] = tuple(shape)
+    centers, spreads = _CENTERS[dtype], _SPREADS
+    shards = [draw(_values(s, axis, centers, spreads, dtype)) for s in shapes]
+    dys = [draw(_values(s, axis, [0.0, 1.0], [1.0], dtype)) for s in shapes]
+    param = hnp.arrays(
+        np.float64, (channels,), elements=st.floats(-2, 2, width=32, allow_subnormal=False)
+    )
+    positive = hnp.arrays(np.float64, (channels,), elements=st.floats(0.125, 5, width=32))
+    weight = draw(st.none() | param)
+    bias = draw(st.none() | param)
+    tracked = draw(st.booleans())
+    running_mean = draw(param) if tracked else None
+    running_var = draw(positive) if tracked else None
+    momentum = draw(st.sampled_from([0.1, 0.0, 1.0, 0.5, None]))
+    eps = draw(st.sampled_from([1e-5, 1e-3, 1e-1]))
+    return ShardedBatch(
+        shards,
+        dys,
+        axis - ndim if draw(st.booleans()) else axis,
+        dtype,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+    )

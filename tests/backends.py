@@ -1,0 +1,131 @@
+"""One registry of array backends; every test that touches arrays loops over it.
+
+A backend turns a numpy array into an array of its library on its device,
+in a dtype named by string, and says which dtypes it supports and whether
+its device has float64 (which decides the accumulation precision).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    xp: Any
+    device: Any
+    dtypes: tuple[str, ...]
+    convert: Callable[[np.ndarray, str], Any]
+    has_float64: bool = True
+    marks: tuple[Any, ...] = field(default_factory=tuple)
+
+    def asarray(self, a: np.ndarray | None, dtype: str) -> Any:
+        return None if a is None else self.convert(np.asarray(a), dtype)
+
+    def param_dtype(self, dtype: str) -> str:
+        return dtype if dtype in ("float32", "float64") else "float32"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _numpy_backend() -> Backend:
+    import array_api_compat.numpy as xp
+
+    return Backend(
+        "numpy",
+        xp,
+        "cpu",
+        ("float16", "float32", "float64"),
+        lambda a, dt: a.astype(getattr(np, dt)),
+    )
+
+
+def _strict_backends() -> list[Backend]:
+    import array_api_strict as xp
+
+    def on(device: Any) -> Callable[[np.ndarray, str], Any]:
+        return lambda a, dt: xp.asarray(a.astype(getattr(np, dt)), device=device)
+
+    d1 = xp.Device("device1")
+    no64 = xp.Device("no_float64")
+    return [
+        Backend("strict", xp, xp.Device("CPU_DEVICE"), ("float32", "float64"), on(None)),
+        Backend("strict-device1", xp, d1, ("float32", "float64"), on(d1)),
+        Backend("strict-no_float64", xp, no64, ("float32",), on(no64), has_float64=False),
+    ]
+
+
+def _torch_backend() -> Backend:
+    import torch
+
+    def convert(a: np.ndarray, dt: str) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(getattr(torch, dt))
+
+    import array_api_compat.torch as xp
+
+    return Backend(
+        "torch", xp, torch.device("cpu"), ("float16", "bfloat16", "float32", "float64"), convert
+    )
+
+
+def _cupy_backend() -> Backend:
+    def convert(a: np.ndarray, dt: str) -> Any:
+        import cupy
+
+        return cupy.asarray(a.astype(getattr(np, dt)))
+
+    xp = None
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import array_api_compat.cupy as xp
+        except Exception:
+            xp = None
+    return Backend(
+        "cupy",
+        xp,
+        None,
+        ("float16", "float32", "float64"),
+        convert,
+        marks=(pytest.mark.gpu,),
+    )
+
+
+def cupy_usable() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def available_backends() -> list[Backend]:
+    backends = [_numpy_backend()]
+    if importlib.util.find_spec("array_api_strict") is not None:
+        backends += _strict_backends()
+    if importlib.util.find_spec("torch") is not None:
+        backends.append(_torch_backend())
+    backends.append(_cupy_backend())
+    return backends
+
+
+BACKENDS = available_backends()
+
+
+def backend_params() -> list[Any]:
+    """pytest params over BACKENDS; cupy is skipped (not failed) without a GPU."""
+    params = []
+    for b in BACKENDS:
+        marks = list(b.marks)
+        if b.name == "cupy" and not cupy_usable():
+            marks.append(pytest.mark.skip(reason="cupy with a CUDA GPU is not available"))
+        params.append(pytest.param(b, id=b.name, marks=marks))
+    return params

@@ -1,0 +1,50 @@
+"""Fixtures over the array backends present, and hypothesis profiles.
+
+Profiles: ``ci`` (200 examples per property, no deadline, derandomized so
+a CI failure reproduces), ``dev`` (50 examples) and ``thorough`` (2000, for
+bug hunts). ``HYPOTHESIS_PROFILE`` picks one; the default is ``ci`` when
+``CI`` is set, else ``dev``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from backends import backend_params
+
+settings.register_profile(
+    "ci",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@pytest.fixture(scope="session", params=backend_params())
+def backend(request: pytest.FixtureRequest):
+    """Each available array backend (numpy, array-api-strict devices, torch, cupy)."""
+    return request.param
+
+
+settings.register_profile(
+    "thorough",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
