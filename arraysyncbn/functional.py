@@ -26,6 +26,8 @@ from .errors import CollectiveMismatchError
 __all__ = [
     "SavedForBackward",
     "check_consistency",
+    "check_input",
+    "statistics_device",
     "sync_batch_norm_backward",
     "sync_batch_norm_forward",
 ]
@@ -39,16 +41,21 @@ class SavedForBackward:
 
     Attributes
     ----------
-    count : int
+    count : int or None
         The global number of elements per channel (the N of the statistics),
-        the same on every rank; 0 when every rank's batch was empty. For a
-        forward that used running statistics it is None.
+        the same on every rank; 0 when every rank's batch was empty; None
+        when the forward used running statistics.
     batch_stats : bool
         Whether the forward normalized with batch statistics (and its
         backward therefore communicates).
+    mean, invstd : per-channel float64 statistics (float32 where the
+        namespace has no float64 device) on the statistics device.
     """
 
     x: Array
+    hi: Array
+    lo: Array | None
+    scale: Array
     mean: Array
     invstd: Array
     weight: Array | None
@@ -58,6 +65,7 @@ class SavedForBackward:
     batch_stats: bool
     comm: Communicator
     xp: Any
+    acc: Any
 
 
 def _namespace(**arrays: Array | None) -> Any:
@@ -180,9 +188,65 @@ def _validate_forward(
     return xp, ax
 
 
-def _pack(xp: Any, count: int, parts: list[Array], acc: Any, device: Any) -> Array:
-    head = xp.asarray([float(count)], dtype=acc, device=device)
-    return xp.concat([head, *parts])
+def statistics_device(xp: Any, device: Any) -> tuple[Any, Any]:
+    """Return ``(device, dtype)`` where per-channel statistics are merged.
+
+    x's own device when it has float64; else another device of the same
+    namespace that has float64 (the host, typically: Apple's MPS and other
+    float32-only accelerators); else x's device in float32, with the larger
+    merge error :mod:`arraysyncbn.testing` documents. Only per-channel
+    vectors travel there, never x.
+    """
+    if kernels.accumulation_dtype(xp, device) == xp.float64:
+        return device, xp.float64
+    try:
+        candidates = xp.__array_namespace_info__().devices()
+    except (AttributeError, TypeError, NotImplementedError):
+        candidates = ()
+    for other in candidates:
+        if kernels.accumulation_dtype(xp, other) == xp.float64:
+            return other, xp.float64
+    return device, xp.float32
+
+
+def _to(v: Array, xp: Any, device: Any, dtype: Any) -> Array:
+    """Return per-channel ``v`` on ``device`` in ``dtype`` (cast where both exist)."""
+    if array_api_compat.device(v) == device:
+        return xp.astype(v, dtype, copy=False)
+    if dtype == xp.float64:
+        return xp.astype(array_api_compat.to_device(v, device), dtype)
+    return array_api_compat.to_device(xp.astype(v, dtype), device)
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """Per-channel normalization factors in the work dtype on x's device."""
+
+    hi: Array
+    lo: Array | None
+    scale: Array
+    shift: Array | None
+
+
+def _factors(
+    xp: Any,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None,
+    bias: Array | None,
+    wdtype: Any,
+    device: Any,
+) -> _Factors:
+    sdev = array_api_compat.device(mean)
+    w = None if weight is None else _to(weight, xp, sdev, mean.dtype)
+    hi, lo = kernels.split_mean(mean, wdtype, xp=xp)
+    scale = kernels.scale_of(invstd, w, xp=xp)
+    return _Factors(
+        _to(hi, xp, device, wdtype),
+        None if lo is None else _to(lo, xp, device, wdtype),
+        _to(scale, xp, device, wdtype),
+        None if bias is None else _to(bias, xp, device, wdtype),
+    )
 
 
 def _global_count(buf: Array) -> int:
@@ -201,9 +265,15 @@ def _running_update(
     batch_value: Array,
     momentum: float,
 ) -> Array:
-    """Return ``(1 − m)·running + m·batch_value`` in running's dtype."""
-    r = xp.astype(running, batch_value.dtype)
-    return xp.astype((1.0 - momentum) * r + momentum * batch_value, running.dtype)
+    """Return ``(1 − m)·running + m·batch_value`` in running's dtype and device.
+
+    Computed in batch_value's (float64) dtype on its device, from values
+    every rank shares, so every rank gets the same bits.
+    """
+    sdev = array_api_compat.device(batch_value)
+    r = _to(running, xp, sdev, batch_value.dtype)
+    new = (1.0 - momentum) * r + momentum * batch_value
+    return _to(new, xp, array_api_compat.device(running), running.dtype)
 
 
 def sync_batch_norm_forward(
@@ -286,44 +356,58 @@ def sync_batch_norm_forward(
     communicator = as_communicator(comm)
     device = array_api_compat.device(x)
     acc = kernels.accumulation_dtype(xp, device)
-    use_batch = training or running_mean is None
+    sdev, sdt = statistics_device(xp, device)
+    wdtype = kernels.work_dtype(xp, x.dtype)
+    channels = x.shape[ax]
 
-    if not use_batch:
-        mean = xp.astype(running_mean, acc)
-        invstd = kernels.invstd_of(xp.astype(running_var, acc), eps, xp=xp)
-        y = kernels.normalize(x, mean, invstd, weight, bias, ax, xp=xp)
-        saved = SavedForBackward(x, mean, invstd, weight, bias, ax, None, False, communicator, xp)
+    if not (training or running_mean is None):
+        mean = _to(running_mean, xp, sdev, sdt)
+        invstd = kernels.invstd_of(_to(running_var, xp, sdev, sdt), eps, xp=xp)
+        f = _factors(xp, mean, invstd, weight, bias, wdtype, device)
+        y = kernels.normalize(x, f.hi, f.lo, f.scale, f.shift, ax, xp=xp)
+        saved = SavedForBackward(
+            x, f.hi, f.lo, f.scale, mean, invstd, weight, bias, ax, None, False,
+            communicator, xp, acc,
+        )  # fmt: skip
         return y, running_mean, running_var, saved
 
     if check:
-        check_consistency(communicator, x, num_features=x.shape[ax], axis=ax)
-    n, s1, s2 = kernels.local_moments(x, ax, xp=xp, acc=acc)
-    buf = communicator.allreduce(_pack(xp, n, [s1, s2], acc, device))
-    channels = x.shape[ax]
+        check_consistency(communicator, x, num_features=channels, axis=ax)
+    n, c, a, b = kernels.local_moments(x, ax, xp=xp, acc=acc)
+    s1, s2 = kernels.moment_sums(
+        n, _to(c, xp, sdev, sdt), _to(a, xp, sdev, sdt), _to(b, xp, sdev, sdt), xp=xp
+    )
+    head = xp.asarray([float(n)], dtype=sdt, device=sdev)
+    buf = communicator.allreduce(xp.concat([head, s1, s2]))
     if tuple(buf.shape) != (1 + 2 * channels,):
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
         )
     count = _global_count(buf)
-    if count == 0:
-        zeros = xp.zeros((channels,), dtype=acc, device=device)
-        saved = SavedForBackward(x, zeros, zeros, weight, bias, ax, 0, True, communicator, xp)
-        return xp.zeros_like(x), running_mean, running_var, saved
     if count == 1:
         raise ValueError(
             "expected more than 1 value per channel when using batch statistics, got a "
             f"global batch of 1 (input shape {tuple(x.shape)} on rank {communicator.rank})"
         )
-    mean, var = kernels.finalize_moments(count, buf[1 : 1 + channels], buf[1 + channels :], xp=xp)
-    invstd = kernels.invstd_of(var, eps, xp=xp)
-    y = kernels.normalize(x, mean, invstd, weight, bias, ax, xp=xp)
+    if count == 0:
+        mean = invstd = xp.zeros((channels,), dtype=sdt, device=sdev)
+    else:
+        mean, var = kernels.finalize_moments(
+            count, buf[1 : 1 + channels], buf[1 + channels :], xp=xp
+        )
+        invstd = kernels.invstd_of(var, eps, xp=xp)
+    f = _factors(xp, mean, invstd, weight, bias, wdtype, device)
+    y = kernels.normalize(x, f.hi, f.lo, f.scale, f.shift, ax, xp=xp)
 
     new_mean, new_var = running_mean, running_var
-    if training and running_mean is not None and running_var is not None:
+    if training and count > 0 and running_mean is not None and running_var is not None:
         m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
         new_mean = _running_update(xp, running_mean, mean, m)
         new_var = _running_update(xp, running_var, var * (count / (count - 1)), m)
-    saved = SavedForBackward(x, mean, invstd, weight, bias, ax, count, True, communicator, xp)
+    saved = SavedForBackward(
+        x, f.hi, f.lo, f.scale, mean, invstd, weight, bias, ax, count, True,
+        communicator, xp, acc,
+    )  # fmt: skip
     return y, new_mean, new_var, saved
 
 
@@ -345,7 +429,7 @@ def sync_batch_norm_backward(
         PyTorch, data-parallel gradient averaging reduces them).
 
     When the forward used batch statistics this communicates once: one
-    allreduce of the packed per-channel ``Σdy`` and ``Σdy·x̂``.
+    allreduce of the packed per-channel ``Σdy`` and ``Σdy·x̂`` (2·C values).
     """
     if not isinstance(saved, SavedForBackward):
         raise TypeError(
@@ -360,32 +444,25 @@ def sync_batch_norm_backward(
         raise ValueError(
             f"dy has shape {tuple(dy.shape)}, but the forward's output has shape {tuple(x.shape)}"
         )
-    ax, acc = saved.axis, saved.mean.dtype
-    sum_dy, sum_dy_xhat = kernels.backward_sums(dy, x, saved.mean, saved.invstd, ax, xp=xp, acc=acc)
+    ax, sdt = saved.axis, saved.invstd.dtype
+    device, sdev = array_api_compat.device(x), array_api_compat.device(saved.invstd)
+    wdtype = kernels.work_dtype(xp, x.dtype)
+    sum_dy, sum_dy_xc = kernels.backward_sums(dy, x, saved.hi, saved.lo, ax, xp=xp, acc=saved.acc)
+    sum_dy = _to(sum_dy, xp, sdev, sdt)
+    sum_dy_xhat = _to(sum_dy_xc, xp, sdev, sdt) * saved.invstd
     if not saved.batch_stats:
-        dx = kernels.backward_input(
-            dy, x, saved.mean, saved.invstd, saved.weight, None, None, ax, xp=xp
-        )
+        dx = kernels.backward_input(dy, x, saved.hi, saved.lo, saved.scale, None, None, ax, xp=xp)
     elif saved.count == 0:
         dx = xp.zeros_like(x)
     else:
         channels = x.shape[ax]
-        device = array_api_compat.device(x)
-        buf = saved.comm.allreduce(_pack(xp, 0, [sum_dy, sum_dy_xhat], acc, device))
+        buf = saved.comm.allreduce(xp.concat([sum_dy, sum_dy_xhat]))
         count = float(saved.count)  # type: ignore[arg-type]
-        dx = kernels.backward_input(
-            dy,
-            x,
-            saved.mean,
-            saved.invstd,
-            saved.weight,
-            buf[1 : 1 + channels] / count,
-            buf[1 + channels :] / count,
-            ax,
-            xp=xp,
-        )
-    dweight = None if saved.weight is None else xp.astype(sum_dy_xhat, saved.weight.dtype)
-    dbias = None if saved.bias is None else xp.astype(sum_dy, saved.bias.dtype)
+        mean_dy = _to(buf[:channels] / count, xp, device, wdtype)
+        k = _to(saved.invstd * (buf[channels:] / count), xp, device, wdtype)
+        dx = kernels.backward_input(dy, x, saved.hi, saved.lo, saved.scale, mean_dy, k, ax, xp=xp)
+    dweight = None if saved.weight is None else _to(sum_dy_xhat, xp, device, saved.weight.dtype)
+    dbias = None if saved.bias is None else _to(sum_dy, xp, device, saved.bias.dtype)
     return dx, dweight, dbias
 
 

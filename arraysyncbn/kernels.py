@@ -38,8 +38,11 @@ __all__ = [
     "finalize_moments",
     "invstd_of",
     "local_moments",
+    "moment_sums",
     "normalize",
     "reduction_axes",
+    "scale_of",
+    "split_mean",
     "work_dtype",
 ]
 
@@ -81,8 +84,10 @@ def _count(x: Array, axis: int) -> int:
     return n
 
 
-def local_moments(x: Array, axis: int, *, xp: Namespace, acc: Any) -> tuple[int, Array, Array]:
-    """Return this rank's ``(n, Σx, Σx²)`` per channel, stably computed.
+def local_moments(
+    x: Array, axis: int, *, xp: Namespace, acc: Any
+) -> tuple[int, Array, Array, Array]:
+    """Return this rank's shifted moments ``(n, c, Σ(x − c), Σ(x − c)²)``.
 
     Parameters
     ----------
@@ -95,25 +100,32 @@ def local_moments(x: Array, axis: int, *, xp: Namespace, acc: Any) -> tuple[int,
     -------
     n : int
         Number of elements per channel on this rank.
-    s1, s2 : arrays of shape ``(C,)`` and dtype ``acc``
-        ``Σx`` and ``Σx²`` per channel, with ``Σx²`` assembled from sums
-        around this rank's mean so that no cancellation happens in the
-        input precision.
+    c : array of shape ``(C,)`` in the work dtype
+        The shift: this rank's mean, rounded (any value would be exact;
+        the mean keeps the sums small so that no cancellation happens).
+    a, b : arrays of shape ``(C,)`` and dtype ``acc``
+        ``Σ(x − c)`` and ``Σ(x − c)²`` per channel. :func:`moment_sums`
+        turns them into ``Σx`` and ``Σx²`` in float64 for the merge.
     """
     n = _count(x, axis)
     axes = reduction_axes(x.ndim, axis)
     xw = xp.astype(x, work_dtype(xp, x.dtype), copy=False)
     s1 = xp.sum(xw, axis=axes, dtype=acc)
+    c = xp.astype(s1 / max(n, 1), xw.dtype)
     if n == 0:
-        return n, s1, xp.zeros_like(s1)
-    c = xp.astype(s1 / n, xw.dtype)
+        return n, c, s1, xp.zeros_like(s1)
     d = xw - channel_view(c, x.ndim, axis, xp=xp)
-    a = xp.sum(d, axis=axes, dtype=acc)
-    b = xp.sum(d * d, axis=axes, dtype=acc)
-    c_acc = xp.astype(c, acc)
-    # Σx² = Σd² + 2cΣd + n c², exact algebra; Σd is tiny since c is the mean.
-    s2 = b + 2.0 * c_acc * a + n * (c_acc * c_acc)
-    return n, s1, s2
+    return n, c, xp.sum(d, axis=axes, dtype=acc), xp.sum(d * d, axis=axes, dtype=acc)
+
+
+def moment_sums(n: int, c: Array, a: Array, b: Array, *, xp: Namespace) -> tuple[Array, Array]:
+    """Return ``(Σx, Σx²)`` from shifted moments, in ``a``'s dtype.
+
+    ``Σx = n·c + Σd`` and ``Σx² = Σd² + 2c·Σd + n·c²`` with ``d = x − c``:
+    exact algebra, evaluated in the (float64) dtype of ``a`` and ``b``.
+    """
+    c = xp.astype(c, a.dtype)
+    return n * c + a, b + 2.0 * c * a + n * (c * c)
 
 
 def finalize_moments(count: float, s1: Array, s2: Array, *, xp: Namespace) -> tuple[Array, Array]:
@@ -127,108 +139,104 @@ def finalize_moments(count: float, s1: Array, s2: Array, *, xp: Namespace) -> tu
     return mean, xp.clip(var, 0.0, None)
 
 
-def _mean_pair(
-    mean: Array, ndim: int, axis: int, wdtype: Any, *, xp: Namespace
-) -> tuple[Array, Array | None]:
-    """Split an accumulation-dtype mean into work-dtype ``hi + lo``."""
-    hi = xp.astype(mean, wdtype)
-    if mean.dtype == wdtype:
-        return channel_view(hi, ndim, axis, xp=xp), None
-    lo = xp.astype(mean - xp.astype(hi, mean.dtype), wdtype)
-    return channel_view(hi, ndim, axis, xp=xp), channel_view(lo, ndim, axis, xp=xp)
-
-
-def centered(x: Array, mean: Array, axis: int, *, xp: Namespace) -> Array:
-    """Return ``x − mean`` in the work dtype, ``mean`` given per channel.
-
-    ``x − hi`` is exact whenever x lies within a factor of two of the mean
-    (Sterbenz), which is where precision matters; ``lo`` then restores the
-    part of the float64 mean that the work dtype cannot hold.
-    """
-    wdtype = work_dtype(xp, x.dtype)
-    xw = xp.astype(x, wdtype, copy=False)
-    hi, lo = _mean_pair(mean, x.ndim, axis, wdtype, xp=xp)
-    xc = xw - hi
-    return xc if lo is None else xc - lo
-
-
-def normalize(
-    x: Array,
-    mean: Array,
-    invstd: Array,
-    weight: Array | None,
-    bias: Array | None,
-    axis: int,
-    *,
-    xp: Namespace,
-) -> Array:
-    """Return ``(x − mean)·(weight·invstd) + bias`` in x's dtype.
-
-    ``mean`` and ``invstd`` are per-channel accumulation-dtype vectors;
-    ``weight`` and ``bias`` per-channel vectors of any floating dtype, or None.
-    """
-    wdtype = work_dtype(xp, x.dtype)
-    scale = invstd if weight is None else invstd * xp.astype(weight, invstd.dtype)
-    y = centered(x, mean, axis, xp=xp) * channel_view(xp.astype(scale, wdtype), x.ndim, axis, xp=xp)
-    if bias is not None:
-        y = y + channel_view(xp.astype(bias, wdtype), x.ndim, axis, xp=xp)
-    return xp.astype(y, x.dtype, copy=False)
-
-
 def invstd_of(var: Array, eps: float, *, xp: Namespace) -> Array:
     """Return ``1/sqrt(var + eps)``."""
     return 1.0 / xp.sqrt(var + eps)
 
 
+def split_mean(mean: Array, wdtype: Any, *, xp: Namespace) -> tuple[Array, Array | None]:
+    """Split a per-channel mean into work-dtype ``hi + lo`` (``lo`` None if exact).
+
+    ``x − hi`` is exact whenever x lies within a factor of two of the mean
+    (Sterbenz), which is where precision matters; ``lo`` then restores the
+    part of the float64 mean that the work dtype cannot hold.
+    """
+    hi = xp.astype(mean, wdtype)
+    if mean.dtype == wdtype:
+        return hi, None
+    return hi, xp.astype(mean - xp.astype(hi, mean.dtype), wdtype)
+
+
+def scale_of(invstd: Array, weight: Array | None, *, xp: Namespace) -> Array:
+    """Return ``weight·invstd`` per channel in invstd's dtype (``invstd`` without weight)."""
+    return invstd if weight is None else invstd * xp.astype(weight, invstd.dtype)
+
+
+def centered(x: Array, hi: Array, lo: Array | None, axis: int, *, xp: Namespace) -> Array:
+    """Return ``x − (hi + lo)`` in the work dtype; ``hi``, ``lo`` per channel."""
+    xw = xp.astype(x, work_dtype(xp, x.dtype), copy=False)
+    xc = xw - channel_view(hi, x.ndim, axis, xp=xp)
+    return xc if lo is None else xc - channel_view(lo, x.ndim, axis, xp=xp)
+
+
+def normalize(
+    x: Array,
+    hi: Array,
+    lo: Array | None,
+    scale: Array,
+    shift: Array | None,
+    axis: int,
+    *,
+    xp: Namespace,
+) -> Array:
+    """Return ``(x − mean)·scale + shift`` in x's dtype.
+
+    All per-channel vectors are in the work dtype on x's device: ``hi + lo``
+    the mean (:func:`split_mean`), ``scale`` usually ``weight·invstd``,
+    ``shift`` the bias or None. Centering first, then scaling, keeps full
+    precision when |mean| ≫ std (``x·scale + (bias − mean·scale)`` would
+    lose it).
+    """
+    y = centered(x, hi, lo, axis, xp=xp) * channel_view(scale, x.ndim, axis, xp=xp)
+    if shift is not None:
+        y = y + channel_view(shift, x.ndim, axis, xp=xp)
+    return xp.astype(y, x.dtype, copy=False)
+
+
 def backward_sums(
     dy: Array,
     x: Array,
-    mean: Array,
-    invstd: Array,
+    hi: Array,
+    lo: Array | None,
     axis: int,
     *,
     xp: Namespace,
     acc: Any,
 ) -> tuple[Array, Array]:
-    """Return this rank's ``(Σdy, Σdy·x̂)`` per channel in dtype ``acc``."""
+    """Return this rank's ``(Σdy, Σdy·(x − mean))`` per channel in dtype ``acc``.
+
+    Multiply the second by ``invstd`` (in float64, per channel) for Σdy·x̂.
+    """
     axes = reduction_axes(x.ndim, axis)
-    wdtype = work_dtype(xp, x.dtype)
-    dyw = xp.astype(dy, wdtype, copy=False)
+    dyw = xp.astype(dy, work_dtype(xp, x.dtype), copy=False)
     sum_dy = xp.sum(dyw, axis=axes, dtype=acc)
-    # Σdy·(x − mean) first, then one multiply by invstd per channel.
-    sum_dy_xc = xp.sum(dyw * centered(x, mean, axis, xp=xp), axis=axes, dtype=acc)
-    return sum_dy, sum_dy_xc * invstd
+    sum_dy_xc = xp.sum(dyw * centered(x, hi, lo, axis, xp=xp), axis=axes, dtype=acc)
+    return sum_dy, sum_dy_xc
 
 
 def backward_input(
     dy: Array,
     x: Array,
-    mean: Array,
-    invstd: Array,
-    weight: Array | None,
+    hi: Array,
+    lo: Array | None,
+    scale: Array,
     mean_dy: Array | None,
-    mean_dy_xhat: Array | None,
+    k: Array | None,
     axis: int,
     *,
     xp: Namespace,
 ) -> Array:
-    """Return dx for ``y = x̂·weight + bias``, in x's dtype.
+    """Return ``dx = scale·(dy − mean_dy − (x − mean)·k)`` in x's dtype.
 
-    ``mean_dy`` and ``mean_dy_xhat`` are the *global* means of dy and dy·x̂
-    per channel (sums over all ranks divided by the global count). Pass None
-    for both when the statistics were constants (running statistics in eval
-    mode): then ``dx = dy·weight·invstd``.
+    ``mean_dy`` is the *global* mean of dy per channel and
+    ``k = invstd·mean(dy·x̂)`` (global), both in the work dtype; with None
+    for both (running statistics: constants) ``dx = scale·dy``.
     """
-    wdtype = work_dtype(xp, x.dtype)
-    scale = invstd if weight is None else invstd * xp.astype(weight, invstd.dtype)
-    dyw = xp.astype(dy, wdtype, copy=False)
-    if mean_dy is None or mean_dy_xhat is None:
+    dyw = xp.astype(dy, work_dtype(xp, x.dtype), copy=False)
+    if mean_dy is None or k is None:
         g = dyw
     else:
-        # x̂·mean(dy·x̂) = (x − mean)·(invstd·mean(dy·x̂)): one per-channel factor.
-        k = xp.astype(invstd * mean_dy_xhat, wdtype)
-        g = (dyw - channel_view(xp.astype(mean_dy, wdtype), x.ndim, axis, xp=xp)) - (
-            centered(x, mean, axis, xp=xp) * channel_view(k, x.ndim, axis, xp=xp)
+        g = (dyw - channel_view(mean_dy, x.ndim, axis, xp=xp)) - (
+            centered(x, hi, lo, axis, xp=xp) * channel_view(k, x.ndim, axis, xp=xp)
         )
-    dx = g * channel_view(xp.astype(scale, wdtype), x.ndim, axis, xp=xp)
-    return xp.astype(dx, x.dtype, copy=False)
+    return xp.astype(g * channel_view(scale, x.ndim, axis, xp=xp), x.dtype, copy=False)

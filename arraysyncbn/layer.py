@@ -41,16 +41,21 @@ def _env_check_every_call() -> bool:
 
 
 def _convert(value: Any, xp: Any, device: Any, dtype: Any) -> Array:
-    """Return a copy of ``value`` as an array of ``xp`` on ``device`` with ``dtype``."""
-    if array_api_compat.is_array_api_obj(value):
-        if array_api_compat.array_namespace(value) is not xp:
-            try:
-                value = xp.from_dlpack(value)
-            except (AttributeError, TypeError, ValueError, RuntimeError, BufferError):
-                value = xp.asarray(value)
-        value = array_api_compat.to_device(value, device)
-        return xp.astype(value, dtype, copy=True)
-    return xp.asarray(value, dtype=dtype, device=device, copy=True)
+    """Return a copy of ``value`` as an array of ``xp`` on ``device`` with ``dtype``.
+
+    Arrays of another library come over by DLPack (or ``asarray``); the cast
+    happens before the move, so a float64 source can land on a device that
+    has no float64.
+    """
+    if not array_api_compat.is_array_api_obj(value):
+        return xp.asarray(value, dtype=dtype, device=device, copy=True)
+    if array_api_compat.array_namespace(value) is not xp:
+        try:
+            value = xp.from_dlpack(value)
+        except (AttributeError, TypeError, ValueError, RuntimeError, BufferError):
+            value = xp.asarray(value)
+    value = xp.astype(value, dtype, copy=True)
+    return array_api_compat.to_device(value, device)
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:

@@ -27,6 +27,56 @@ __all__ = ["ThreadCommunicator", "ThreadGroup", "run_ranks", "thread_group"]
 T = TypeVar("T")
 
 
+class _Rendezvous:
+    """A reusable barrier whose abort never fails a generation that completed.
+
+    ``threading.Barrier.abort`` breaks the barrier for threads that were
+    released but not yet scheduled; a rank would then report a failure for a
+    collective that every rank finished. Here a waiter first checks whether
+    its generation completed, so only ranks that are truly still waiting see
+    the abort.
+    """
+
+    def __init__(self, parties: int, timeout: float | None) -> None:
+        self.parties = parties
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._count = 0
+        self._generation = 0
+        self.reason: str | None = None
+
+    def abort(self, reason: str) -> None:
+        with self._cond:
+            if self.reason is None:
+                self.reason = reason
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            if self.reason is not None:
+                raise CommunicatorAbortedError(f"thread group {self.reason}")
+            generation = self._generation
+            self._count += 1
+            if self._count == self.parties:
+                self._count = 0
+                self._generation += 1
+                self._cond.notify_all()
+                return
+            self._cond.wait_for(
+                lambda: self._generation != generation or self.reason is not None,
+                self.timeout,
+            )
+            if self._generation != generation:
+                return
+            if self.reason is None:
+                self.reason = (
+                    f"timed out after {self.timeout} s: not every rank reached the same "
+                    "collective (a rank raised, returned early or took another branch)"
+                )
+                self._cond.notify_all()
+            raise CommunicatorAbortedError(f"thread group {self.reason}")
+
+
 class ThreadGroup:
     """State shared by the ranks of one :func:`thread_group`."""
 
@@ -34,38 +84,21 @@ class ThreadGroup:
         self.size = size
         self.timeout = timeout
         self._slots: list[tuple[Any, str] | None] = [None] * size
-        self._barrier = threading.Barrier(size, timeout=timeout)
-        self._reason: str | None = None
+        self._rendezvous = _Rendezvous(size, timeout)
 
     def abort(self, reason: str = "aborted") -> None:
         """Wake every waiting rank with an error; later collectives fail too."""
-        if self._reason is None:
-            self._reason = reason
-        self._barrier.abort()
-
-    def _wait(self, rank: int) -> None:
-        if self._reason is not None:
-            raise CommunicatorAbortedError(f"thread group {self._reason}")
-        try:
-            self._barrier.wait()
-        except threading.BrokenBarrierError:
-            if self._reason is None:
-                self._reason = (
-                    f"timed out after {self.timeout} s: not every rank reached the "
-                    "same collective (a rank raised, returned early or took a "
-                    "different branch)"
-                )
-            self._barrier.abort()
-            raise CommunicatorAbortedError(f"rank {rank}: thread group {self._reason}") from None
+        self._rendezvous.abort(reason)
 
     def allreduce(self, rank: int, buf: Any, op: str) -> Any:
         self._slots[rank] = (buf, op)
-        self._wait(rank)
+        self._rendezvous.wait()
         try:
             result: Any = _reduce_slots(self._slots)  # type: ignore[arg-type]
         except CollectiveMismatchError as exc:
             result = exc
-        self._wait(rank)
+        # Nobody may overwrite a slot before every rank has read them all.
+        self._rendezvous.wait()
         if isinstance(result, CollectiveMismatchError):
             raise result
         return result

@@ -6,19 +6,24 @@ The bounds are formulas, not tuned tolerances. Per channel, with
   the parameter dtype ``e_p`` for gradients and running statistics),
 * ``e_w``: epsilon of the work dtype (``e_out`` for float32/float64, float32's
   for float16/bfloat16),
-* ``e_acc``: epsilon of the accumulation dtype (float64's, or float32's on a
-  device without float64),
+* ``e_acc``: epsilon of the accumulation dtype of the per-rank sums
+  (float64's, or float32's on a device without float64),
+* ``e_mrg``: epsilon of the merge (float64's unless the library has no
+  float64 device at all),
 * ``n``: the global reduction length (elements per channel),
 * ``μ``, ``var``: the reference mean and biased variance, ``σ² = var + eps``,
-* ``A = max|x − μ|`` (so ``r = A/σ = max|x̂|``),
+* ``A = max|x − μ|`` (so ``r = A/σ = max|x̂|``), and
+  ``D = 2A + (e_acc·n + e_w)·(|μ| + A)`` bounding ``|x − c|`` for a rank's
+  shift ``c`` (its own mean, as computed),
 
 the statistics carry at most
 
-* ``Δμ = e_acc·(n + 2)·(|μ| + A)`` (summation),
-* ``Δv = 2·e_acc·(n + 4)·(μ² + A²) + 4·e_w·A²`` (the float64 merge of
-  ``Σx²`` and ``Nμ²`` cancels: this ``μ²`` term is the E[x²]−E[x]² hazard,
-  negligible in float64 until |μ|/σ nears 1e6, real with float32
-  accumulation),
+* ``Δμ = (e_w + e_acc·(n + 2))·D + e_mrg·(n + 2)·(|μ| + A)`` (rounding of
+  ``x − c``, summation),
+* ``Δv = 2·e_mrg·(n + 4)·(μ² + A²) + (2·e_acc·(n + 4) + 4·e_w)·D²`` (the
+  float64 merge of ``Σx²`` and ``Nμ²`` cancels: this ``μ²`` term is the
+  E[x²]−E[x]² hazard, negligible in float64 until |μ|/σ nears 1e6; the
+  per-rank sums are shifted, so float32 accumulation costs only ``D²``),
 
 so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
 1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
@@ -150,7 +155,7 @@ def _floor(dtype: Any, e_w: float, magnitude: float) -> float:
     return 4 * (_tiny(dtype) + _tiny(work) * (1 + magnitude))
 
 
-def _stat_errors(ref: ReferenceForward, e_w: float, e_acc: float) -> _StatErrors:
+def _stat_errors(ref: ReferenceForward, e_w: float, e_acc: float, e_mrg: float) -> _StatErrors:
     ax, channels = ref.axis, ref.mean.shape[0]
     a = np.zeros(channels)
     for x in ref.xhats:
@@ -158,13 +163,13 @@ def _stat_errors(ref: ReferenceForward, e_w: float, e_acc: float) -> _StatErrors
             axes = tuple(i for i in range(x.ndim) if i != ax)
             a = np.maximum(a, np.max(np.abs(x), axis=axes) / ref.invstd)
     mu = np.abs(ref.mean)
-    n = ref.count if ref.batch_stats else 0
-    d_mean = e_acc * (n + 2) * (mu + a) if ref.batch_stats else np.zeros(channels)
-    d_var = (
-        2 * e_acc * (n + 4) * (mu * mu + a * a) + 4 * e_w * a * a
-        if ref.batch_stats
-        else np.zeros(channels)
-    )
+    if ref.batch_stats:
+        n = ref.count
+        d = 2 * a + (e_acc * n + e_w) * (mu + a)
+        d_mean = (e_w + e_acc * (n + 2)) * d + e_mrg * (n + 2) * (mu + a)
+        d_var = 2 * e_mrg * (n + 4) * (mu * mu + a * a) + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
+    else:
+        d_mean = d_var = np.zeros(channels)
     eps = 1.0 / ref.invstd**2 - ref.var
     hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
     lo = 1.0 / np.sqrt(ref.var + d_var + eps)
@@ -184,18 +189,20 @@ def forward_bounds(
     momentum: float | None = 0.1,
     num_batches_tracked: int = 0,
     accumulation_eps: float = _EPS["float64"],
+    merge_eps: float = _EPS["float64"],
 ) -> ForwardBounds:
     """Bounds on the forward's error against ``ref`` (see the module docstring).
 
     ``dtype`` is the input dtype; ``param_dtype`` that of the parameters and
     running statistics (default: the work dtype); ``accumulation_eps`` is
-    2**-23 for devices without float64.
+    2**-23 for devices without float64, ``merge_eps`` 2**-23 for libraries
+    without any float64 device.
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
     w, b = _param_max(weight, 1.0), _param_max(bias, 0.0)
-    st = _stat_errors(ref, e_w, accumulation_eps)
+    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps)
     floor = _floor(dtype, e_w, float(np.max(st.spread + st.d_mean + w * st.invstd_hi, initial=0.0)))
     per_channel = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b))
     y = float(np.max(per_channel, initial=0.0)) + floor
@@ -221,6 +228,7 @@ def backward_bounds(
     weight: Any = None,
     param_dtype: Any = None,
     accumulation_eps: float = _EPS["float64"],
+    merge_eps: float = _EPS["float64"],
 ) -> BackwardBounds:
     """Bounds on the backward's error against ``grads`` (module docstring)."""
     e_out = dtype_eps(dtype)
@@ -229,7 +237,7 @@ def backward_bounds(
     e_acc = accumulation_eps
     w = _param_max(weight, 1.0)
     g = _max_abs([to_numpy(d).astype(np.float64) for d in dys])
-    st = _stat_errors(ref, e_w, e_acc)
+    st = _stat_errors(ref, e_w, e_acc, merge_eps)
     x = st.xhat_max
     floor = _floor(
         dtype,

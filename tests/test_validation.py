@@ -1,0 +1,137 @@
+"""Bad input gets a clear exception, raised before any communication."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import arraysyncbn as sbn
+
+from comms import ForbiddenComm
+
+
+def _x(backend, shape=(4, 3, 2), dtype="float32"):
+    return backend.asarray(np.arange(np.prod(shape), dtype=np.float64).reshape(shape), dtype)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_features": 0}, "num_features must be a positive int"),
+        ({"num_features": -3}, "num_features must be a positive int"),
+        ({"num_features": 2.0}, "num_features must be a positive int"),
+        ({"num_features": 3, "eps": 0.0}, "eps must be a positive finite number"),
+        ({"num_features": 3, "eps": -1e-5}, "eps must be a positive finite number"),
+        ({"num_features": 3, "eps": float("nan")}, "eps must be a positive finite number"),
+        ({"num_features": 3, "momentum": 1.5}, r"momentum must be None or a number in \[0, 1\]"),
+        ({"num_features": 3, "momentum": -0.1}, r"momentum must be None or a number in \[0, 1\]"),
+    ],
+)
+def test_constructor_rejects_bad_values(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        sbn.SyncBatchNorm(**kwargs)
+
+
+def test_constructor_rejects_non_communicators() -> None:
+    with pytest.raises(TypeError, match="Communicator protocol"):
+        sbn.SyncBatchNorm(3, comm=object())
+
+
+def test_rank_below_two_is_rejected(backend) -> None:
+    bn = sbn.SyncBatchNorm(3, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        bn(backend.asarray(np.ones(3), "float32"))
+
+
+def test_channel_count_must_match(backend) -> None:
+    bn = sbn.SyncBatchNorm(5, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match=r"3 channels on axis 1.*num_features=5"):
+        bn(_x(backend))
+    bn_last = sbn.SyncBatchNorm(3, axis=-1, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="2 channels on axis -1"):
+        bn_last(_x(backend))
+
+
+def test_axis_out_of_range(backend) -> None:
+    bn = sbn.SyncBatchNorm(3, axis=3, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="axis 3 is out of range"):
+        bn(_x(backend))
+
+
+def test_non_floating_dtype_is_a_type_error(backend) -> None:
+    x = backend.xp.ones((4, 3), dtype=backend.xp.int32, device=backend.device)
+    with pytest.raises(TypeError, match="real floating dtype"):
+        sbn.SyncBatchNorm(3, comm=ForbiddenComm())(x)
+    with pytest.raises(TypeError, match="real floating dtype"):
+        sbn.sync_batch_norm_forward(x, None, None, None, None, comm=ForbiddenComm())
+
+
+def test_non_array_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="x must be an array, got list"):
+        sbn.SyncBatchNorm(2)([[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_mixed_namespaces_are_a_type_error() -> None:
+    strict = pytest.importorskip("array_api_strict")
+    x = np.ones((4, 3), dtype=np.float32)
+    w = strict.ones(3, dtype=strict.float32)
+    with pytest.raises(TypeError, match="different array libraries"):
+        sbn.sync_batch_norm_forward(x, w, None, None, None, comm=ForbiddenComm())
+    bn = sbn.SyncBatchNorm(3)
+    bn(x)  # parameters now live in numpy
+    bn.comm = ForbiddenComm()
+    with pytest.raises(TypeError, match="different array libraries"):
+        bn(strict.ones((4, 3), dtype=strict.float32))
+
+
+def test_mixed_devices_are_a_value_error() -> None:
+    strict = pytest.importorskip("array_api_strict")
+    x = strict.ones((4, 3), dtype=strict.float32, device=strict.Device("device1"))
+    w = strict.ones(3, dtype=strict.float32)
+    with pytest.raises(ValueError, match="different devices"):
+        sbn.sync_batch_norm_forward(x, w, None, None, None, comm=ForbiddenComm())
+
+
+def test_functional_rejects_bad_parameters(backend) -> None:
+    x = _x(backend)
+    good = backend.asarray(np.ones(3), "float32")
+    bad = backend.asarray(np.ones(4), "float32")
+    f = sbn.sync_batch_norm_forward
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        f(x, bad, None, None, None, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="both be None"):
+        f(x, None, None, good, None, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="eps must be"):
+        f(x, None, None, None, None, eps=0, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="momentum must be"):
+        f(x, None, None, good, good, momentum=2.0, comm=ForbiddenComm())
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        f(x, None, None, good, good, num_batches_tracked=-1, comm=ForbiddenComm())
+
+
+def test_backward_before_forward_is_a_runtime_error() -> None:
+    bn = sbn.SyncBatchNorm(3)
+    with pytest.raises(sbn.NoForwardError, match="before any forward") as info:
+        bn.backward(np.ones((2, 3), dtype=np.float32))
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_dy_shape_must_match(backend) -> None:
+    bn = sbn.SyncBatchNorm(3)
+    y = bn(_x(backend))
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 3, 3\)"):
+        bn.backward(_x(backend, (4, 3, 3)))
+    assert tuple(y.shape) == (4, 3, 2)
+
+
+def test_dy_from_another_library_is_a_type_error() -> None:
+    strict = pytest.importorskip("array_api_strict")
+    bn = sbn.SyncBatchNorm(3)
+    bn(np.ones((4, 3), dtype=np.float32) * np.arange(4, dtype=np.float32)[:, None])
+    with pytest.raises(TypeError):
+        bn.backward(strict.ones((4, 3), dtype=strict.float32))
+
+
+def test_saved_must_come_from_a_forward() -> None:
+    with pytest.raises(TypeError, match="SavedForBackward"):
+        sbn.sync_batch_norm_backward(np.ones((2, 2)), object())
