@@ -244,12 +244,16 @@ class SyncBatchNorm:
 
     @staticmethod
     def _count_from(value: Any) -> int:
-        shape = getattr(value, "shape", ())
-        if tuple(shape) != ():
-            raise ValueError(f"num_batches_tracked must be a scalar, got shape {tuple(shape)}")
-        dtype_kind = getattr(getattr(value, "dtype", None), "kind", None)
-        if dtype_kind == "f" or isinstance(value, float):
-            raise ValueError("num_batches_tracked must be an integer, got a float")
+        if array_api_compat.is_array_api_obj(value):
+            if tuple(value.shape) != ():
+                raise ValueError(
+                    f"num_batches_tracked must be a scalar, got shape {tuple(value.shape)}"
+                )
+            xp = array_api_compat.array_namespace(value)
+            if not xp.isdtype(value.dtype, "integral"):
+                raise ValueError(f"num_batches_tracked must be an integer, got dtype {value.dtype}")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"num_batches_tracked must be an integer, got {value!r}")
         count = int(value)
         if count < 0:
             raise ValueError(f"num_batches_tracked must be non-negative, got {count}")

@@ -10,14 +10,19 @@ python="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[test,mpi]"
+pip_install() {
+    # Some machines' pip configuration names index folders that do not exist;
+    # drop only that warning, keep every other message.
+    "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install --upgrade pip
+pip_install -e ".[test,mpi]"
 
 # PyTorch is an optional, independent oracle. Only its CPU build is wanted;
 # where no CPU wheel is at hand (plain PyPI serves a multi-GB CUDA build) the
 # torch tests skip. ARRAYSYNCBN_TORCH=0 skips the attempt.
 if [ "${ARRAYSYNCBN_TORCH:-auto}" != 0 ] && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-    "$venv/bin/python" -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+    pip_install "torch==2.13.0+cpu" 2>/dev/null \
         || echo "note: no CPU build of torch available; the torch tests will be skipped"
 fi
 

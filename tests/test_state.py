@@ -82,6 +82,12 @@ def test_load_rejects_missing_unexpected_and_misshaped() -> None:
     state["num_batches_tracked"] = np.array(1.5)
     with pytest.raises(ValueError, match="integer"):
         bn.load_state_dict(state)
+    state["num_batches_tracked"] = 2.0
+    with pytest.raises(ValueError, match="integer"):
+        bn.load_state_dict(state)
+    state["num_batches_tracked"] = np.array([1, 2])
+    with pytest.raises(ValueError, match="scalar"):
+        bn.load_state_dict(state)
 
 
 def test_state_dict_before_creation_explains() -> None:

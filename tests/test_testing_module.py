@@ -1,0 +1,42 @@
+"""arraysyncbn.testing itself: the documented example runs, and the reference
+agrees with an independent formulation."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+
+import arraysyncbn.testing as T
+
+
+def test_documented_example_runs_and_passes() -> None:
+    doc = T.__doc__
+    start = doc.index("Example, testing arraysyncbn itself")
+    code = textwrap.dedent(doc[doc.index("::", start) + 2 :])
+    namespace: dict = {}
+    exec(compile(code, "arraysyncbn.testing example", "exec"), namespace)
+    namespace["test_forward"]()
+
+
+def test_reference_equals_numpy_on_the_concatenated_batch() -> None:
+    rng = np.random.default_rng(3)
+    shards = [rng.normal(5, 2, (n, 3, 4)) for n in (2, 0, 5)]
+    ref = T.reference_forward(shards, eps=1e-5)
+    full = np.concatenate(shards)
+    want = (full - full.mean(axis=(0, 2), keepdims=True)) / np.sqrt(
+        full.var(axis=(0, 2), keepdims=True) + 1e-5
+    )
+    np.testing.assert_allclose(np.concatenate(ref.ys), want, rtol=0, atol=1e-12)
+    assert ref.count == 28
+
+
+def test_assertions_never_pass_nan_and_check_metadata() -> None:
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        T.assert_close_to_reference(np.array([np.nan]), np.array([0.0]), 1e300)
+    with pytest.raises(AssertionError, match="shape"):
+        T.assert_close_to_reference(np.zeros(2), np.zeros(3), 1.0)
+    with pytest.raises(AssertionError, match="dtype"):
+        T.assert_like(np.zeros(2, np.float32), np.zeros(2, np.float64))
+    assert T.assert_close_to_reference(np.array([1.0, np.inf]), np.array([1.0, np.inf]), 0.0) == 0
