@@ -13,12 +13,17 @@ sync_batch_norm_forward, sync_batch_norm_backward
     The functional form.
 Communicator, SelfCommunicator, thread_group, run_ranks
     Groups of ranks; ``comm=None`` is a world of one.
+MPICommunicator
+    Ranks of an MPI job (wraps an mpi4py communicator; mpi4py is imported
+    when one is constructed). ``python -m arraysyncbn`` runs the check and
+    benchmark job, under ``mpiexec`` or alone.
 arraysyncbn.testing
     Float64 reference, hypothesis strategies and assertions.
 """
 
 from .comm import (
     Communicator,
+    MPICommunicator,
     SelfCommunicator,
     ThreadCommunicator,
     run_ranks,
@@ -39,6 +44,7 @@ __all__ = [
     "CollectiveMismatchError",
     "Communicator",
     "CommunicatorAbortedError",
+    "MPICommunicator",
     "NoForwardError",
     "SavedForBackward",
     "SelfCommunicator",

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU check of arraysyncbn on one CUDA machine, prepared to run as one step.
+#
+#   OUT=/some/dir scripts/gpu_check.sh
+#
+# Run from the repository root with the Python environment that has
+# arraysyncbn's dependencies, mpi4py, an mpiexec and cupy (this script installs
+# nothing; set WHEELS=dir to pip-install the wheels found there, offline, first).
+# It records, under $OUT (a temporary folder when unset):
+#   env.txt             GPU, Python, cupy, MPI library, mpi_memory_alloc_kinds
+#   pytest_gpu.txt      the cupy subset of the test suite (pytest -m gpu)
+#   mpi_props_*.txt     hypothesis properties over MPI with cupy (staged / direct)
+#   check_*.json        mpiexec -n 2 python -m arraysyncbn --backend cupy --json
+#   bench_*.txt         the benchmark table on a larger workload
+#   summary.txt         one line per step with its exit status
+# "direct" runs only when the MPI library reports CUDA-awareness; otherwise the
+# summary says so. Exit status: 0 when every step that ran passed, 2 when cupy
+# or a GPU is missing, 1 otherwise.
+set -u
+
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+PYDIR=$(dirname "$(command -v "$PY")")
+MPIEXEC=${MPIEXEC:-$PYDIR/mpiexec}
+[ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
+export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+unset ARRAYSYNCBN_CUDA_AWARE ARRAYSYNCBN_CHECK
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+FAILED=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+step() { # step NAME OUTFILE TIMEOUT CMD...: run, keep output, record status
+    local name=$1 out=$2 limit=$3
+    shift 3
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out" 2>&1
+    local rc=$?
+    note "$name: exit $rc after $((SECONDS - start)) s (output: $(basename "$out"))"
+    [ $rc -eq 0 ] || FAILED=1
+    return $rc
+}
+
+if [ -n "${WHEELS:-}" ]; then
+    "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl >"$OUT/pip.txt" 2>&1 ||
+        note "pip install from $WHEELS failed (see pip.txt)"
+fi
+
+{
+    echo "date: $(date -u +%FT%TZ)"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    else
+        echo "nvidia-smi: not available"
+    fi
+    "$PY" --version 2>&1
+    "$PY" -c "import cupy; print('cupy', cupy.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())" 2>&1
+    "$PY" -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" 2>&1
+    echo "mpiexec: ${MPIEXEC:-not found}"
+} >"$OUT/env.txt"
+cat "$OUT/env.txt"
+
+if ! "$PY" -c "import cupy, sys; sys.exit(cupy.cuda.runtime.getDeviceCount() < 1)" >/dev/null 2>&1; then
+    note "cupy with a CUDA GPU is not available here: nothing to check (see env.txt)"
+    exit 2
+fi
+if [ -z "$MPIEXEC" ] || ! "$PY" -c "import mpi4py" >/dev/null 2>&1; then
+    note "mpi4py or mpiexec is missing: pip install '.[mpi]'; only the single-process GPU tests run"
+    step "pytest -m gpu" "$OUT/pytest_gpu.txt" 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+    exit 1
+fi
+
+DETECT='from arraysyncbn import MPICommunicator as M; c = M()
+print(f"detected={int(c.cuda_aware_detected)}"); info = c.comm.Get_info()
+print("mpi_memory_alloc_kinds =", info.Get("mpi_memory_alloc_kinds")); info.Free()'
+"$MPIEXEC" -n 1 "$PY" -c "$DETECT" >>"$OUT/env.txt" 2>&1
+AWARE=$(sed -n 's/^detected=//p' "$OUT/env.txt")
+note "MPI library CUDA-aware (mpi_memory_alloc_kinds lists cuda): ${AWARE:-unknown}"
+
+step "pytest -m gpu" "$OUT/pytest_gpu.txt" 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+
+PATHS="0"
+if [ "${AWARE:-0}" = "1" ]; then
+    PATHS="0 1"
+else
+    note "direct (CUDA-aware) path not run: this MPI library does not report CUDA memory"
+fi
+for mode in $PATHS; do
+    label=$([ "$mode" = 1 ] && echo direct || echo staged)
+    export ARRAYSYNCBN_CUDA_AWARE=$mode
+    step "MPI properties with cupy, $label" "$OUT/mpi_props_$label.txt" 300 \
+        "$MPIEXEC" -n 2 "$PY" -m mpi4py tests/mpi_scripts/properties.py 10
+    step "check --backend cupy, $label" "$OUT/check_$label.json" 120 \
+        "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --json --progress off
+    step "benchmark --backend cupy, $label" "$OUT/bench_$label.txt" 180 \
+        "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --shape 32,64,56,56 --steps 30 \
+        --progress off
+    unset ARRAYSYNCBN_CUDA_AWARE
+done
+step "benchmark --backend numpy (same machine, for comparison)" "$OUT/bench_numpy.txt" 180 \
+    "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --shape 32,64,56,56 --steps 30 --progress off
+
+echo "outputs in $OUT"
+exit $FAILED

@@ -1,0 +1,81 @@
+"""``python -m arraysyncbn`` as a single process (no mpiexec): help, a world of
+one with and without mpi4py, and setup errors. The MPI runs are in
+``tests/test_mpi.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arraysyncbn import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, *(["-c", code] if code else ["-m", "arraysyncbn"]), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_option() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    for option in ("--backend", "--shape", "--dtype", "--channels-last", "--steps", "--seed",
+                   "--json", "ARRAYSYNCBN_CUDA_AWARE"):  # fmt: skip
+        assert option in out.stdout, option
+
+
+def test_world_of_one_json() -> None:
+    out = run("--json", "--steps", "2", "--shape", "4,3,5", "--channels-last")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] is True and result["world_size"] == 1
+    assert result["shapes"][0][-1] == 3 and result["channels_last"] is True
+
+
+def test_world_of_one_without_mpi4py() -> None:
+    hide = (
+        "import sys, runpy; sys.modules['mpi4py'] = None; "
+        "sys.argv = ['arraysyncbn', '--json', '--steps', '1']; "
+        "runpy.run_module('arraysyncbn', run_name='__main__')"
+    )
+    out = run(code=hide)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["mpi_library"] == "none" and result["ok"] is True
+    assert result["world_size"] == 1 and result["cuda_aware"] is None
+
+
+def test_table_says_none_for_the_mpi_library_without_mpi() -> None:
+    result = {key: 0.0 for _, key in cli._ROWS}
+    result.update(
+        mpi_library="none", mpi_standard="", shapes=[[2, 3]], running_mean_max_error=0.0,
+        running_var_max_error=0.0, forward_gbps=None, backward_gbps=None, ok=True,
+    )  # fmt: skip
+    assert cli._cell("mpi_library", result) == "none"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed")
+def test_cupy_backend_without_cupy_is_a_clear_setup_error() -> None:
+    out = run("--backend", "cupy")
+    assert out.returncode == 2
+    assert "--backend cupy needs cupy" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("shape", ["8", "8,x", "8,0,3", "-1,2"])
+def test_bad_shapes_are_rejected_by_the_parser(shape: str) -> None:
+    out = run("--shape", shape)
+    assert out.returncode == 2 and "--shape" in out.stderr
+
+
+def test_too_small_a_global_batch_is_a_setup_error() -> None:
+    out = run("--shape", "1,3,1")
+    assert out.returncode == 2 and "at least 2" in out.stderr

@@ -1,0 +1,224 @@
+"""SyncBN on real MPI ranks: ``mpiexec -n K python -m mpi4py tests/mpi_scripts/...``.
+
+Each test launches K = 1..4 ranks through subprocess with a timeout (the
+whole process group is killed when it expires, so a hang fails the test
+instead of stalling the suite) and checks the exit status and the ``OK``
+line each rank prints when its assertions passed. The rank scripts are
+described in ``tests/mpi_scripts/cases.py`` and ``properties.py``.
+
+Skipped when mpi4py or mpiexec is missing (``pip install ".[mpi]"``).
+``ARRAYSYNCBN_MPI_EXAMPLES`` sets the hypothesis examples per backend and
+mode of the MPI property test (default 20).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from backends import BACKENDS, cupy_usable
+
+pytest.importorskip("mpi4py")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+
+
+def _find_mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _find_mpiexec()
+if MPIEXEC is None:
+    pytest.skip("mpiexec not found (pip install '.[mpi]' brings one)", allow_module_level=True)
+
+pytestmark = pytest.mark.mpi
+RANKS = [1, 2, 3, 4]
+EXAMPLES = int(os.environ.get("ARRAYSYNCBN_MPI_EXAMPLES", "20"))
+
+
+@dataclass
+class Job:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    ended_at: float
+
+    def oks(self, what: str) -> int:
+        """How many ranks reported ``OK what``."""
+        return self.stdout.count(f"OK {what} rank ")
+
+    def __str__(self) -> str:
+        return f"exit {self.returncode} after {self.seconds:.1f} s\n{self.stdout}\n{self.stderr}"
+
+
+def mpirun(
+    k: int, *args: str, timeout: float = 60, env: dict[str, str] | None = None, mpi4py: bool = True
+) -> Job:
+    """Run ``mpiexec -n k python [-m mpi4py] args``; kill the whole job on timeout."""
+    full_env = {key: v for key, v in os.environ.items() if not key.startswith("ARRAYSYNCBN_")}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), full_env.get("PYTHONPATH", "")])
+    full_env.update(PYTHONPATH=path, **(env or {}))
+    launcher = [sys.executable, "-m", "mpi4py"] if mpi4py else [sys.executable]
+    cmd = [MPIEXEC, "-n", str(k), *launcher, *args]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung: killed after {timeout} s\n{out}\n{err}")
+    return Job(proc.returncode, out, err, time.monotonic() - start, time.time())
+
+
+def script(name: str) -> str:
+    return str(SCRIPTS / name)
+
+
+def assert_every_rank_ok(job: Job, k: int, what: str) -> None:
+    assert job.returncode == 0, str(job)
+    assert job.oks(what) == k, str(job)
+
+
+# -- SyncBN across ranks -------------------------------------------------------------
+@pytest.mark.parametrize("k", RANKS)
+def test_properties_match_reference_on_every_backend(k: int) -> None:
+    """Hypothesis over MPI: derandomized, same example on every rank, shared verdict."""
+    job = mpirun(k, script("properties.py"), str(EXAMPLES), timeout=240)
+    assert job.returncode == 0, str(job)
+    present = [b.name for b in BACKENDS if b.name != "cupy" or cupy_usable()]
+    assert "strict-device1" in present, "array-api-strict (the test extra) is needed"
+    for backend in present:
+        assert job.oks(f"properties[{backend}]") == k, str(job)
+
+
+@pytest.mark.parametrize("k", RANKS)
+def test_uneven_empty_and_ragged_shards_match_reference(k: int) -> None:
+    assert_every_rank_ok(mpirun(k, script("cases.py"), "shards"), k, "shards")
+
+
+@pytest.mark.parametrize("k", RANKS)
+def test_pytorch_distributed_running_statistics(k: int) -> None:
+    """Rank i holds (2, 2, 2**(i+1)); 100 steps at momentum 0.99; bitwise-equal state."""
+    assert_every_rank_ok(mpirun(k, script("cases.py"), "pytorch"), k, "pytorch")
+
+
+@pytest.mark.parametrize("k", RANKS)
+def test_subgroups_from_split_normalize_independently(k: int) -> None:
+    assert_every_rank_ok(mpirun(k, script("cases.py"), "subgroups"), k, "subgroups")
+
+
+# -- never hang ---------------------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("what", ["channels", "dtype"])
+def test_mismatch_raises_on_every_rank(k: int, what: str) -> None:
+    job = mpirun(k, script("cases.py"), "mismatch", what, timeout=30)
+    assert_every_rank_ok(job, k, f"mismatch[{what}]")
+    assert job.stdout.count("mismatch seen: ranks disagree") == k, str(job)
+
+
+def test_mismatch_on_a_later_call_with_check_every_call() -> None:
+    job = mpirun(3, script("cases.py"), "mismatch_later", env={"ARRAYSYNCBN_CHECK": "1"})
+    assert_every_rank_ok(job, 3, "mismatch_later")
+
+
+def _raise_time(job: Job) -> float:
+    stamps = re.findall(r"raising at ([0-9.]+)", job.stdout)
+    assert len(stamps) == 1, str(job)
+    return float(stamps[0])
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_rank_raising_mid_step_ends_job_under_python_m_mpi4py(k: int) -> None:
+    job = mpirun(k, script("cases.py"), "raise", timeout=60)
+    assert job.returncode != 0, str(job)
+    assert "planted failure" in job.stderr, str(job)
+    assert "went past the failure" not in job.stdout, str(job)
+    assert job.ended_at - _raise_time(job) < 10, str(job)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_rank_raising_mid_step_ends_job_under_cli_run_aborting(k: int) -> None:
+    """The CLI's own abort wrapper, in a plain ``python`` run (no ``-m mpi4py``)."""
+    job = mpirun(k, script("cases.py"), "raise_cli", timeout=60, mpi4py=False)
+    assert job.returncode != 0, str(job)
+    assert "planted failure" in job.stderr and "aborting the MPI job" in job.stderr, str(job)
+    assert job.ended_at - _raise_time(job) < 10, str(job)
+
+
+# -- host, staged and CUDA-aware transfer ----------------------------------------------
+@pytest.mark.parametrize("k", RANKS)
+def test_strict_torch_and_staged_device_arrays_through_mpi(k: int) -> None:
+    job = mpirun(k, script("cases.py"), "transfer", "auto")
+    assert_every_rank_ok(job, k, "transfer[auto]")
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_forcing_cuda_aware(forced: str) -> None:
+    """Forced either way: ``cuda_aware`` follows, CUDA memory would take the
+    matching path, and host and staged arrays still give the reference."""
+    job = mpirun(2, script("cases.py"), "transfer", forced,
+                 env={"ARRAYSYNCBN_CUDA_AWARE": forced})  # fmt: skip
+    assert_every_rank_ok(job, 2, f"transfer[{forced}]")
+
+
+def test_bad_cuda_aware_setting_fails_clearly() -> None:
+    job = mpirun(2, script("cases.py"), "transfer", "auto",
+                 env={"ARRAYSYNCBN_CUDA_AWARE": "maybe"})  # fmt: skip
+    assert job.returncode != 0, str(job)
+    assert "ARRAYSYNCBN_CUDA_AWARE='maybe' is not understood" in job.stderr, str(job)
+
+
+# -- the job: mpiexec -n K python -m arraysyncbn -----------------------------------------
+@pytest.mark.parametrize("k", RANKS)
+def test_cli_json_passes_on_k_ranks(k: int) -> None:
+    job = mpirun(k, "-m", "arraysyncbn", "--json", "--steps", "3", mpi4py=False)
+    assert job.returncode == 0, str(job)
+    result = json.loads(job.stdout)  # one object, from rank 0 only
+    assert result["ok"] is True and result["world_size"] == k
+    assert result["backend"] == "numpy" and result["mpi_library"] != "none"
+    assert len(result["shapes"]) == k
+    for key in ("forward_max_error", "backward_max_error", "forward_ms", "allreduce_us"):
+        assert isinstance(result[key], float), key
+
+
+def test_cli_default_job_on_four_ranks_prints_the_table() -> None:
+    job = mpirun(4, "-m", "arraysyncbn", mpi4py=False, timeout=60)
+    assert job.returncode == 0, str(job)
+    assert "world size" in job.stdout and "passed" in job.stdout, str(job)
+    assert job.stdout.count("world size") == 1, "only rank 0 prints"
+
+
+def test_cli_fails_when_the_check_fails() -> None:
+    """A planted error in the kernels must turn into exit status 1 on the job."""
+    plant = (
+        "import sys, runpy, arraysyncbn.kernels as k; f = k.invstd_of; "
+        "k.invstd_of = lambda *a, **kw: f(*a, **kw) * 1.001; "
+        "sys.argv = ['arraysyncbn', '--json', '--steps', '0']; "
+        "runpy.run_module('arraysyncbn', run_name='__main__')"
+    )
+    job = mpirun(2, "-c", plant, mpi4py=False)
+    assert job.returncode == 1, str(job)
+    result = json.loads(job.stdout)
+    assert result["ok"] is False and result["forward_max_error"] > 1e-4, result
