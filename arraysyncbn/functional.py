@@ -1,19 +1,24 @@
 """One SyncBN step: validate, compute local moments, allreduce once, normalize.
 
-This module owns the path of a training step (``docs/design.md``)::
+This module owns the path of a training step (``DESIGN.md``, ``docs/numerics.md``)::
 
     x ─validate─> local moments ─pack─> allreduce ─unpack─> mean, var, N ─> y
 
 and its backward. It calls :mod:`arraysyncbn.kernels` for the math and the
-communicator exactly once per pass. Every decision that changes whether a
-rank communicates or raises after communication (N = 0, N = 1) is taken from
-the reduced buffer, which is bitwise identical on every rank, so every rank
-takes the same branch.
+communicator once per pass: one packed buffer for the statistics, one for
+the backward sums. Only when the one-pass float64 merge may have lost
+precision (data far from the shared center, |mean − center| ≫ std) does a
+second, exact pass around the merged mean follow. Every decision that
+changes whether a rank communicates or raises after communication (N = 0,
+N = 1, the second pass) is taken from reduced values, which are bitwise
+identical on every rank, so every rank takes the same branch.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,9 +107,18 @@ def _check_floating(xp: Any, name: str, a: Array | None) -> None:
         raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
 
 
+def as_int(value: Any, name: str) -> int:
+    """``value`` as an int if it is an integer (numpy integers too), else TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def _normalize_axis(axis: Any, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    axis = as_int(axis, "axis")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for an input of {ndim} dimensions")
     return axis % ndim
@@ -127,19 +141,21 @@ def check_input(x: Array, axis: Any) -> int:
     return ax
 
 
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (numpy scalars too), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _check_hyper(eps: Any, momentum: Any) -> None:
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not (math.isfinite(eps) and eps > 0)
-    ):
+    e = _real(eps)
+    if e is None or not (math.isfinite(e) and e > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if momentum is not None and (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0.0 <= momentum <= 1.0
-    ):
-        raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+    if momentum is not None:
+        m = _real(momentum)
+        if m is None or not 0.0 <= m <= 1.0:
+            raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
 
 
 def _validate_forward(
@@ -179,7 +195,7 @@ def _validate_forward(
     _check_hyper(eps, momentum)
     if (
         isinstance(num_batches_tracked, bool)
-        or not isinstance(num_batches_tracked, int)
+        or not isinstance(num_batches_tracked, numbers.Integral)
         or num_batches_tracked < 0
     ):
         raise ValueError(
@@ -225,7 +241,7 @@ class _Factors:
     hi: Array
     lo: Array | None
     scale: Array
-    shift: Array | None
+    offset: Array | None
 
 
 def _factors(
@@ -249,14 +265,91 @@ def _factors(
     )
 
 
-def _global_count(buf: Array) -> int:
+def _global_count(buf: Array, exact_float64: bool) -> int:
     value = float(buf[0])
     if not (math.isfinite(value) and value >= 0 and value == int(value)):
         raise CollectiveMismatchError(
             f"the reduced element count is {value}, not a non-negative integer: "
             "the communicator returned a corrupt sum"
         )
+    if not exact_float64 and value >= 2.0**24:
+        raise ValueError(
+            f"a global batch of {value:.0f} elements per channel cannot be counted exactly "
+            "in float32, and this array library has no float64 device"
+        )
     return int(value)
+
+
+def _refine_tolerance(xp: Any, wdtype: Any) -> float:
+    """Largest relative variance error the one-allreduce merge may leave.
+
+    2**-40 for float64 work, the work dtype's epsilon otherwise: far below
+    what the output dtype can show, yet reached without a second pass for
+    data within ~20 (float64) or ~6700 (float32) standard deviations of the
+    center.
+    """
+    return 2.0**-40 if wdtype == xp.float64 else float(xp.finfo(wdtype).eps)
+
+
+def _batch_statistics(
+    x: Array,
+    axis: int,
+    comm: Communicator,
+    *,
+    xp: Any,
+    acc: Any,
+    sdev: Any,
+    sdt: Any,
+    center: Array | None,
+    eps: float,
+) -> tuple[int, Array, Array]:
+    """Return the global ``(N, mean, biased var)`` of x over every rank.
+
+    One allreduce of ``[n, Σ(x − K), Σ(x − K)²]`` with the shared center K.
+    When its float64 merge may have cancelled more than the tolerance
+    allows (|mean − K| ≫ std), every rank sees so in the same reduced values
+    and all run a second, exact pass around the merged mean.
+    """
+    channels = x.shape[axis]
+    n, c, a, b = kernels.local_moments(x, axis, xp=xp, acc=acc)
+    c = _to(c, xp, sdev, sdt)
+    k = None if center is None else _to(center, xp, sdev, sdt)
+    s1, s2 = kernels.moment_sums(
+        n, c if k is None else c - k, _to(a, xp, sdev, sdt), _to(b, xp, sdev, sdt), xp=xp
+    )
+    head = xp.asarray([float(n)], dtype=sdt, device=sdev)
+    buf = comm.allreduce(xp.concat([head, s1, s2]))
+    if tuple(buf.shape) != (1 + 2 * channels,):
+        raise CollectiveMismatchError(
+            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
+        )
+    count = _global_count(buf, sdt == xp.float64)
+    if count == 1:
+        raise ValueError(
+            "expected more than 1 value per channel when using batch statistics, got a "
+            f"global batch of 1 (input shape {tuple(x.shape)} on rank {comm.rank})"
+        )
+    if count == 0:
+        zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
+        return 0, zeros, zeros
+    rel, var = kernels.finalize_moments(count, buf[1 : 1 + channels], buf[1 + channels :], xp=xp)
+    mean = rel if k is None else k + rel
+    # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N; compare it with
+    # the tolerance on var + eps, what invstd depends on. Every input of this
+    # test is shared by all ranks, so is the decision to communicate again.
+    wdtype = kernels.work_dtype(xp, x.dtype)
+    slack = 4.0 * (comm.size + 2) * float(xp.finfo(sdt).eps)
+    tol = _refine_tolerance(xp, wdtype)
+    second = buf[1 + channels :] / count * slack - (var + eps) * tol
+    if float(xp.max(second)) <= 0.0:
+        return count, mean, var
+    hi, lo = kernels.split_mean(mean, wdtype, xp=xp)
+    device = array_api_compat.device(x)
+    lo = None if lo is None else _to(lo, xp, device, wdtype)
+    d1, d2 = kernels.centered_moments(x, _to(hi, xp, device, wdtype), lo, axis, xp=xp, acc=acc)
+    buf2 = comm.allreduce(xp.concat([_to(d1, xp, sdev, sdt), _to(d2, xp, sdev, sdt)]))
+    shift, var = kernels.finalize_moments(count, buf2[:channels], buf2[channels:], xp=xp)
+    return count, mean + shift, var
 
 
 def _running_update(
@@ -290,6 +383,7 @@ def sync_batch_norm_forward(
     comm: Communicator | None = None,
     num_batches_tracked: int = 0,
     check: bool = False,
+    center: Array | None = None,
 ) -> tuple[Array, Array | None, Array | None, SavedForBackward]:
     """Synchronized batch normalization of this rank's shard ``x``.
 
@@ -321,6 +415,11 @@ def sync_batch_norm_forward(
         Before the statistics allreduce, verify with :func:`check_consistency`
         that all ranks agree on channels, dtype and axis (one more small
         collective). Only when batch statistics are used.
+    center : array of shape ``(C,)`` or None
+        A per-channel value near the batch mean, **bitwise identical on every
+        rank** (a previous step's reduced mean, as ``SyncBatchNorm`` passes).
+        Statistics are merged around it; a poor center costs a second
+        allreduce, never accuracy. None centers at zero.
 
     Returns
     -------
@@ -353,6 +452,12 @@ def sync_batch_norm_forward(
     xp, ax = _validate_forward(
         x, weight, bias, running_mean, running_var, axis, eps, momentum, num_batches_tracked
     )
+    if center is not None:
+        if _namespace(x=x, center=center) is not xp:
+            raise TypeError("center comes from a different array library than x")
+        _check_floating(xp, "center", center)
+        if tuple(center.shape) != (x.shape[ax],):
+            raise ValueError(f"center must have shape ({x.shape[ax]},), got {tuple(center.shape)}")
     communicator = as_communicator(comm)
     device = array_api_compat.device(x)
     acc = kernels.accumulation_dtype(xp, device)
@@ -364,7 +469,7 @@ def sync_batch_norm_forward(
         mean = _to(running_mean, xp, sdev, sdt)
         invstd = kernels.invstd_of(_to(running_var, xp, sdev, sdt), eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, device)
-        y = kernels.normalize(x, f.hi, f.lo, f.scale, f.shift, ax, xp=xp)
+        y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, ax, xp=xp)
         saved = SavedForBackward(
             x, f.hi, f.lo, f.scale, mean, invstd, weight, bias, ax, None, False,
             communicator, xp, acc,
@@ -373,31 +478,12 @@ def sync_batch_norm_forward(
 
     if check:
         check_consistency(communicator, x, num_features=channels, axis=ax)
-    n, c, a, b = kernels.local_moments(x, ax, xp=xp, acc=acc)
-    s1, s2 = kernels.moment_sums(
-        n, _to(c, xp, sdev, sdt), _to(a, xp, sdev, sdt), _to(b, xp, sdev, sdt), xp=xp
+    count, mean, var = _batch_statistics(
+        x, ax, communicator, xp=xp, acc=acc, sdev=sdev, sdt=sdt, center=center, eps=eps
     )
-    head = xp.asarray([float(n)], dtype=sdt, device=sdev)
-    buf = communicator.allreduce(xp.concat([head, s1, s2]))
-    if tuple(buf.shape) != (1 + 2 * channels,):
-        raise CollectiveMismatchError(
-            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
-        )
-    count = _global_count(buf)
-    if count == 1:
-        raise ValueError(
-            "expected more than 1 value per channel when using batch statistics, got a "
-            f"global batch of 1 (input shape {tuple(x.shape)} on rank {communicator.rank})"
-        )
-    if count == 0:
-        mean = invstd = xp.zeros((channels,), dtype=sdt, device=sdev)
-    else:
-        mean, var = kernels.finalize_moments(
-            count, buf[1 : 1 + channels], buf[1 + channels :], xp=xp
-        )
-        invstd = kernels.invstd_of(var, eps, xp=xp)
+    invstd = kernels.invstd_of(var, eps, xp=xp)
     f = _factors(xp, mean, invstd, weight, bias, wdtype, device)
-    y = kernels.normalize(x, f.hi, f.lo, f.scale, f.shift, ax, xp=xp)
+    y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, ax, xp=xp)
 
     new_mean, new_var = running_mean, running_var
     if training and count > 0 and running_mean is not None and running_var is not None:
@@ -488,11 +574,13 @@ def check_consistency(comm: Communicator | None, x: Array, *, num_features: int,
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
     device = array_api_compat.device(x)
-    acc = kernels.accumulation_dtype(xp, device)
+    sdev, sdt = statistics_device(xp, device)
     name = _dtype_name(x.dtype)
     code = _DTYPE_CODES.get(name, 99.0)
     values = [float(num_features), code, float(axis % x.ndim), float(x.ndim)]
-    buf = xp.asarray(values + [-v for v in values], dtype=acc, device=device)
+    # float64 on the statistics device, like the statistics buffer, so ranks
+    # whose x sits on different kinds of device still pass the same MPI type.
+    buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
     reduced = communicator.allreduce(buf, "max")
     high = [float(v) for v in reduced[:4]]
     low = [-float(v) for v in reduced[4:]]

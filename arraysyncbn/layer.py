@@ -129,17 +129,19 @@ class SyncBatchNorm:
         device: Any = None,
         xp: Any = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        try:
+            channels = F.as_int(num_features, "num_features")
+        except TypeError:
+            channels = 0
+        if channels <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         F._check_hyper(eps, momentum)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        self.num_features = num_features
+        self.num_features = channels
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.axis = axis
+        self.axis = F.as_int(axis, "axis")
         self.comm = as_communicator(comm)
         self.training = True
         self.weight: Array | None = None
@@ -155,6 +157,10 @@ class SyncBatchNorm:
         self._pending: dict[str, Any] | None = None
         self._saved: F.SavedForBackward | None = None
         self._checked = False
+        # The last reduced batch mean, the same bits on every rank of the
+        # communicator it came from: the next merge's center.
+        self._center: Array | None = None
+        self._center_comm: Any = None
         if xp is not None:
             xp = array_api_compat.array_namespace(xp.zeros(0))
             self._materialize(xp, device, _resolve_dtype(xp, "float32" if dtype is None else dtype))
@@ -190,8 +196,10 @@ class SyncBatchNorm:
     def state_dict(self) -> dict[str, Any]:
         """Return parameters and buffers under PyTorch's BatchNorm keys.
 
-        Arrays are the layer's own (not copies); ``num_batches_tracked`` is
-        an int.
+        A snapshot: the arrays are the layer's current ones (not copies), but
+        a training forward *replaces* the running statistics (the array API
+        has no portable in-place update) and ``num_batches_tracked`` is an
+        int, so call ``state_dict()`` when you save, not once up front.
         """
         if self._xp is None:
             raise RuntimeError(
@@ -307,12 +315,15 @@ class SyncBatchNorm:
             comm=self.comm,
             num_batches_tracked=self.num_batches_tracked,
             check=check,
+            center=self._center if self._center_comm is self.comm else None,
         )
         if check:
             self._checked = True
         if self.training and self.track_running_stats and saved.count:
             self.running_mean, self.running_var = new_mean, new_var
             self.num_batches_tracked += 1
+        if saved.count:
+            self._center, self._center_comm = saved.mean, self.comm
         self._saved = saved
         return y
 

@@ -68,7 +68,7 @@ def test_property_finds_planted_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -
         report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
     )
-    @given(batch=sharded_batches(dtypes=st.just("float32")))
+    @given(batch=sharded_batches(dtypes=st.sampled_from(["float32", "float64"])))
     def prop(batch) -> None:
         check_functional(NUMPY, batch)
 

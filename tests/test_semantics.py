@@ -290,3 +290,30 @@ def test_ranks_with_different_non_channel_sizes(backend) -> None:
         assert_close_to_reference(y, ref.ys[r], tol)
         assert_close_to_reference(dx, grads.dxs[r], tol)
         assert_close_to_reference(rv, ref.running_var, tol)
+
+
+def test_float64_far_from_zero_matches_the_reference_closely(backend) -> None:
+    """|mean|/std ≈ 1e8: the one-pass merge would cancel; a second pass restores it."""
+    dtype = backend.dtypes[-1]
+    if dtype != "float64":
+        pytest.skip("needs float64")
+    rng = np.random.default_rng(11)
+    full = np.stack([rng.uniform(-4, 4, 24), 1e6 + 1e-2 * rng.uniform(-4, 4, 24)], 1)
+    shards = [backend.asarray(full[:10], dtype), backend.asarray(full[10:], dtype)]
+    counting = [CountingComm(c) for c in sbn.thread_group(2)]
+
+    def rank(comm):
+        bn = sbn.SyncBatchNorm(2, comm=counting[comm.rank])
+        first = bn(shards[comm.rank])
+        calls_first = len(counting[comm.rank].calls)
+        second = bn(shards[comm.rank])
+        return first, second, calls_first, len(counting[comm.rank].calls) - calls_first
+
+    results = sbn.run_ranks(rank, [c.inner for c in counting])
+    ref = reference_forward([to_numpy(s) for s in shards])
+    for r, (first, second, calls_first, calls_second) in enumerate(results):
+        assert_close_to_reference(first, ref.ys[r], 1e-9)
+        assert_close_to_reference(second, ref.ys[r], 1e-9)
+        # consistency check + statistics + the exact second pass on the first step;
+        # the layer's center (the last mean) makes the next step a single pass.
+        assert calls_first == 3 and calls_second == 1

@@ -221,6 +221,7 @@ def run_ranks(
     if errors:
         primary = [e for e in errors if not isinstance(e[1], CommunicatorAbortedError)]
         rank, exc = (primary or errors)[0]
-        exc.add_note(f"raised on rank {rank} of {len(comms)}")
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"raised on rank {rank} of {len(comms)}")
         raise exc
     return results

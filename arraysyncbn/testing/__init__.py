@@ -2,11 +2,13 @@
 
 * :func:`reference_forward`, :func:`reference_backward`: independent float64
   numpy code over the list of every rank's shard.
-* :func:`forward_bounds`, :func:`backward_bounds`: documented error bounds
-  (formulas of dtype epsilon, max|x̂|, mean/std and reduction length; see
-  :mod:`arraysyncbn.testing.assertions`).
+* :func:`forward_bounds`, :func:`backward_bounds`: documented per-channel
+  error bounds (formulas of dtype epsilon, max|x̂|, mean/std and reduction
+  length; see :mod:`arraysyncbn.testing.assertions`); :func:`channel_bound`
+  shapes one to broadcast along the channel axis.
 * :func:`assert_close_to_reference`, :func:`assert_like`: assertions that
-  check values (NaN never passes), namespace, device, shape and dtype.
+  check values (NaN never passes, not even against NaN), namespace, device,
+  shape and dtype.
 * :mod:`arraysyncbn.testing.strategies`: hypothesis strategies
   (:func:`~arraysyncbn.testing.strategies.sharded_batches`, ``splits``); needs
   hypothesis installed (the ``test`` extra).
@@ -29,7 +31,7 @@ Example, testing arraysyncbn itself with two thread ranks::
         ref = reference_forward(batch.shards, axis=batch.axis)
         bound = forward_bounds(ref, batch.dtype)
         for y, want in zip(ys, ref.ys):
-            assert_close_to_reference(y, want, bound.y)
+            assert_close_to_reference(y, want, bound.y, axis=batch.axis)
 """
 
 from .assertions import (
@@ -38,6 +40,7 @@ from .assertions import (
     assert_close_to_reference,
     assert_like,
     backward_bounds,
+    channel_bound,
     dtype_eps,
     forward_bounds,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "assert_close_to_reference",
     "assert_like",
     "backward_bounds",
+    "channel_bound",
     "dtype_eps",
     "forward_bounds",
     "reference_backward",

@@ -20,10 +20,14 @@ the statistics carry at most
 
 * ``Δμ = (e_w + e_acc·(n + 2))·D + e_mrg·(n + 2)·(|μ| + A)`` (rounding of
   ``x − c``, summation),
-* ``Δv = 2·e_mrg·(n + 4)·(μ² + A²) + (2·e_acc·(n + 4) + 4·e_w)·D²`` (the
-  float64 merge of ``Σx²`` and ``Nμ²`` cancels: this ``μ²`` term is the
-  E[x²]−E[x]² hazard, negligible in float64 until |μ|/σ nears 1e6; the
-  per-rank sums are shifted, so float32 accumulation costs only ``D²``),
+* ``Δv = τ·σ² + 2·e_mrg·(n + 4)·A² + (2·e_acc·(n + 4) + 4·e_w)·D²``, where
+  ``τ`` is the tolerance of the one-pass merge (``2**-40`` for float64
+  input, ``e_w`` otherwise): the merge around the shared center cancels when
+  |μ − center| ≫ σ, and arraysyncbn then runs an exact second pass, so the
+  cancellation never costs more than ``τ·σ²``. The per-rank sums are
+  shifted, so float32 accumulation costs only ``D²``,
+* and ``Δμ`` gains ``e_mrg·(n + 2)·sqrt(τ/(12·e_mrg))·σ`` for the distance
+  to the center that the merge may leave.
 
 so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
 1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
@@ -44,8 +48,8 @@ where ``floor`` is a few subnormal spacings of the output dtype, plus one of
 the work dtype times ``1 + A + W·i⁺`` (y) or ``1 + G·(2 + X²) + W·i⁺²·G·X``
 (dx): a per-channel factor such as ``weight·invstd``, or a centered value,
 that underflowed before being scaled up. The factor 2 covers the constants this analysis
-drops; the ``n`` terms assume no better than naive summation. y and dx
-bounds are the maximum over channels.
+drops; the ``n`` terms assume no better than naive summation. Every bound
+is per channel, so one badly conditioned channel does not loosen the others.
 
 Each bound is far below what a wrong formula produces: a variance divided
 by the local instead of the global count, E[x²]−E[x]² in float32 on float64
@@ -68,6 +72,7 @@ __all__ = [
     "assert_close_to_reference",
     "assert_like",
     "backward_bounds",
+    "channel_bound",
     "dtype_eps",
     "forward_bounds",
 ]
@@ -80,9 +85,16 @@ _EPS = {
 }
 
 
+def _dtype_text(dtype: Any) -> str:
+    """A dtype's name, also for numpy type classes such as ``np.float32``."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        return np.dtype(dtype).name
+    return str(dtype)
+
+
 def dtype_eps(dtype: Any) -> float:
     """Machine epsilon of a floating dtype of any array library."""
-    text = str(dtype)
+    text = _dtype_text(dtype)
     for name in sorted(_EPS, key=len, reverse=True):
         if text.endswith(name):
             return _EPS[name]
@@ -95,18 +107,18 @@ def _work_eps(e_out: float) -> float:
 
 @dataclass(frozen=True)
 class ForwardBounds:
-    """Absolute bounds: ``y`` a scalar, running statistics per channel."""
+    """Absolute bounds per channel, each of shape ``(C,)``."""
 
-    y: float
+    y: np.ndarray
     running_mean: np.ndarray | None
     running_var: np.ndarray | None
 
 
 @dataclass(frozen=True)
 class BackwardBounds:
-    """Absolute bounds for dx, and per-channel bounds for dweight and dbias."""
+    """Absolute bounds per channel for dx, dweight and dbias, each ``(C,)``."""
 
-    dx: float
+    dx: np.ndarray
     dweight: np.ndarray
     dbias: np.ndarray
 
@@ -120,7 +132,7 @@ _TINY = {
 
 
 def _tiny(dtype: Any) -> float:
-    text = str(dtype)
+    text = _dtype_text(dtype)
     for name in sorted(_TINY, key=len, reverse=True):
         if text.endswith(name):
             return _TINY[name]
@@ -148,29 +160,52 @@ class _StatErrors:
     spread: np.ndarray
 
 
-def _floor(dtype: Any, e_w: float, magnitude: float) -> float:
+def _floor(dtype: Any, e_w: float, magnitude: Any) -> Any:
     """Underflow allowance: output subnormals, and a per-channel factor that
     underflowed in the work dtype and was then multiplied by ``magnitude``."""
     work = "float32" if e_w == _EPS["float32"] else dtype
     return 4 * (_tiny(dtype) + _tiny(work) * (1 + magnitude))
 
 
+def _per_channel_max(arrays: list[np.ndarray], axis: int, channels: int) -> np.ndarray:
+    out = np.zeros(channels)
+    for v in arrays:
+        if v.size:
+            axes = tuple(i for i in range(v.ndim) if i != axis)
+            out = np.maximum(out, np.max(np.abs(v), axis=axes))
+    return out
+
+
+def _param_abs(a: Any, default: float, channels: int) -> np.ndarray:
+    return np.full(channels, default) if a is None else np.abs(to_numpy(a).astype(np.float64))
+
+
+def _merge_tolerance(e_w: float) -> float:
+    """The relative variance error arraysyncbn's one-pass merge may leave
+    before it runs the exact second pass (``functional._refine_tolerance``)."""
+    return 2.0**-40 if e_w == _EPS["float64"] else e_w
+
+
 def _stat_errors(ref: ReferenceForward, e_w: float, e_acc: float, e_mrg: float) -> _StatErrors:
-    ax, channels = ref.axis, ref.mean.shape[0]
-    a = np.zeros(channels)
-    for x in ref.xhats:
-        if x.size:
-            axes = tuple(i for i in range(x.ndim) if i != ax)
-            a = np.maximum(a, np.max(np.abs(x), axis=axes) / ref.invstd)
+    channels = ref.mean.shape[0]
+    a = _per_channel_max(ref.xhats, ref.axis, channels) / ref.invstd
     mu = np.abs(ref.mean)
+    sigma2 = 1.0 / ref.invstd**2
     if ref.batch_stats:
         n = ref.count
+        tau = _merge_tolerance(e_w)
         d = 2 * a + (e_acc * n + e_w) * (mu + a)
-        d_mean = (e_w + e_acc * (n + 2)) * d + e_mrg * (n + 2) * (mu + a)
-        d_var = 2 * e_mrg * (n + 4) * (mu * mu + a * a) + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
+        # |mean − center| left after the one-pass merge, in units of σ.
+        off = np.sqrt(tau / (12 * e_mrg))
+        d_mean = (
+            (e_w + e_acc * (n + 2)) * d
+            + e_mrg * (n + 2) * (mu + a)
+            + e_mrg * (n + 2) * off * np.sqrt(sigma2)
+        )
+        d_var = tau * sigma2 + 2 * e_mrg * (n + 4) * a * a + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
     else:
         d_mean = d_var = np.zeros(channels)
-    eps = 1.0 / ref.invstd**2 - ref.var
+    eps = sigma2 - ref.var
     hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
     lo = 1.0 / np.sqrt(ref.var + d_var + eps)
     d_inv = np.maximum(hi - ref.invstd, ref.invstd - lo) + 2 * e_acc * ref.invstd
@@ -191,21 +226,23 @@ def forward_bounds(
     accumulation_eps: float = _EPS["float64"],
     merge_eps: float = _EPS["float64"],
 ) -> ForwardBounds:
-    """Bounds on the forward's error against ``ref`` (see the module docstring).
+    """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
     ``dtype`` is the input dtype; ``param_dtype`` that of the parameters and
     running statistics (default: the work dtype); ``accumulation_eps`` is
     2**-23 for devices without float64, ``merge_eps`` 2**-23 for libraries
-    without any float64 device.
+    without any float64 device. ``bound.y`` has shape ``(C,)``: pass
+    ``axis=`` to :func:`assert_close_to_reference` (or use
+    :func:`channel_bound`) to compare it with y.
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
-    w, b = _param_max(weight, 1.0), _param_max(bias, 0.0)
+    channels = ref.mean.shape[0]
+    w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
     st = _stat_errors(ref, e_w, accumulation_eps, merge_eps)
-    floor = _floor(dtype, e_w, float(np.max(st.spread + st.d_mean + w * st.invstd_hi, initial=0.0)))
-    per_channel = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b))
-    y = float(np.max(per_channel, initial=0.0)) + floor
+    floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi)
+    y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
     if ref.running_mean is not None and ref.running_var is not None:
         if ref.batch_stats and ref.count > 1:
@@ -230,34 +267,41 @@ def backward_bounds(
     accumulation_eps: float = _EPS["float64"],
     merge_eps: float = _EPS["float64"],
 ) -> BackwardBounds:
-    """Bounds on the backward's error against ``grads`` (module docstring)."""
+    """Per-channel bounds on the backward's error against ``grads`` (module docstring)."""
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
     e_acc = accumulation_eps
-    w = _param_max(weight, 1.0)
-    g = _max_abs([to_numpy(d).astype(np.float64) for d in dys])
+    channels = ref.mean.shape[0]
+    w = _param_abs(weight, 1.0, channels)
+    g = _per_channel_max([to_numpy(d).astype(np.float64) for d in dys], ref.axis, channels)
     st = _stat_errors(ref, e_w, e_acc, merge_eps)
     x = st.xhat_max
-    floor = _floor(
-        dtype,
-        e_w,
-        float(np.max(g * (2 + x * x) + w * st.invstd_hi**2 * g * x, initial=0.0)),
-    )
-    per_channel = (
+    floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x)
+    dx = (
         2
         * w
         * (
             st.d_invstd * g * (2 + x * x)
             + st.invstd_hi * g * (2 * x * st.d_xhat + (8 * e_w + e_out) * (2 + x * x))
         )
+        + floor
     )
-    dx = float(np.max(per_channel, initial=0.0)) + floor
     n = max(ref.count, 1)
     tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
     dweight = 2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x) + e_p * n * g * x + tiny_p
-    dbias = np.full(x.shape, 2 * n * g * e_acc * n + e_p * n * g + tiny_p)
+    dbias = 2 * n * g * e_acc * n + e_p * n * g + tiny_p
     return BackwardBounds(dx, dweight, dbias)
+
+
+def channel_bound(bound: Any, ndim: int, axis: int) -> Any:
+    """Return a per-channel bound of shape ``(C,)`` reshaped to broadcast
+    against an ``ndim``-array with channels on ``axis`` (scalars unchanged)."""
+    if np.ndim(bound) == 0:
+        return bound
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return np.reshape(bound, shape)
 
 
 def assert_like(actual: Any, like: Any, *, dtype: Any = None, name: str = "array") -> None:
@@ -280,20 +324,28 @@ def assert_like(actual: Any, like: Any, *, dtype: Any = None, name: str = "array
 
 
 def assert_close_to_reference(
-    actual: Any, expected: np.ndarray, bound: float | np.ndarray, *, name: str = "array"
+    actual: Any,
+    expected: np.ndarray,
+    bound: float | np.ndarray,
+    *,
+    name: str = "array",
+    axis: int | None = None,
 ) -> float:
     """Assert ``|actual − expected| ≤ bound`` elementwise; return the max error.
 
     ``actual`` may come from any array library; ``expected`` is float64.
-    NaN or infinity in ``actual`` fails unless ``expected`` has the very
-    same non-finite value there.
+    NaN in ``actual`` never passes (not even against NaN); ±inf passes only
+    where ``expected`` holds the same infinity. A per-channel ``bound`` of
+    shape ``(C,)`` applies along the channel ``axis``.
     """
     a = to_numpy(actual).astype(np.float64)
     e = np.asarray(expected, dtype=np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape}, expected {e.shape}"
     if a.size == 0:
         return 0.0
-    same_nonfinite = ~np.isfinite(e) & (a == e)
+    if axis is not None:
+        bound = channel_bound(bound, a.ndim, axis)
+    same_nonfinite = np.isinf(e) & (a == e)
     with np.errstate(invalid="ignore"):
         err = np.where(same_nonfinite, 0.0, np.abs(a - e))
     err = np.where(np.isnan(err), np.inf, err)
