@@ -195,18 +195,34 @@ class World:
         return None if math.isinf(low) else int(low)
 
 
+def _under_launcher() -> bool:
+    """Whether an MPI launcher started this process (then MPI must work)."""
+    markers = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+    return any(name in os.environ for name in markers)
+
+
 def open_world() -> World:
-    """The MPI world when mpi4py is importable, else a world of one."""
+    """The MPI world when mpi4py loads, else a world of one.
+
+    Raises SetupError when mpiexec started this process but MPI cannot be
+    loaded or ARRAYSYNCBN_CUDA_AWARE is not understood.
+    """
     try:
         from mpi4py import MPI
-    except ImportError:
+    except (ImportError, RuntimeError) as exc:  # mpi4py 4 raises RuntimeError without libmpi
+        if _under_launcher():
+            raise SetupError(f"started by an MPI launcher, but mpi4py cannot load: {exc}") from exc
         return World(SelfCommunicator(), None, "none", "")
     from .comm.mpi import MPICommunicator
 
     first = MPI.Get_library_version().strip().splitlines()[0]
     library = " ".join(first.replace("Version:", "").split()).split(",")[0]
     major, minor = MPI.Get_version()
-    return World(MPICommunicator(), MPI.COMM_WORLD, library, f"MPI {major}.{minor}")
+    try:
+        comm = MPICommunicator()
+    except ValueError as exc:  # a bad ARRAYSYNCBN_CUDA_AWARE
+        raise SetupError(str(exc)) from exc
+    return World(comm, MPI.COMM_WORLD, library, f"MPI {major}.{minor}")
 
 
 def run_aborting(main_fn: Callable[[], int]) -> int:
@@ -321,7 +337,11 @@ class Workload:
 def _batch_sizes(seed: int, batch: int, world_size: int) -> list[int]:
     """Every rank's batch size, from a seed all ranks share (uneven on purpose)."""
     rng = np.random.default_rng([seed, 0xBA7C])
-    return [int(n) for n in rng.integers(batch // 2, batch + 1, size=world_size)]
+    sizes = [int(n) for n in rng.integers(batch // 2, batch + 1, size=world_size)]
+    if world_size > 1 and len(set(sizes)) == 1:
+        # Never let the draw hide the point: at least two sizes differ.
+        sizes[-1] = batch // 2 if sizes[-1] != batch // 2 else batch
+    return sizes
 
 
 def make_workload(args: argparse.Namespace, rank: int, world_size: int) -> Workload:
@@ -529,8 +549,12 @@ def _transfer(world: World, backend: Backend) -> tuple[bool | None, str]:
 
 def _progress(args: argparse.Namespace, world: World) -> Progress:
     if args.progress == "auto":
+        # mpiexec forwards stderr through a pipe, so isatty is False on its
+        # ranks; a TERM that names a terminal, with nothing redirected on
+        # rank 0's side we could see, is the best sign a person is watching.
         term = os.environ.get("TERM", "dumb")
-        live = sys.stderr.isatty() or (world.size > 1 and term not in ("", "dumb"))
+        under_mpiexec = world.size > 1 and term not in ("", "dumb") and not args.json
+        live = sys.stderr.isatty() or under_mpiexec
     else:
         live = args.progress == "on"
     console = Console(stderr=True, force_terminal=live or None)
@@ -601,7 +625,13 @@ def render_table(result: dict[str, Any]) -> Table:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; return the exit status (the same on every rank)."""
     args = _parse(argv)
-    world = open_world()
+    try:
+        world = open_world()
+    except SetupError as exc:
+        # Every rank fails the same way here (same environment) or aborts:
+        # nothing to agree on, as no communicator exists yet.
+        print(f"arraysyncbn: {exc}", file=sys.stderr)
+        return 2
     backend: Backend | None = None
     work: Workload | None = None
     problem = ""
@@ -650,7 +680,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if world.rank == 0:
         if args.json:
-            print(json.dumps(result))
+            # NaN/inf errors (a broken run) become null: JSON has no Infinity.
+            clean = {
+                k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in result.items()
+            }
+            print(json.dumps(clean, allow_nan=False))
         else:
             Console().print(render_table(result))
     return 0 if result["ok"] else 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -552,6 +553,15 @@ def sync_batch_norm_backward(
     return dx, dweight, dbias
 
 
+CHECK_ENV = "ARRAYSYNCBN_CHECK"
+"""Set to 1 to run :func:`check_consistency` on every batch-statistics call."""
+
+
+def check_every_call() -> bool:
+    """Whether ``ARRAYSYNCBN_CHECK`` asks for the consistency check on every call."""
+    return os.environ.get(CHECK_ENV, "0").strip().lower() in ("1", "true", "yes")
+
+
 _DTYPE_CODES = {"float16": 16.0, "bfloat16": 17.0, "float32": 32.0, "float64": 64.0}
 
 
@@ -567,9 +577,11 @@ def check_consistency(comm: Communicator | None, x: Array, *, num_features: int,
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
     One small allreduce (``max`` of each value and of its negation) compares
-    the channel count, the input dtype, the channel axis and the number of
-    dimensions across ranks. Call it with arguments that passed validation,
-    on every rank, at the same point of the program.
+    the channel count, the input dtype, the channel axis, the number of
+    dimensions and the ``ARRAYSYNCBN_CHECK`` setting (which decides whether
+    later calls check again, so it must agree too) across ranks. Call it with
+    arguments that passed validation, on every rank, at the same point of the
+    program.
     """
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
@@ -577,14 +589,26 @@ def check_consistency(comm: Communicator | None, x: Array, *, num_features: int,
     sdev, sdt = statistics_device(xp, device)
     name = _dtype_name(x.dtype)
     code = _DTYPE_CODES.get(name, 99.0)
-    values = [float(num_features), code, float(axis % x.ndim), float(x.ndim)]
+    values = [
+        float(num_features),
+        code,
+        float(axis % x.ndim),
+        float(x.ndim),
+        float(check_every_call()),
+    ]
     # float64 on the statistics device, like the statistics buffer, so ranks
     # whose x sits on different kinds of device still pass the same MPI type.
     buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
     reduced = communicator.allreduce(buf, "max")
-    high = [float(v) for v in reduced[:4]]
-    low = [-float(v) for v in reduced[4:]]
-    labels = ["channel count", "dtype", "channel axis", "number of dimensions"]
+    high = [float(v) for v in reduced[: len(values)]]
+    low = [-float(v) for v in reduced[len(values) :]]
+    labels = [
+        "channel count",
+        "dtype",
+        "channel axis",
+        "number of dimensions",
+        f"{CHECK_ENV} (checks on every call)",
+    ]
     codes = {v: k for k, v in _DTYPE_CODES.items()}
     problems = []
     for label, lo, hi in zip(labels, low, high, strict=True):

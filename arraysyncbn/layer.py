@@ -8,7 +8,6 @@ of the first input, unless ``xp`` (and ``device``) are given up front.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +33,6 @@ def _resolve_dtype(xp: Any, dtype: Any) -> Any:
     if not xp.isdtype(dtype, "real floating"):
         raise TypeError(f"parameters need a real floating dtype, got {dtype}")
     return dtype
-
-
-def _env_check_every_call() -> bool:
-    return os.environ.get("ARRAYSYNCBN_CHECK", "0").strip().lower() in ("1", "true", "yes")
 
 
 def _convert(value: Any, xp: Any, device: Any, dtype: Any) -> Array:
@@ -157,6 +152,9 @@ class SyncBatchNorm:
         self._pending: dict[str, Any] | None = None
         self._saved: F.SavedForBackward | None = None
         self._checked = False
+        # Read once: whether to communicate for a check must not change
+        # mid-run on one rank (the first check verifies all ranks agree).
+        self._check_every_call = F.check_every_call()
         # The last reduced batch mean, the same bits on every rank of the
         # communicator it came from: the next merge's center.
         self._center: Array | None = None
@@ -301,7 +299,7 @@ class SyncBatchNorm:
         if self._xp is None:
             self._materialize_like(x)
         batch_stats = self._uses_batch_stats()
-        check = batch_stats and (not self._checked or _env_check_every_call())
+        check = batch_stats and (not self._checked or self._check_every_call)
         y, new_mean, new_var, saved = F.sync_batch_norm_forward(
             x,
             self.weight,

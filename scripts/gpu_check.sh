@@ -16,7 +16,15 @@
 # "direct" runs only when the MPI library reports CUDA-awareness; otherwise the
 # summary says so. Exit status: 0 when every step that ran passed, 2 when cupy
 # or a GPU is missing, 1 otherwise.
+#
+# The whole script stays within BUDGET seconds (default 420, so that a device
+# session's 10-minute command limit leaves room for start-up and a rerun):
+# each step gets at most its own limit and at most what is left; a step that
+# would start with under 20 s left is skipped and the summary says so.
+# The device image lacks array-api-compat, array-api-strict and an MPI
+# runtime: carry their wheels (mpich included) and pass WHEELS=.whl.
 set -u
+BUDGET=${BUDGET:-420}
 
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
@@ -25,6 +33,7 @@ PYDIR=$(dirname "$(command -v "$PY")")
 MPIEXEC=${MPIEXEC:-$PYDIR/mpiexec}
 [ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
 export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-dev}
 unset ARRAYSYNCBN_CUDA_AWARE ARRAYSYNCBN_CHECK
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -35,6 +44,13 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 step() { # step NAME OUTFILE TIMEOUT CMD...: run, keep output, record status
     local name=$1 out=$2 limit=$3
     shift 3
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        note "$name: skipped, the ${BUDGET} s budget is spent"
+        FAILED=1
+        return 1
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     local start=$SECONDS
     timeout "$limit" "$@" >"$out" 2>&1
     local rc=$?
@@ -68,7 +84,7 @@ if ! "$PY" -c "import cupy, sys; sys.exit(cupy.cuda.runtime.getDeviceCount() < 1
 fi
 if [ -z "$MPIEXEC" ] || ! "$PY" -c "import mpi4py" >/dev/null 2>&1; then
     note "mpi4py or mpiexec is missing: pip install '.[mpi]'; only the single-process GPU tests run"
-    step "pytest -m gpu" "$OUT/pytest_gpu.txt" 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+    step "pytest -m gpu" "$OUT/pytest_gpu.txt" 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider
     exit 1
 fi
 
@@ -79,7 +95,7 @@ print("mpi_memory_alloc_kinds =", info.Get("mpi_memory_alloc_kinds")); info.Free
 AWARE=$(sed -n 's/^detected=//p' "$OUT/env.txt")
 note "MPI library CUDA-aware (mpi_memory_alloc_kinds lists cuda): ${AWARE:-unknown}"
 
-step "pytest -m gpu" "$OUT/pytest_gpu.txt" 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+step "pytest -m gpu" "$OUT/pytest_gpu.txt" 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider
 
 PATHS="0"
 if [ "${AWARE:-0}" = "1" ]; then
@@ -90,16 +106,16 @@ fi
 for mode in $PATHS; do
     label=$([ "$mode" = 1 ] && echo direct || echo staged)
     export ARRAYSYNCBN_CUDA_AWARE=$mode
-    step "MPI properties with cupy, $label" "$OUT/mpi_props_$label.txt" 300 \
+    step "MPI properties with cupy, $label" "$OUT/mpi_props_$label.txt" 90 \
         "$MPIEXEC" -n 2 "$PY" -m mpi4py tests/mpi_scripts/properties.py 10
-    step "check --backend cupy, $label" "$OUT/check_$label.json" 120 \
+    step "check --backend cupy, $label" "$OUT/check_$label.json" 60 \
         "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --json --progress off
-    step "benchmark --backend cupy, $label" "$OUT/bench_$label.txt" 180 \
+    step "benchmark --backend cupy, $label" "$OUT/bench_$label.txt" 60 \
         "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --shape 32,64,56,56 --steps 30 \
         --progress off
     unset ARRAYSYNCBN_CUDA_AWARE
 done
-step "benchmark --backend numpy (same machine, for comparison)" "$OUT/bench_numpy.txt" 180 \
+step "benchmark --backend numpy (same machine, for comparison)" "$OUT/bench_numpy.txt" 60 \
     "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --shape 32,64,56,56 --steps 30 --progress off
 
 echo "outputs in $OUT"

@@ -59,32 +59,43 @@ def convert(backend: Any, batch: ShardedBatch) -> Converted:
     )
 
 
+def rank_step(batch: ShardedBatch, c: Converted, comm: Any, *, training: bool) -> RankResult:
+    """One rank's functional forward and backward on its shard."""
+    y, rm, rv, saved = sbn.sync_batch_norm_forward(
+        c.xs[comm.rank],
+        c.weight,
+        c.bias,
+        c.running_mean,
+        c.running_var,
+        training=training,
+        momentum=batch.momentum,
+        eps=batch.eps,
+        axis=batch.axis,
+        comm=comm,
+        num_batches_tracked=3,
+    )
+    dx, dw, db = sbn.sync_batch_norm_backward(c.dys[comm.rank], saved)
+    return RankResult(y, rm, rv, saved.count, dx, dw, db)
+
+
 def run_functional(batch: ShardedBatch, c: Converted, *, training: bool = True) -> list[RankResult]:
-    def rank(comm: sbn.ThreadCommunicator) -> RankResult:
-        x = c.xs[comm.rank]
-        y, rm, rv, saved = sbn.sync_batch_norm_forward(
-            x,
-            c.weight,
-            c.bias,
-            c.running_mean,
-            c.running_var,
-            training=training,
-            momentum=batch.momentum,
-            eps=batch.eps,
-            axis=batch.axis,
-            comm=comm,
-            num_batches_tracked=3,
-        )
-        dx, dw, db = sbn.sync_batch_norm_backward(c.dys[comm.rank], saved)
-        return RankResult(y, rm, rv, saved.count, dx, dw, db)
-
-    return sbn.run_ranks(rank, sbn.thread_group(len(c.xs), timeout=30))
+    """Every rank's results, ranks running as threads."""
+    return sbn.run_ranks(
+        lambda comm: rank_step(batch, c, comm, training=training),
+        sbn.thread_group(len(c.xs), timeout=30),
+    )
 
 
-def check_functional(backend: Any, batch: ShardedBatch, *, training: bool = True) -> None:
-    """The whole property: forward, running statistics and backward vs float64."""
+def check_functional(
+    backend: Any, batch: ShardedBatch, *, training: bool = True, runner: Any = None
+) -> None:
+    """The whole property: forward, running statistics and backward vs float64.
+
+    ``runner(batch, converted, training=...)`` returns every rank's
+    :class:`RankResult`; the default runs the ranks as threads.
+    """
     c = convert(backend, batch)
-    results = run_functional(batch, c, training=training)
+    results = (runner or run_functional)(batch, c, training=training)
     ref = reference_forward(
         [to_numpy(x) for x in c.xs],
         to_numpy(c.weight),

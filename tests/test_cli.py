@@ -18,8 +18,11 @@ from arraysyncbn import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, code: str | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, *(["-c", code] if code else ["-m", "arraysyncbn"]), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -79,3 +82,27 @@ def test_bad_shapes_are_rejected_by_the_parser(shape: str) -> None:
 def test_too_small_a_global_batch_is_a_setup_error() -> None:
     out = run("--shape", "1,3,1")
     assert out.returncode == 2 and "at least 2" in out.stderr
+
+
+def test_bad_cuda_aware_setting_is_a_setup_error() -> None:
+    pytest.importorskip("mpi4py")
+    out = run("--steps", "0", extra_env={"ARRAYSYNCBN_CUDA_AWARE": "maybe"})
+    assert out.returncode == 2, out.stderr
+    assert "ARRAYSYNCBN_CUDA_AWARE='maybe' is not understood" in out.stderr
+
+
+def test_unloadable_mpi_outside_a_launcher_runs_as_a_world_of_one() -> None:
+    pytest.importorskip("mpi4py")
+    out = run("--json", "--steps", "0", extra_env={"MPI4PY_LIBMPI": "/nonexistent/libmpi.so"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] is True and result["mpi_library"] == "none"
+
+
+@pytest.mark.parametrize("batch", [2, 4, 6, 8])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_batch_sizes_are_always_uneven(batch: int, world: int) -> None:
+    for seed in range(5):
+        sizes = cli._batch_sizes(seed, batch, world)
+        assert len(set(sizes)) > 1, (seed, sizes)
+        assert all(batch // 2 <= n <= batch for n in sizes)

@@ -21,9 +21,13 @@ function of the array and of :attr:`MPICommunicator.cuda_aware`:
   does every device this module cannot prove MPI can read (array-api-strict's
   ``Device("device1")`` stands in for such a device in the tests).
 
-Both paths call ``Allreduce`` exactly once, so the choice (which may differ
-between ranks, e.g. a forced ``ARRAYSYNCBN_CUDA_AWARE`` on one node) never
-changes which collectives a rank calls.
+Both paths call ``Allreduce`` exactly once per :meth:`MPICommunicator.allreduce`,
+so the choice (which may differ between ranks, e.g. a forced
+``ARRAYSYNCBN_CUDA_AWARE`` on one node) never changes which collectives a
+rank calls. (How many allreduces SyncBN makes per pass is the caller's
+business: one per forward and one per backward, plus the first forward's
+consistency check and, rarely, an exact second statistics pass; see
+``docs/numerics.md``.)
 
 CUDA-awareness is detected from the MPI-4.1 info key
 ``mpi_memory_alloc_kinds`` of the communicator (it lists ``cuda`` when MPI
@@ -191,6 +195,11 @@ def resolve_cuda_aware(setting: str | None, detected: bool) -> bool:
     )
 
 
+def _detached(array: Any) -> Any:
+    """torch tensors that require grad refuse DLPack and buffer export."""
+    return array.detach() if _library(array) == "torch" else array
+
+
 def _host_copy(array: Any) -> np.ndarray:
     """Return a numpy copy of a device array (synchronizing as the copy does)."""
     lib = _library(array)
@@ -203,7 +212,7 @@ def _host_copy(array: Any) -> np.ndarray:
 
 def _host_view(array: Any) -> np.ndarray:
     """Return a numpy view of host memory, copying only if it is not contiguous."""
-    view = array if isinstance(array, np.ndarray) else np.from_dlpack(array)
+    view = array if isinstance(array, np.ndarray) else np.from_dlpack(_detached(array))
     return np.ascontiguousarray(view)
 
 
@@ -355,7 +364,7 @@ class MPICommunicator:
 
     def _allreduce_device(self, buf: Any, mpi_type: Any, mpi_op: Any) -> Any:
         xp = array_api_compat.array_namespace(buf)
-        send = xp.asarray(buf, copy=True)  # contiguous, and buf stays untouched
+        send = xp.asarray(_detached(buf), copy=True)  # contiguous; buf stays untouched
         recv = xp.empty_like(send)
         _synchronize(send)
         self.comm.Allreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)

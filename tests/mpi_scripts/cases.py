@@ -213,6 +213,8 @@ def case_transfer(comm: sbn.MPICommunicator, expected: str) -> None:
     arrays = {"numpy": x, "strict": xs.asarray(x), "strict-device1": xs.asarray(x, device=d1)}
     if torch is not None:
         arrays["torch"] = torch.from_numpy(x)
+        # Tensors that require grad refuse buffer export; the communicator detaches.
+        arrays["torch-requires-grad"] = torch.from_numpy(x.copy()).requires_grad_(True)
     for name, a in arrays.items():
         bn = sbn.SyncBatchNorm(2, comm=comm)
         y = bn(a)

@@ -56,25 +56,11 @@ def _mpi_runner(comm: sbn.MPICommunicator, backend: Any):
 
     def run(batch: ShardedBatch, c: harness.Converted, *, training: bool = True):
         rank = comm.rank
-        y, rm, rv, saved = sbn.sync_batch_norm_forward(
-            c.xs[rank],
-            c.weight,
-            c.bias,
-            c.running_mean,
-            c.running_var,
-            training=training,
-            momentum=batch.momentum,
-            eps=batch.eps,
-            axis=batch.axis,
-            comm=comm,
-            num_batches_tracked=3,
-        )
-        dx, dw, db = sbn.sync_batch_norm_backward(c.dys[rank], saved)
-        mine = harness.RankResult(y, rm, rv, saved.count, dx, dw, db)
+        mine = harness.rank_step(batch, c, comm, training=training)
         fields = ("y", "running_mean", "running_var", "dx", "dweight", "dbias")
         hosts = comm.comm.allgather({f: _host(getattr(mine, f)) for f in fields})
         return [
-            mine if r == rank else _rebuild(h, c, batch, saved.count, backend)
+            mine if r == rank else _rebuild(h, c, batch, mine.count, backend)
             for r, h in enumerate(hosts)
         ]
 
@@ -117,15 +103,15 @@ def check_on_mpi(
     digests = comm.comm.allgather(digest(batch))
     if len(set(digests)) != 1:
         raise AssertionError(f"ranks drew different examples: {digests}")
-    original = harness.run_functional
-    harness.run_functional = _mpi_runner(comm, backend)
     failure = ""
     try:
-        harness.check_functional(backend, batch, training=training)
-    except Exception as exc:  # any local failure must become the shared verdict
-        failure = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
-    finally:
-        harness.run_functional = original
+        harness.check_functional(
+            backend, batch, training=training, runner=_mpi_runner(comm, backend)
+        )
+    except AssertionError as exc:  # a failed comparison becomes the shared verdict
+        failure = f"rank {comm.rank}: {exc}"
+    # Any other exception propagates: under `python -m mpi4py` it aborts the
+    # job with its traceback instead of leaving the other ranks in a collective.
     failures = [f for f in comm.comm.allgather(failure) if f]
     if failures:
         raise AssertionError("; ".join(failures))
