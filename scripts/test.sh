@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv (if missing) with the package and its test extras, then run the
-# whole test suite with the `ci` hypothesis profile (200 examples per property).
+# Set up .venv (if missing) with the package and its test extras, lint with
+# ruff, then run the whole test suite with the `ci` hypothesis profile (200
+# examples per property).
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k properties -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ pip_install() {
     "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install --upgrade pip
-pip_install -e ".[test,mpi]"
+pip_install -e ".[test,mpi,lint]"
 
 # PyTorch is an optional, independent oracle. Only its CPU build is wanted;
 # where no CPU wheel is at hand (plain PyPI serves a multi-GB CUDA build) the
@@ -27,5 +28,8 @@ if [ "${ARRAYSYNCBN_TORCH:-auto}" != 0 ] && ! "$venv/bin/python" -c "import torc
 fi
 
 export PATH="$PWD/$venv/bin:$PATH"
+"$venv/bin/ruff" check --quiet .
+"$venv/bin/ruff" format --check --quiet .
+
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -44,8 +44,12 @@ def to_numpy(a: Any) -> np.ndarray:
         return np.asarray(a)
 
 
-def _f64(a: Any) -> np.ndarray | None:
-    return None if a is None else to_numpy(a).astype(np.float64)
+def _f64(a: Any) -> np.ndarray:
+    return to_numpy(a).astype(np.float64)
+
+
+def _f64_or_none(a: Any) -> np.ndarray | None:
+    return None if a is None else _f64(a)
 
 
 def _axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -122,21 +126,23 @@ def reference_forward(
     ndim = xs[0].ndim
     ax = axis % ndim
     channels = xs[0].shape[ax]
-    w, b = _f64(weight), _f64(bias)
-    rm, rv = _f64(running_mean), _f64(running_var)
-    batch_stats = training or rm is None
+    w, b = _f64_or_none(weight), _f64_or_none(bias)
+    rm, rv = _f64_or_none(running_mean), _f64_or_none(running_var)
+    batch_stats = training or rm is None or rv is None
     count = sum(int(np.prod([s for i, s in enumerate(x.shape) if i != ax])) for x in xs)
-    if batch_stats:
+    mean: np.ndarray
+    var: np.ndarray
+    if batch_stats or rm is None or rv is None:
         if count == 1:
             raise ValueError("a global batch of one element per channel has no variance")
         if count == 0:
             mean = np.zeros(channels)
             var = np.zeros(channels)
         else:
-            total = sum(x.sum(axis=_axes(ndim, ax)) for x in xs)
-            mean = total / count
-            sq = sum(((x - _bcast(mean, ndim, ax)) ** 2).sum(axis=_axes(ndim, ax)) for x in xs)
-            var = sq / count
+            axes = _axes(ndim, ax)
+            mean = np.sum([x.sum(axis=axes) for x in xs], axis=0) / count
+            var = np.sum([((x - _bcast(mean, ndim, ax)) ** 2).sum(axis=axes) for x in xs], axis=0)
+            var = var / count
     else:
         mean, var = rm, rv
     invstd = 1.0 / np.sqrt(var + eps)
@@ -146,7 +152,7 @@ def reference_forward(
         y = xh if w is None else xh * _bcast(w, ndim, ax)
         ys.append(y if b is None else y + _bcast(b, ndim, ax))
     new_rm, new_rv = rm, rv
-    if training and rm is not None and count > 0:
+    if training and rm is not None and rv is not None and count > 0:
         m = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
         new_rm = (1 - m) * rm + m * mean
         new_rv = (1 - m) * rv + m * var * count / (count - 1)
