@@ -40,3 +40,15 @@ def test_assertions_never_pass_nan_and_check_metadata() -> None:
     with pytest.raises(AssertionError, match="dtype"):
         T.assert_like(np.zeros(2, np.float32), np.zeros(2, np.float64))
     assert T.assert_close_to_reference(np.array([1.0, np.inf]), np.array([1.0, np.inf]), 0.0) == 0
+
+
+def test_per_channel_bound_needs_the_channel_axis() -> None:
+    a = np.zeros((2, 3, 3))
+    with pytest.raises(ValueError, match="axis="):
+        T.assert_close_to_reference(a, a, np.ones(3))
+    assert T.assert_close_to_reference(a, a, np.ones(3), axis=1) == 0.0
+    off = a.copy()
+    off[:, 2, :] = 2.0  # channel 2 errs by 2; its bound is 1, the others' 5
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        T.assert_close_to_reference(off, a, np.array([5.0, 5.0, 1.0]), axis=1)
+    T.assert_close_to_reference(off, a, np.array([1.0, 1.0, 5.0]), axis=1)

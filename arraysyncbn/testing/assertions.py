@@ -345,6 +345,11 @@ def assert_close_to_reference(
         return 0.0
     if axis is not None:
         bound = channel_bound(bound, a.ndim, axis)
+    elif np.ndim(bound) == 1 and a.ndim != 1:
+        raise ValueError(
+            f"{name}: a per-channel bound needs axis= (the channel axis of the array), "
+            "or it would broadcast along the wrong axis"
+        )
     same_nonfinite = np.isinf(e) & (a == e)
     with np.errstate(invalid="ignore"):
         err = np.where(same_nonfinite, 0.0, np.abs(a - e))
