@@ -2,20 +2,24 @@
 
 Each case patches one piece of the implementation with a plausible mistake
 and runs the same property as ``test_properties`` on numpy; the property has
-to raise. A property that passed here would be checking nothing.
+to raise. A property that passed here would be checking nothing. The last
+case plants a communicator whose sums are right but not bitwise identical
+on every rank, which the check of running statistics across ranks catches.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+import arraysyncbn as sbn
 from arraysyncbn import kernels
 from arraysyncbn.testing.strategies import sharded_batches
 
 from backends import BACKENDS
-from harness import check_functional
+from harness import check_functional, rank_step
 
 NUMPY = next(b for b in BACKENDS if b.name == "numpy")
 
@@ -73,4 +77,53 @@ def test_property_finds_planted_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -
         check_functional(NUMPY, batch)
 
     with pytest.raises(AssertionError):
+        prop()
+
+
+class _RotatingSum:
+    """A communicator that sums in an order that depends on the rank: the same
+    value up to rounding, but not the same bits on every rank."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.rank, self.size = inner, inner.rank, inner.size
+
+    def allreduce(self, buf, op="sum"):
+        everyone = _gather(self.inner, buf)
+        order = everyone[self.rank :] + everyone[: self.rank]
+        out = order[0].copy()
+        for part in order[1:]:
+            out = out + part if op == "sum" else np.maximum(out, part)
+        return out
+
+
+def _gather(comm, buf):
+    """Every rank's buffer, through one sum of zero-padded slots."""
+    slots = np.zeros((comm.size, buf.shape[0]))
+    slots[comm.rank] = buf
+    return list(comm.allreduce(slots.reshape(-1), "sum").reshape(comm.size, -1))
+
+
+def test_property_finds_a_communicator_without_identical_bits() -> None:
+
+    def runner(batch, c, *, training=True):
+        comms = [_RotatingSum(k) for k in sbn.thread_group(len(c.xs), timeout=30)]
+        return sbn.run_ranks(
+            lambda k: rank_step(batch, c, comms[k.rank], training=training),
+            [k.inner for k in comms],
+        )
+
+    @settings(
+        max_examples=300,
+        database=None,
+        derandomize=True,
+        deadline=None,
+        phases=[Phase.generate],
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(batch=sharded_batches(ranks=st.integers(3, 4), dtypes=st.just("float64")))
+    def prop(batch) -> None:
+        check_functional(NUMPY, batch, runner=runner)
+
+    with pytest.raises(AssertionError, match="differs between ranks"):
         prop()
