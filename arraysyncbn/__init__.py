@@ -31,6 +31,7 @@ from .comm import (
 )
 from .errors import CollectiveMismatchError, CommunicatorAbortedError, NoForwardError
 from .functional import (
+    PrecisionWarning,
     SavedForBackward,
     check_consistency,
     sync_batch_norm_backward,
@@ -46,6 +47,7 @@ __all__ = [
     "CommunicatorAbortedError",
     "MPICommunicator",
     "NoForwardError",
+    "PrecisionWarning",
     "SavedForBackward",
     "SelfCommunicator",
     "SyncBatchNorm",

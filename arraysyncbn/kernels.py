@@ -17,8 +17,7 @@ Precisions (see ``docs/numerics.md``):
 Statistics are never formed as E[x²] − E[x]² in the input precision. Each rank
 takes its own mean ``c`` as a shift, then sums ``d = x − c`` and ``d²``; only
 then are the sums turned into float64 sums around a center shared by every
-rank for the cross-rank merge (:func:`moment_sums`), and, where that merge
-could cancel, :func:`centered_moments` gives an exact second pass. Centering
+rank for the cross-rank merge (:func:`moment_sums`). Centering
 during normalization subtracts the float64 mean as a hi/lo pair of work-dtype
 numbers, so ``x − mean`` keeps nearly full precision even when |mean| ≫ std.
 """
@@ -35,7 +34,6 @@ __all__ = [
     "backward_input",
     "backward_sums",
     "centered",
-    "centered_moments",
     "channel_view",
     "finalize_moments",
     "invstd_of",
@@ -118,19 +116,6 @@ def local_moments(
         return n, c, s1, xp.zeros_like(s1)
     d = xw - channel_view(c, x.ndim, axis, xp=xp)
     return n, c, xp.sum(d, axis=axes, dtype=acc), xp.sum(d * d, axis=axes, dtype=acc)
-
-
-def centered_moments(
-    x: Array, hi: Array, lo: Array | None, axis: int, *, xp: Namespace, acc: Any
-) -> tuple[Array, Array]:
-    """Return ``(Σ(x − mean), Σ(x − mean)²)`` per channel in dtype ``acc``.
-
-    The exact second pass: ``mean = hi + lo`` is the merged global mean
-    (work dtype, x's device), so both sums are small and nothing cancels.
-    """
-    axes = reduction_axes(x.ndim, axis)
-    xc = centered(x, hi, lo, axis, xp=xp)
-    return xp.sum(xc, axis=axes, dtype=acc), xp.sum(xc * xc, axis=axes, dtype=acc)
 
 
 def moment_sums(n: int, c: Array, a: Array, b: Array, *, xp: Namespace) -> tuple[Array, Array]:

@@ -13,6 +13,6 @@ pip_install() {
     "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install --upgrade pip
-pip_install -e ".[mpi]"
+pip_install ".[mpi]"
 export PATH="$PWD/$venv/bin:$PATH"
 exec mpiexec -n "${RANKS:-4}" python -m arraysyncbn "$@"

@@ -104,3 +104,16 @@ def test_thread_group_validates_arguments() -> None:
         sbn.thread_group(2, timeout=0)
     with pytest.raises(ValueError, match="unknown reduction op"):
         sbn.thread_group(1)[0].allreduce(np.ones(1), "min")
+
+
+def test_consistency_check_catches_axis_disagreement() -> None:
+    """Same shape, same channel count, but one rank normalizes axis 1, the other -1."""
+    x = np.ones((2, 3, 3), dtype=np.float32) * np.arange(3, dtype=np.float32)
+
+    def rank(comm):
+        return sbn.SyncBatchNorm(3, axis=1 if comm.rank == 0 else -1, comm=comm)(x)
+
+    results = sbn.run_ranks(rank, sbn.thread_group(2, timeout=10), return_exceptions=True)
+    for res in results:
+        assert isinstance(res, sbn.CollectiveMismatchError), res
+        assert "channel axis differs (values seen include 1 and 2)" in str(res)

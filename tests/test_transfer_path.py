@@ -167,3 +167,44 @@ except TypeError as e:
         "TypeError",
     ]
     assert "float32 or float64" in lines[0] and "intracommunicator" in lines[-1]
+
+
+def test_syncbn_uses_buffer_allreduce_with_the_buffer_datatype() -> None:
+    """Every SyncBN collective is a buffer ``Allreduce`` whose MPI datatype
+    matches the buffer; the pickling ``allreduce`` is never called."""
+    code = """
+import numpy as np
+from mpi4py import MPI
+import arraysyncbn as sbn
+
+class Spy:
+    def __init__(self, real):
+        self.real, self.calls = real, []
+    def Allreduce(self, send, recv, op):
+        self.calls.append((send[0].dtype.name, send[1], op))
+        return self.real.Allreduce(send, recv, op=op)
+    def allreduce(self, *args, **kwargs):
+        raise AssertionError("the pickling allreduce was called")
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+comm = sbn.MPICommunicator()
+spy = comm.comm = Spy(comm.comm)
+bn = sbn.SyncBatchNorm(3, comm=comm)
+y = bn(np.random.default_rng(0).normal(size=(4, 3, 2)).astype(np.float32))
+bn.backward(y)
+comm.allreduce(np.ones(2, np.float32))
+def name(handle, known):
+    return next(label for label, h in known if h == handle)
+
+for dtype, mpi_type, op in spy.calls:
+    print(dtype, name(mpi_type, [("DOUBLE", MPI.DOUBLE), ("FLOAT", MPI.FLOAT)]),
+          name(op, [("MAX", MPI.MAX), ("SUM", MPI.SUM)]))
+"""
+    pytest.importorskip("mpi4py")
+    assert python(code).splitlines() == [
+        "float64 DOUBLE MAX",  # the first forward's consistency check
+        "float64 DOUBLE SUM",  # the statistics
+        "float64 DOUBLE SUM",  # the backward sums
+        "float32 FLOAT SUM",
+    ]

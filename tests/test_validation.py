@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -116,12 +118,21 @@ def test_backward_before_forward_is_a_runtime_error() -> None:
     assert isinstance(info.value, RuntimeError)
 
 
-def test_dy_shape_must_match(backend) -> None:
-    bn = sbn.SyncBatchNorm(3)
-    y = bn(_x(backend))
+def test_dy_shape_must_match_before_communicating(backend) -> None:
+    x = _x(backend)
+    y, _, _, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
+    saved = dataclasses.replace(saved, comm=ForbiddenComm())
     with pytest.raises(ValueError, match=r"dy has shape \(4, 3, 3\)"):
-        bn.backward(_x(backend, (4, 3, 3)))
+        sbn.sync_batch_norm_backward(_x(backend, (4, 3, 3)), saved)
     assert tuple(y.shape) == (4, 3, 2)
+
+
+def test_layer_rejects_input_on_another_device() -> None:
+    strict = pytest.importorskip("array_api_strict")
+    bn = sbn.SyncBatchNorm(3, xp=strict, device=strict.Device("device1"))
+    bn.comm = ForbiddenComm()
+    with pytest.raises(ValueError, match="different devices"):
+        bn(strict.ones((4, 3), dtype=strict.float32))
 
 
 def test_dy_from_another_library_is_a_type_error() -> None:

@@ -24,10 +24,8 @@ function of the array and of :attr:`MPICommunicator.cuda_aware`:
 Both paths call ``Allreduce`` exactly once per :meth:`MPICommunicator.allreduce`,
 so the choice (which may differ between ranks, e.g. a forced
 ``ARRAYSYNCBN_CUDA_AWARE`` on one node) never changes which collectives a
-rank calls. (How many allreduces SyncBN makes per pass is the caller's
-business: one per forward and one per backward, plus the first forward's
-consistency check and, rarely, an exact second statistics pass; see
-``docs/numerics.md``.)
+rank calls. (SyncBN makes one per forward and one per backward, plus the
+first forward's consistency check.)
 
 CUDA-awareness is detected from the MPI-4.1 info key
 ``mpi_memory_alloc_kinds`` of the communicator (it lists ``cuda`` when MPI

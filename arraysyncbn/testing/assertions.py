@@ -18,16 +18,13 @@ The bounds are formulas, not tuned tolerances. Per channel, with
 
 the statistics carry at most
 
-* ``Δμ = (e_w + e_acc·(n + 2))·D + e_mrg·(n + 2)·(|μ| + A)`` (rounding of
-  ``x − c``, summation),
-* ``Δv = τ·σ² + 2·e_mrg·(n + 4)·A² + (2·e_acc·(n + 4) + 4·e_w)·D²``, where
-  ``τ`` is the tolerance of the one-pass merge (``2**-40`` for float64
-  input, ``e_w`` otherwise): the merge around the shared center cancels when
-  |μ − center| ≫ σ, and arraysyncbn then runs an exact second pass, so the
-  cancellation never costs more than ``τ·σ²``. The per-rank sums are
-  shifted, so float32 accumulation costs only ``D²``,
-* and ``Δμ`` gains ``e_mrg·(n + 2)·sqrt(τ/(12·e_mrg))·σ`` for the distance
-  to the center that the merge may leave.
+* ``Δμ = (e_w + e_acc·(n + 2))·D + e_mrg·(n + 2)·(|μ − K| + A) + e_mrg·|μ|``
+  (rounding of ``x − c``, summation, adding the center K back),
+* ``Δv = 2·e_mrg·(n + 4)·((μ − K)² + A²) + (2·e_acc·(n + 4) + 4·e_w)·D²``: the
+  float64 merge around the center K shared by every rank cancels as
+  ``(μ − K)²`` (the E[x²]−E[x]² hazard, one precision up: negligible until
+  |μ − K|/σ nears 1e3–1e6 depending on the output dtype); the per-rank sums
+  are shifted, so float32 accumulation costs only ``D²``,
 
 so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
 1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
@@ -180,29 +177,19 @@ def _param_abs(a: Any, default: float, channels: int) -> np.ndarray:
     return np.full(channels, default) if a is None else np.abs(to_numpy(a).astype(np.float64))
 
 
-def _merge_tolerance(e_w: float) -> float:
-    """The relative variance error arraysyncbn's one-pass merge may leave
-    before it runs the exact second pass (``functional._refine_tolerance``)."""
-    return 2.0**-40 if e_w == _EPS["float64"] else e_w
-
-
-def _stat_errors(ref: ReferenceForward, e_w: float, e_acc: float, e_mrg: float) -> _StatErrors:
+def _stat_errors(
+    ref: ReferenceForward, e_w: float, e_acc: float, e_mrg: float, center: Any
+) -> _StatErrors:
     channels = ref.mean.shape[0]
     a = _per_channel_max(ref.xhats, ref.axis, channels) / ref.invstd
     mu = np.abs(ref.mean)
+    off = np.abs(ref.mean - (0.0 if center is None else to_numpy(center).astype(np.float64)))
     sigma2 = 1.0 / ref.invstd**2
     if ref.batch_stats:
         n = ref.count
-        tau = _merge_tolerance(e_w)
         d = 2 * a + (e_acc * n + e_w) * (mu + a)
-        # |mean − center| left after the one-pass merge, in units of σ.
-        off = np.sqrt(tau / (12 * e_mrg))
-        d_mean = (
-            (e_w + e_acc * (n + 2)) * d
-            + e_mrg * (n + 2) * (mu + a)
-            + e_mrg * (n + 2) * off * np.sqrt(sigma2)
-        )
-        d_var = tau * sigma2 + 2 * e_mrg * (n + 4) * a * a + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
+        d_mean = (e_w + e_acc * (n + 2)) * d + e_mrg * (n + 2) * (off + a) + e_mrg * mu
+        d_var = 2 * e_mrg * (n + 4) * (off * off + a * a) + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
     else:
         d_mean = d_var = np.zeros(channels)
     eps = sigma2 - ref.var
@@ -225,13 +212,15 @@ def forward_bounds(
     num_batches_tracked: int = 0,
     accumulation_eps: float = _EPS["float64"],
     merge_eps: float = _EPS["float64"],
+    center: Any = None,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
     ``dtype`` is the input dtype; ``param_dtype`` that of the parameters and
     running statistics (default: the work dtype); ``accumulation_eps`` is
     2**-23 for devices without float64, ``merge_eps`` 2**-23 for libraries
-    without any float64 device. ``bound.y`` has shape ``(C,)``: pass
+    without any float64 device; ``center`` the merge center the
+    implementation used (None: zero). ``bound.y`` has shape ``(C,)``: pass
     ``axis=`` to :func:`assert_close_to_reference` (or use
     :func:`channel_bound`) to compare it with y.
     """
@@ -240,7 +229,7 @@ def forward_bounds(
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
     channels = ref.mean.shape[0]
     w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
-    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps)
+    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center)
     floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi)
     y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
@@ -266,6 +255,7 @@ def backward_bounds(
     param_dtype: Any = None,
     accumulation_eps: float = _EPS["float64"],
     merge_eps: float = _EPS["float64"],
+    center: Any = None,
 ) -> BackwardBounds:
     """Per-channel bounds on the backward's error against ``grads`` (module docstring)."""
     e_out = dtype_eps(dtype)
@@ -275,7 +265,7 @@ def backward_bounds(
     channels = ref.mean.shape[0]
     w = _param_abs(weight, 1.0, channels)
     g = _per_channel_max([to_numpy(d).astype(np.float64) for d in dys], ref.axis, channels)
-    st = _stat_errors(ref, e_w, e_acc, merge_eps)
+    st = _stat_errors(ref, e_w, e_acc, merge_eps, center)
     x = st.xhat_max
     floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x)
     dx = (
