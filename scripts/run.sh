@@ -5,14 +5,7 @@
 # a short benchmark. Extra arguments go to the job (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${ARRAYSYNCBN_VENV:-.venv}"
-if [ ! -x "$venv/bin/python" ]; then
-    "${PYTHON:-python3}" -m venv "$venv"
-fi
-pip_install() {
-    "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
-pip_install --upgrade pip
+. scripts/venv.sh
 pip_install ".[mpi]"
 export PATH="$PWD/$venv/bin:$PATH"
 exec mpiexec -n "${RANKS:-4}" python -m arraysyncbn "$@"

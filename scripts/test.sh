@@ -6,17 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv="${ARRAYSYNCBN_VENV:-.venv}"
-python="${PYTHON:-python3}"
-if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv "$venv"
-fi
-pip_install() {
-    # Some machines' pip configuration names index folders that do not exist;
-    # drop only that warning, keep every other message.
-    "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
-pip_install --upgrade pip
+. scripts/venv.sh
 pip_install -e ".[test,mpi,lint]"
 
 # PyTorch is an optional, independent oracle. Only its CPU build is wanted;

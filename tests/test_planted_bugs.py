@@ -23,6 +23,17 @@ from harness import check_functional, rank_step
 
 NUMPY = next(b for b in BACKENDS if b.name == "numpy")
 
+# A fixed, generate-only search: the planted bug must be found by it.
+HUNT = settings(
+    max_examples=300,
+    database=None,
+    derandomize=True,
+    deadline=None,
+    phases=[Phase.generate],
+    report_multiple_bugs=False,
+    suppress_health_check=list(HealthCheck),
+)
+
 
 def _naive_moments(x, axis, *, xp, acc):
     """E[x²]−E[x]²: no shift, sums in the input precision."""
@@ -63,15 +74,7 @@ def test_property_finds_planted_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -
     name, replacement = PLANTED[bug]
     monkeypatch.setattr(kernels, name, replacement)
 
-    @settings(
-        max_examples=300,
-        database=None,
-        derandomize=True,
-        deadline=None,
-        phases=[Phase.generate],
-        report_multiple_bugs=False,
-        suppress_health_check=list(HealthCheck),
-    )
+    @HUNT
     @given(batch=sharded_batches(dtypes=st.sampled_from(["float32", "float64"])))
     def prop(batch) -> None:
         check_functional(NUMPY, batch)
@@ -104,7 +107,6 @@ def _gather(comm, buf):
 
 
 def test_property_finds_a_communicator_without_identical_bits() -> None:
-
     def runner(batch, c, *, training=True):
         comms = [_RotatingSum(k) for k in sbn.thread_group(len(c.xs), timeout=30)]
         return sbn.run_ranks(
@@ -112,15 +114,7 @@ def test_property_finds_a_communicator_without_identical_bits() -> None:
             [k.inner for k in comms],
         )
 
-    @settings(
-        max_examples=300,
-        database=None,
-        derandomize=True,
-        deadline=None,
-        phases=[Phase.generate],
-        report_multiple_bugs=False,
-        suppress_health_check=list(HealthCheck),
-    )
+    @HUNT
     @given(batch=sharded_batches(ranks=st.integers(3, 4), dtypes=st.just("float64")))
     def prop(batch) -> None:
         check_functional(NUMPY, batch, runner=runner)

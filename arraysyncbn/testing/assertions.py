@@ -136,14 +136,6 @@ def _tiny(dtype: Any) -> float:
     raise TypeError(f"not a supported floating dtype: {dtype}")
 
 
-def _max_abs(values: list[np.ndarray]) -> float:
-    return max((float(np.max(np.abs(v))) for v in values if v.size), default=0.0)
-
-
-def _param_max(a: Any, default: float) -> float:
-    return default if a is None else float(np.max(np.abs(to_numpy(a)), initial=0.0))
-
-
 @dataclass(frozen=True)
 class _StatErrors:
     """Per-channel error budget of the statistics (module docstring)."""
