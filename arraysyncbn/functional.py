@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
-from . import kernels
+from . import _fast, kernels
 from .comm.base import Communicator, as_communicator
 from .errors import CollectiveMismatchError
 
@@ -42,6 +43,16 @@ Array = Any
 
 
 @dataclass(frozen=True)
+class _Factors:
+    """Per-channel normalization factors in the work dtype on x's device."""
+
+    hi: Array
+    lo: Array | None
+    scale: Array
+    offset: Array | None
+
+
+@dataclass(frozen=True)
 class SavedForBackward:
     """What a forward keeps for its backward.
 
@@ -55,13 +66,15 @@ class SavedForBackward:
         Whether the forward normalized with batch statistics (and its
         backward therefore communicates).
     mean, invstd : per-channel float64 statistics (float32 where the
-        namespace has no float64 device) on the statistics device.
+        namespace has no float64 device) on the statistics device, in the
+        caller's library.
+    route : str
+        ``"portable"`` (array API) or ``"host"`` (fused numba kernels), the
+        route the forward ran and the backward will run.
     """
 
     x: Array
-    hi: Array
-    lo: Array | None
-    scale: Array
+    factors: _Factors
     mean: Array
     invstd: Array
     weight: Array | None
@@ -71,7 +84,12 @@ class SavedForBackward:
     batch_stats: bool
     comm: Communicator
     xp: Any
-    acc: Any
+    kern: Any
+    io: Any
+
+    @property
+    def route(self) -> str:
+        return str(self.kern.name)
 
 
 def _namespace(**arrays: Array | None) -> Any:
@@ -235,16 +253,6 @@ def _to(v: Array, xp: Any, device: Any, dtype: Any) -> Array:
     return array_api_compat.to_device(xp.astype(v, dtype), device)
 
 
-@dataclass(frozen=True)
-class _Factors:
-    """Per-channel normalization factors in the work dtype on x's device."""
-
-    hi: Array
-    lo: Array | None
-    scale: Array
-    offset: Array | None
-
-
 def _factors(
     xp: Any,
     mean: Array,
@@ -253,17 +261,81 @@ def _factors(
     bias: Array | None,
     wdtype: Any,
     device: Any,
+    *,
+    dense: bool = False,
 ) -> _Factors:
+    """Per-channel factors in the work dtype on x's device.
+
+    ``dense`` (the host kernels) gives zeros instead of None for ``lo`` and
+    ``offset``, so the compiled kernels have one signature.
+    """
     sdev = array_api_compat.device(mean)
     w = None if weight is None else _to(weight, xp, sdev, mean.dtype)
     hi, lo = kernels.split_mean(mean, wdtype, xp=xp)
     scale = kernels.scale_of(invstd, w, xp=xp)
-    return _Factors(
-        _to(hi, xp, device, wdtype),
-        None if lo is None else _to(lo, xp, device, wdtype),
-        _to(scale, xp, device, wdtype),
-        None if bias is None else _to(bias, xp, device, wdtype),
-    )
+    hi_w = _to(hi, xp, device, wdtype)
+    lo_w = None if lo is None else _to(lo, xp, device, wdtype)
+    offset = None if bias is None else _to(bias, xp, device, wdtype)
+    if dense:
+        lo_w = xp.zeros_like(hi_w) if lo_w is None else lo_w
+        offset = xp.zeros_like(hi_w) if offset is None else offset
+    return _Factors(hi_w, lo_w, _to(scale, xp, device, wdtype), offset)
+
+
+class PortableKernels:
+    """The four per-rank steps through the array API (:mod:`arraysyncbn.kernels`).
+
+    The source of truth: runs on every array-API library and device. Same
+    methods as :class:`arraysyncbn._fast.host.HostKernels`, so the step's
+    code is the same whatever the route.
+    """
+
+    name = "portable"
+    dense = False
+
+    def __init__(self, xp: Any, axis: int, acc: Any, sdev: Any, sdt: Any) -> None:
+        self.xp, self.axis, self.acc, self.sdev, self.sdt = xp, axis, acc, sdev, sdt
+
+    def statistics(self, x: Array, center: Array | None) -> tuple[int, Array, Array]:
+        """``(n, Σ(x − center), Σ(x − center)²)`` per channel on the statistics device."""
+        xp = self.xp
+        n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
+        c = _to(c, xp, self.sdev, self.sdt)
+        s1, s2 = kernels.moment_sums(
+            n,
+            c if center is None else c - center,
+            _to(a, xp, self.sdev, self.sdt),
+            _to(b, xp, self.sdev, self.sdt),
+            xp=xp,
+        )
+        return n, s1, s2
+
+    def normalize(self, x: Array, f: _Factors, out: Array | None) -> Array:
+        y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, self.axis, xp=self.xp)
+        return y if out is None else _write(out, y)
+
+    def backward_sums(self, dy: Array, x: Array, f: _Factors) -> tuple[Array, Array]:
+        """``(Σdy, Σdy·(x − mean))`` per channel on the statistics device."""
+        xp = self.xp
+        s, sx = kernels.backward_sums(dy, x, f.hi, f.lo, self.axis, xp=xp, acc=self.acc)
+        return _to(s, xp, self.sdev, self.sdt), _to(sx, xp, self.sdev, self.sdt)
+
+    def backward_input(
+        self,
+        dy: Array,
+        x: Array,
+        f: _Factors,
+        mean_dy: Array | None,
+        k: Array | None,
+        out: Array | None,
+    ) -> Array:
+        dx = kernels.backward_input(dy, x, f.hi, f.lo, f.scale, mean_dy, k, self.axis, xp=self.xp)
+        return dx if out is None else _write(out, dx)
+
+
+def _write(out: Array, value: Array) -> Array:
+    out[...] = value
+    return out
 
 
 def _global_count(buf: Array, exact_float64: bool) -> int:
@@ -298,33 +370,35 @@ def _warn_tolerance(xp: Any, wdtype: Any) -> float:
 
 
 def _batch_statistics(
+    kern: Any,
     x: Array,
-    axis: int,
+    channels: int,
     comm: Communicator,
     *,
     xp: Any,
-    acc: Any,
+    io: Any,
     sdev: Any,
     sdt: Any,
+    wdtype: Any,
     center: Array | None,
     eps: float,
+    shape: tuple[int, ...],
 ) -> tuple[int, Array, Array]:
     """Return the global ``(N, mean, biased var)`` of x over every rank.
 
     Exactly one allreduce, of ``[n, Σ(x − K), Σ(x − K)²]`` with the center K
     every rank shares. Its float64 merge cancels as ``ulp·(|mean − K|/std)²``;
     where that loses about half the work precision, every rank warns alike
-    (:class:`PrecisionWarning`).
+    (:class:`PrecisionWarning`). ``io`` (host route) hands the buffer to the
+    communicator as an array of the caller's library.
     """
-    channels = x.shape[axis]
-    n, c, a, b = kernels.local_moments(x, axis, xp=xp, acc=acc)
-    c = _to(c, xp, sdev, sdt)
-    k = None if center is None else _to(center, xp, sdev, sdt)
-    s1, s2 = kernels.moment_sums(
-        n, c if k is None else c - k, _to(a, xp, sdev, sdt), _to(b, xp, sdev, sdt), xp=xp
-    )
+    n, s1, s2 = kern.statistics(x, center)
     head = xp.asarray([float(n)], dtype=sdt, device=sdev)
-    buf = comm.allreduce(xp.concat([head, s1, s2]))
+    packed = xp.concat([head, s1, s2])
+    if io is None:
+        buf = comm.allreduce(packed)
+    else:
+        buf = io.to_numpy(comm.allreduce(io.from_numpy(packed)))
     if tuple(buf.shape) != (1 + 2 * channels,):
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
@@ -333,7 +407,7 @@ def _batch_statistics(
     if count == 1:
         raise ValueError(
             "expected more than 1 value per channel when using batch statistics, got a "
-            f"global batch of 1 (input shape {tuple(x.shape)} on rank {comm.rank})"
+            f"global batch of 1 (input shape {shape} on rank {comm.rank})"
         )
     if count == 0:
         zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
@@ -343,7 +417,7 @@ def _batch_statistics(
     # var + eps (what invstd depends on).
     ulp = float(xp.finfo(sdt).eps)
     loss = float(xp.max(buf[1 + channels :] / count * (4.0 * (comm.size + 2) * ulp) / (var + eps)))
-    if loss > _warn_tolerance(xp, kernels.work_dtype(xp, x.dtype)):
+    if loss > _warn_tolerance(xp, wdtype):
         warnings.warn(
             f"SyncBN statistics may have lost precision (relative variance error up to "
             f"{loss:.1e}): the data sits far from the merge's center in units of its "
@@ -352,7 +426,7 @@ def _batch_statistics(
             PrecisionWarning,
             stacklevel=4,
         )
-    return count, rel if k is None else k + rel, var
+    return count, rel if center is None else center + rel, var
 
 
 def _running_update(
@@ -372,6 +446,59 @@ def _running_update(
     return _to(new, xp, array_api_compat.device(running), running.dtype)
 
 
+def _numpy_args_valid(
+    x: Any,
+    params: tuple[Any, ...],
+    axis: Any,
+    eps: Any,
+    momentum: Any,
+    num_batches_tracked: Any,
+    center: Any,
+    out: Any,
+) -> bool:
+    """True when every argument is plainly valid numpy input (the lean path).
+
+    False sends the call through the full validation, which raises the
+    precise error or accepts what this quick test was unsure of.
+    """
+    if type(axis) is not int or not -x.ndim <= axis < x.ndim or x.ndim < 2:
+        return False
+    channels = x.shape[axis]
+    for a in (*params, center):
+        if a is not None and (
+            type(a) is not np.ndarray or a.shape != (channels,) or a.dtype.kind != "f"
+        ):
+            return False
+    if (params[2] is None) != (params[3] is None):
+        return False
+    if out is not None and (type(out) is not np.ndarray or out.shape != x.shape):
+        return False
+    if type(eps) is not float or not 0.0 < eps < math.inf:
+        return False
+    if momentum is not None and (type(momentum) is not float or not 0.0 <= momentum <= 1.0):
+        return False
+    return type(num_batches_tracked) is int and num_batches_tracked >= 0
+
+
+def _validate_center(xp: Any, x: Array, ax: int, center: Array) -> None:
+    if _namespace(x=x, center=center) is not xp:
+        raise TypeError("center comes from a different array library than x")
+    _check_floating(xp, "center", center)
+    if tuple(center.shape) != (x.shape[ax],):
+        raise ValueError(f"center must have shape ({x.shape[ax]},), got {tuple(center.shape)}")
+
+
+def _validate_out(xp: Any, x: Array, out: Array, name: str = "out") -> None:
+    if _namespace(x=x, **{name: out}) is not xp:
+        raise TypeError(f"{name} comes from a different array library than x")
+    _check_devices(x=x, **{name: out})
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
+        raise ValueError(
+            f"{name} must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+            f"{tuple(out.shape)} and {out.dtype}"
+        )
+
+
 def sync_batch_norm_forward(
     x: Array,
     weight: Array | None,
@@ -387,6 +514,7 @@ def sync_batch_norm_forward(
     num_batches_tracked: int = 0,
     check: bool = False,
     center: Array | None = None,
+    out: Array | None = None,
 ) -> tuple[Array, Array | None, Array | None, SavedForBackward]:
     """Synchronized batch normalization of this rank's shard ``x``.
 
@@ -426,10 +554,14 @@ def sync_batch_norm_forward(
         zero (|mean|/std ≳ 1e3 in float64 input, 1e5 in float32) wants a
         center. None centers at zero. A :class:`PrecisionWarning` says when
         the loss reached half the work precision.
+    out : array like x, or None
+        Where to write y (same shape, dtype, library and device as x); a
+        training loop that passes the same buffer each step saves the cost
+        of a fresh x-sized allocation.
 
     Returns
     -------
-    y : array like ``x`` (namespace, device, dtype, shape)
+    y : array like ``x`` (namespace, device, dtype, shape); ``out`` if given
     new_running_mean, new_running_var : arrays or None
         Updated running statistics in their input dtype; the inputs themselves
         when nothing was updated (eval, or global N = 0).
@@ -446,6 +578,13 @@ def sync_batch_norm_forward(
         communication); a global batch of one element per channel (on every
         rank, after the allreduce).
 
+    Notes
+    -----
+    float32 and float64 numpy arrays and torch CPU tensors run fused
+    compiled kernels (the host route, :mod:`arraysyncbn._fast`); everything
+    else, and everything when ``ARRAYSYNCBN_FAST=0``, runs the portable
+    array-API route. Both give results within the same documented bounds.
+
     Examples
     --------
     >>> import array_api_strict as xp
@@ -455,41 +594,62 @@ def sync_batch_norm_forward(
     >>> [round(float(v), 6) for v in y[:, 0]]
     [-1.341641, -0.447214, 0.447214, 1.341641]
     """
-    xp, ax = _validate_forward(
-        x, weight, bias, running_mean, running_var, axis, eps, momentum, num_batches_tracked
-    )
-    if center is not None:
-        if _namespace(x=x, center=center) is not xp:
-            raise TypeError("center comes from a different array library than x")
-        _check_floating(xp, "center", center)
-        if tuple(center.shape) != (x.shape[ax],):
-            raise ValueError(f"center must have shape ({x.shape[ax]},), got {tuple(center.shape)}")
+    params = (weight, bias, running_mean, running_var)
+    io = _fast.host_io(x)
+    if (
+        io is not None
+        and io.library == "numpy"
+        and _numpy_args_valid(x, params, axis, eps, momentum, num_batches_tracked, center, out)
+    ):
+        xp, ax = np, axis % x.ndim
+    else:
+        xp, ax = _validate_forward(x, *params, axis, eps, momentum, num_batches_tracked)
+        if center is not None:
+            _validate_center(xp, x, ax, center)
+        if out is not None:
+            _validate_out(xp, x, out)
+        if io is not None:
+            params = tuple(io.to_numpy(a) for a in params)
+            center = io.to_numpy(center)
+            xp = np
     communicator = as_communicator(comm)
-    device = array_api_compat.device(x)
-    acc = kernels.accumulation_dtype(xp, device)
-    sdev, sdt = statistics_device(xp, device)
-    wdtype = kernels.work_dtype(xp, x.dtype)
     channels = x.shape[ax]
+    kern: Any = None
+    xk, outk = x, out
+    if io is not None:
+        xk = io.to_numpy(x)
+        outk = io.to_numpy(out)
+        kern = _fast.host_kernels().bind(xk, ax, outk)
+    if kern is None:
+        io = None
+        device = array_api_compat.device(x)
+        sdev, sdt = statistics_device(xp, device)
+        kern = PortableKernels(xp, ax, kernels.accumulation_dtype(xp, device), sdev, sdt)
+        xk, outk = x, out
+    else:
+        device, sdev, sdt = "cpu", "cpu", np.float64
+    wdtype = kernels.work_dtype(xp, xk.dtype)
+    weight, bias, running_mean, running_var = params
 
     if not (training or running_mean is None):
         mean = _to(running_mean, xp, sdev, sdt)
         invstd = kernels.invstd_of(_to(running_var, xp, sdev, sdt), eps, xp=xp)
-        f = _factors(xp, mean, invstd, weight, bias, wdtype, device)
-        y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, ax, xp=xp)
+        f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
+        y = kern.normalize(xk, f, outk)
         saved = SavedForBackward(
-            x, f.hi, f.lo, f.scale, mean, invstd, weight, bias, ax, None, False,
-            communicator, xp, acc,
-        )  # fmt: skip
-        return y, running_mean, running_var, saved
+            xk, f, mean, invstd, weight, bias, ax, None, False, communicator, xp, kern, io
+        )
+        return _back(io, y), _back(io, running_mean), _back(io, running_var), saved
 
     if check:
         check_consistency(communicator, x, num_features=channels, axis=ax)
     count, mean, var = _batch_statistics(
-        x, ax, communicator, xp=xp, acc=acc, sdev=sdev, sdt=sdt, center=center, eps=eps
-    )
+        kern, xk, channels, communicator, xp=xp, io=io, sdev=sdev, sdt=sdt, wdtype=wdtype,
+        center=center, eps=eps, shape=tuple(x.shape),
+    )  # fmt: skip
     invstd = kernels.invstd_of(var, eps, xp=xp)
-    f = _factors(xp, mean, invstd, weight, bias, wdtype, device)
-    y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, ax, xp=xp)
+    f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
+    y = kern.normalize(xk, f, outk)
 
     new_mean, new_var = running_mean, running_var
     if training and count > 0 and running_mean is not None and running_var is not None:
@@ -497,14 +657,18 @@ def sync_batch_norm_forward(
         new_mean = _running_update(xp, running_mean, mean, m)
         new_var = _running_update(xp, running_var, var * (count / (count - 1)), m)
     saved = SavedForBackward(
-        x, f.hi, f.lo, f.scale, mean, invstd, weight, bias, ax, count, True,
-        communicator, xp, acc,
-    )  # fmt: skip
-    return y, new_mean, new_var, saved
+        xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io
+    )
+    return _back(io, y), _back(io, new_mean), _back(io, new_var), saved
+
+
+def _back(io: Any, a: Array | None) -> Array | None:
+    """A host-route result as an array of the caller's library (no copy)."""
+    return a if io is None else io.from_numpy(a)
 
 
 def sync_batch_norm_backward(
-    dy: Array, saved: SavedForBackward
+    dy: Array, saved: SavedForBackward, *, out: Array | None = None
 ) -> tuple[Array, Array | None, Array | None]:
     """Gradients of :func:`sync_batch_norm_forward`.
 
@@ -512,50 +676,67 @@ def sync_batch_norm_backward(
     ----------
     dy : array of y's shape, namespace and device, real floating dtype
     saved : what the forward returned
+    out : array like the forward's x, or None
+        Where to write dx.
 
     Returns
     -------
-    dx : array like the forward's x
+    dx : array like the forward's x; ``out`` if given
     dweight, dbias : arrays of shape ``(C,)`` in weight's and bias's dtype, or None
         This rank's contribution only, *not* reduced across ranks (as in
         PyTorch, data-parallel gradient averaging reduces them).
 
     When the forward used batch statistics this communicates once: one
     allreduce of the packed per-channel ``Σdy`` and ``Σdy·x̂`` (2·C values).
+    It runs the route its forward ran.
     """
     if not isinstance(saved, SavedForBackward):
         raise TypeError(
             f"saved must be the SavedForBackward of a forward, got {type(saved).__name__}"
         )
-    xp, x = saved.xp, saved.x
-    if _namespace(dy=dy, x=x) is not xp:
-        raise TypeError("dy comes from a different array library than the forward's x")
-    _check_floating(xp, "dy", dy)
-    _check_devices(x=x, dy=dy)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(
-            f"dy has shape {tuple(dy.shape)}, but the forward's output has shape {tuple(x.shape)}"
-        )
-    ax, sdt = saved.axis, saved.invstd.dtype
-    device, sdev = array_api_compat.device(x), array_api_compat.device(saved.invstd)
+    xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
+    x = saved.x
+    if io is None or type(dy) is not np.ndarray or dy.shape != x.shape or dy.dtype.kind != "f":
+        caller_x = x if io is None else io.from_numpy(x)
+        cxp = array_api_compat.array_namespace(caller_x)
+        if _namespace(dy=dy, x=caller_x) is not cxp:
+            raise TypeError("dy comes from a different array library than the forward's x")
+        _check_floating(cxp, "dy", dy)
+        _check_devices(x=caller_x, dy=dy)
+        if tuple(dy.shape) != tuple(x.shape):
+            raise ValueError(
+                f"dy has shape {tuple(dy.shape)}, but the forward's output has shape "
+                f"{tuple(x.shape)}"
+            )
+        if out is not None:
+            _validate_out(cxp, caller_x, out)
+        if io is not None:
+            dy, out = io.to_numpy(dy), io.to_numpy(out)
+    elif out is not None and (type(out) is not np.ndarray or out.shape != x.shape):
+        _validate_out(np, x, out)
+    ax = saved.axis
+    device = array_api_compat.device(x)
     wdtype = kernels.work_dtype(xp, x.dtype)
-    sum_dy, sum_dy_xc = kernels.backward_sums(dy, x, saved.hi, saved.lo, ax, xp=xp, acc=saved.acc)
-    sum_dy = _to(sum_dy, xp, sdev, sdt)
-    sum_dy_xhat = _to(sum_dy_xc, xp, sdev, sdt) * saved.invstd
+    sum_dy, sum_dy_xc = kern.backward_sums(dy, x, f)
+    sum_dy_xhat = sum_dy_xc * saved.invstd
     if not saved.batch_stats:
-        dx = kernels.backward_input(dy, x, saved.hi, saved.lo, saved.scale, None, None, ax, xp=xp)
+        dx = kern.backward_input(dy, x, f, None, None, out)
     elif saved.count == 0:
-        dx = xp.zeros_like(x)
+        dx = xp.zeros_like(x) if out is None else _write(out, xp.zeros_like(x))
     else:
         channels = x.shape[ax]
-        buf = saved.comm.allreduce(xp.concat([sum_dy, sum_dy_xhat]))
+        packed = xp.concat([sum_dy, sum_dy_xhat])
+        if io is None:
+            buf = saved.comm.allreduce(packed)
+        else:
+            buf = io.to_numpy(saved.comm.allreduce(io.from_numpy(packed)))
         count = float(saved.count)  # type: ignore[arg-type]
         mean_dy = _to(buf[:channels] / count, xp, device, wdtype)
         k = _to(saved.invstd * (buf[channels:] / count), xp, device, wdtype)
-        dx = kernels.backward_input(dy, x, saved.hi, saved.lo, saved.scale, mean_dy, k, ax, xp=xp)
+        dx = kern.backward_input(dy, x, f, mean_dy, k, out)
     dweight = None if saved.weight is None else _to(sum_dy_xhat, xp, device, saved.weight.dtype)
     dbias = None if saved.bias is None else _to(sum_dy, xp, device, saved.bias.dtype)
-    return dx, dweight, dbias
+    return _back(io, dx), _back(io, dweight), _back(io, dbias)
 
 
 CHECK_ENV = "ARRAYSYNCBN_CHECK"

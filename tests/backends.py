@@ -8,7 +8,9 @@ its device has float64 (which decides the accumulation precision).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,14 @@ class Backend:
     convert: Callable[[np.ndarray, str], Any]
     has_float64: bool = True
     marks: tuple[Any, ...] = field(default_factory=tuple)
+    # The route float32/float64 input must take ("host": fused numba
+    # kernels; "portable": the array-API kernels), and what forces it.
+    route: str = "portable"
+    env: tuple[tuple[str, str], ...] = (("ARRAYSYNCBN_FAST", "1"),)
+    parallel: bool = False
+
+    def expected_route(self, dtype: str) -> str:
+        return self.route if dtype in ("float32", "float64") else "portable"
 
     def asarray(self, a: np.ndarray | None, dtype: str) -> Any:
         return None if a is None else self.convert(np.asarray(a), dtype)
@@ -36,16 +46,26 @@ class Backend:
         return self.name
 
 
-def _numpy_backend() -> Backend:
+PORTABLE = (("ARRAYSYNCBN_FAST", "0"),)
+THREADED = (("ARRAYSYNCBN_FAST", "1"), ("ARRAYSYNCBN_THREADS", "2"))
+
+
+def _numpy_backends() -> list[Backend]:
     import array_api_compat.numpy as xp
 
-    return Backend(
-        "numpy",
-        xp,
-        "cpu",
-        ("float16", "float32", "float64"),
-        lambda a, dt: a.astype(getattr(np, dt)),
-    )
+    def convert(a: np.ndarray, dt: str) -> Any:
+        return a.astype(getattr(np, dt))
+
+    dtypes = ("float16", "float32", "float64")
+    return [
+        Backend("numpy", xp, "cpu", dtypes, convert, route="host"),
+        # Every input split over 2 threads, however small (the threshold
+        # that keeps small inputs serial is lifted).
+        Backend(
+            "numpy-threads", xp, "cpu", dtypes, convert, route="host", env=THREADED, parallel=True
+        ),
+        Backend("numpy-portable", xp, "cpu", dtypes, convert, env=PORTABLE),
+    ]
 
 
 def _strict_backends() -> list[Backend]:
@@ -63,7 +83,7 @@ def _strict_backends() -> list[Backend]:
     ]
 
 
-def _torch_backend() -> Backend:
+def _torch_backends() -> list[Backend]:
     import torch
 
     def convert(a: np.ndarray, dt: str) -> Any:
@@ -71,9 +91,12 @@ def _torch_backend() -> Backend:
 
     import array_api_compat.torch as xp
 
-    return Backend(
-        "torch", xp, torch.device("cpu"), ("float16", "bfloat16", "float32", "float64"), convert
-    )
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    cpu = torch.device("cpu")
+    return [
+        Backend("torch", xp, cpu, dtypes, convert, route="host"),
+        Backend("torch-portable", xp, cpu, dtypes, convert, env=PORTABLE),
+    ]
 
 
 def _cupy_backend() -> Backend:
@@ -108,11 +131,11 @@ def cupy_usable() -> bool:
 
 
 def available_backends() -> list[Backend]:
-    backends = [_numpy_backend()]
+    backends = _numpy_backends()
     if importlib.util.find_spec("array_api_strict") is not None:
         backends += _strict_backends()
     if importlib.util.find_spec("torch") is not None:
-        backends.append(_torch_backend())
+        backends += _torch_backends()
     backends.append(_cupy_backend())
     return backends
 
@@ -129,3 +152,24 @@ def backend_params() -> list[Any]:
             marks.append(pytest.mark.skip(reason="cupy with a CUDA GPU is not available"))
         params.append(pytest.param(b, id=b.name, marks=marks))
     return params
+
+
+@contextmanager
+def routed(backend: Backend) -> Iterator[None]:
+    """Force ``backend``'s route (environment and parallel threshold) inside."""
+    from arraysyncbn._fast import host
+
+    saved_env = {name: os.environ.get(name) for name, _ in backend.env}
+    saved_min = host.PARALLEL_MIN_BYTES
+    os.environ.update(dict(backend.env))
+    if backend.parallel:
+        host.PARALLEL_MIN_BYTES = 0
+    try:
+        yield
+    finally:
+        host.PARALLEL_MIN_BYTES = saved_min
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -37,8 +37,23 @@ settings.register_profile(
 
 @pytest.fixture(scope="session", params=backend_params())
 def backend(request: pytest.FixtureRequest):
-    """Each available array backend (numpy, array-api-strict devices, torch, cupy)."""
+    """Each available array backend (numpy, array-api-strict devices, torch, cupy),
+    numpy and torch once per route (host kernels, threaded, portable)."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _backend_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the route the test's backend stands for (environment and threshold)."""
+    if "backend" not in request.fixturenames:
+        return
+    b = request.getfixturevalue("backend")
+    for name, value in b.env:
+        monkeypatch.setenv(name, value)
+    if b.parallel:
+        from arraysyncbn._fast import host
+
+        monkeypatch.setattr(host, "PARALLEL_MIN_BYTES", 0)
 
 
 settings.register_profile(

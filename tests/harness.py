@@ -34,6 +34,7 @@ class RankResult:
     dx: Any
     dweight: Any
     dbias: Any
+    route: str = "portable"
 
 
 @dataclass
@@ -76,7 +77,7 @@ def rank_step(batch: ShardedBatch, c: Converted, comm: Any, *, training: bool) -
         num_batches_tracked=3,
     )
     dx, dw, db = sbn.sync_batch_norm_backward(c.dys[comm.rank], saved)
-    return RankResult(y, rm, rv, saved.count, dx, dw, db)
+    return RankResult(y, rm, rv, saved.count, dx, dw, db, saved.route)
 
 
 def run_functional(batch: ShardedBatch, c: Converted, *, training: bool = True) -> list[RankResult]:
@@ -136,6 +137,11 @@ def check_functional(
     )
     for r, res in enumerate(results):
         tag = f"rank {r}/{len(results)}"
+        # The backend stands for a route: a silent fallback would test the
+        # wrong kernels.
+        assert res.route == backend.expected_route(batch.dtype), (
+            f"{tag} ran the {res.route} route, expected {backend.expected_route(batch.dtype)}"
+        )
         assert res.count == (ref.count if ref.batch_stats else None), tag
         assert_like(res.y, c.xs[r], name=f"{tag} y")
         assert_close_to_reference(res.y, ref.ys[r], fb.y, name=f"{tag} y", axis=batch.axis)

@@ -21,7 +21,9 @@ from arraysyncbn.testing.strategies import sharded_batches
 from backends import BACKENDS
 from harness import check_functional, rank_step
 
-NUMPY = next(b for b in BACKENDS if b.name == "numpy")
+NUMPY = next(b for b in BACKENDS if b.name == "numpy-portable")
+NUMPY_HOST = next(b for b in BACKENDS if b.name == "numpy")
+NUMPY_THREADS = next(b for b in BACKENDS if b.name == "numpy-threads")
 
 # A fixed, generate-only search: the planted bug must be found by it.
 HUNT = settings(
@@ -73,6 +75,7 @@ PLANTED = {
 def test_property_finds_planted_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     name, replacement = PLANTED[bug]
     monkeypatch.setattr(kernels, name, replacement)
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")  # the bugs sit in the portable kernels
 
     @HUNT
     @given(batch=sharded_batches(dtypes=st.sampled_from(["float32", "float64"])))
@@ -117,7 +120,65 @@ def test_property_finds_a_communicator_without_identical_bits() -> None:
     @HUNT
     @given(batch=sharded_batches(ranks=st.integers(3, 4), dtypes=st.just("float64")))
     def prop(batch) -> None:
-        check_functional(NUMPY, batch, runner=runner)
+        check_functional(NUMPY_HOST, batch, runner=runner)
 
     with pytest.raises(AssertionError, match="differs between ranks"):
+        prop()
+
+
+# -- the same hunt on the host route (numba kernels) ---------------------------------
+# Each plant replaces one compiled kernel with plain numpy code that makes a
+# plausible mistake; the property over the host backends must catch it.
+def _host_naive_stats(x, k, part):
+    """Σx and Σx² summed in the input dtype, re-expressed around the shift k:
+    the classic E[x²]−E[x]² cancellation."""
+    n = x.shape[0] * x.shape[2]
+    s1 = np.sum(x, axis=(0, 2), dtype=x.dtype).astype(np.float64)
+    s2 = np.sum(x * x, axis=(0, 2), dtype=x.dtype).astype(np.float64)
+    part[0, 0] = s1 - n * k
+    part[0, 1] = s2 - 2.0 * k * s1 + n * k * k
+
+
+def _host_uncompensated_normalize(x, hi, lo, scale, shift, y):
+    y[...] = (x - hi[None, :, None]) * scale[None, :, None] + shift[None, :, None]
+
+
+def _host_no_projection(dy, x, hi, lo, scale, mdy, k, dx):
+    dx[...] = (dy - mdy[None, :, None]) * scale[None, :, None]
+
+
+def _host_first_partial_only(part):
+    return part[0, 0].copy(), part[0, 1].copy()
+
+
+HOST_PLANTED = {
+    "host: E[x²]−E[x]² in float32": (NUMPY_HOST, "stats_serial", _host_naive_stats),
+    "host: mean rounded before centering": (
+        NUMPY_HOST, "normalize_serial", _host_uncompensated_normalize,
+    ),
+    "host: dx without the projection term": (
+        NUMPY_HOST, "backward_input_serial", _host_no_projection,
+    ),
+    "host threads: one thread's partial sums dropped": (
+        NUMPY_THREADS, "_merge", _host_first_partial_only,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bug", list(HOST_PLANTED))
+def test_property_finds_planted_bug_in_host_route(bug: str, monkeypatch) -> None:
+    from arraysyncbn._fast import host
+
+    from backends import routed
+
+    backend, name, replacement = HOST_PLANTED[bug]
+    target = host if name == "_merge" else host.hk
+    monkeypatch.setattr(target, name, replacement)
+
+    @HUNT
+    @given(batch=sharded_batches(dtypes=st.sampled_from(["float32", "float64"])))
+    def prop(batch) -> None:
+        check_functional(backend, batch)
+
+    with routed(backend), pytest.raises(AssertionError):
         prop()

@@ -58,7 +58,9 @@ def _mpi_runner(comm: sbn.MPICommunicator, backend: Any):
         rank = comm.rank
         mine = harness.rank_step(batch, c, comm, training=training)
         fields = ("y", "running_mean", "running_var", "dx", "dweight", "dbias")
-        hosts = comm.comm.allgather({f: _host(getattr(mine, f)) for f in fields})
+        hosts = comm.comm.allgather(
+            {**{f: _host(getattr(mine, f)) for f in fields}, "route": mine.route}
+        )
         return [
             mine if r == rank else _rebuild(h, c, batch, mine.count, backend)
             for r, h in enumerate(hosts)
@@ -83,6 +85,7 @@ def _rebuild(
         back("dx", batch.dtype),
         back("dweight", c.pdtype),
         back("dbias", c.pdtype),
+        h["route"],
     )
 
 

@@ -21,7 +21,7 @@ from mpitools import WORLD, check_on_mpi, say_ok
 import arraysyncbn as sbn
 from arraysyncbn.testing.strategies import sharded_batches
 
-from backends import BACKENDS, cupy_usable
+from backends import BACKENDS, cupy_usable, routed
 
 
 def run_backend(comm: sbn.MPICommunicator, backend, examples: int) -> None:
@@ -48,7 +48,8 @@ def main() -> None:
     for backend in BACKENDS:
         if backend.xp is None or (backend.name == "cupy" and not cupy_usable()):
             continue
-        run_backend(comm, backend, examples)
+        with routed(backend):
+            run_backend(comm, backend, examples)
         say_ok(f"properties[{backend.name}]")
     WORLD.Barrier()
 

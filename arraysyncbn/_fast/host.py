@@ -1,0 +1,233 @@
+"""The fast route for host memory: numba kernels behind the step's four kernel calls.
+
+:class:`HostKernels` offers the same four steps as
+:class:`arraysyncbn.functional.PortableKernels` (local statistics, normalize,
+backward sums, backward input) over numpy arrays, with fused compiled
+kernels from :mod:`.host_jit`. :func:`arraysyncbn.functional` picks it
+per call when x lives in host memory and can be viewed as a C-contiguous
+``(P, C, Q)`` block without a copy (numpy arrays; torch CPU tensors through
+zero-copy views, see :mod:`arraysyncbn._fast`).
+
+Threads: numba's thread count, divided among the MPI ranks that share the
+node (``MPI_LOCALNRANKS``/``OMPI_COMM_WORLD_LOCAL_SIZE``), or
+``ARRAYSYNCBN_THREADS``; inputs below :data:`PARALLEL_MIN_BYTES` run serially,
+because waking idle pool threads costs more than they save.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from . import host_jit as hk
+
+__all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
+
+PARALLEL_MIN_BYTES = 1 << 20
+"""Inputs (x's bytes) below this run on one thread (measured: ``bench``)."""
+
+# numba's workqueue threading layer (the fallback where neither TBB nor
+# OpenMP loads) aborts on concurrent parallel launches, which thread ranks
+# would make; launches are cheap to serialize compared with a kernel.
+_LAUNCH = threading.Lock()
+
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return value
+
+
+def thread_count() -> int:
+    """Threads one rank's kernels use: ``ARRAYSYNCBN_THREADS``, else numba's
+    thread count divided among the ranks on this node (at least 1)."""
+    import numba
+
+    # The pool's size, not get_num_threads(): the kernels' set_num_threads
+    # changes the latter.
+    available = numba.config.NUMBA_NUM_THREADS
+    explicit = _env_int("ARRAYSYNCBN_THREADS")
+    if explicit is not None:
+        return min(explicit, available)
+    local = 1
+    for name in _LOCAL_SIZE_VARS:
+        try:
+            value = _env_int(name)
+        except ValueError:
+            value = None
+        if value is not None:
+            local = value
+            break
+    return max(1, available // local)
+
+
+def block_view(a: np.ndarray, axis: int) -> np.ndarray | None:
+    """Return ``a`` as a C-contiguous ``(P, C, Q)`` view, or None if that needs a copy.
+
+    Channels-last memory with the channel on another axis (a torch
+    ``channels_last`` tensor seen as NCHW) is viewed as ``(N·H·W, C, 1)``.
+    """
+    shape = a.shape
+    channels = shape[axis]
+    if a.flags.c_contiguous:
+        p = 1
+        for s in shape[:axis]:
+            p *= s
+        q = 1
+        for s in shape[axis + 1 :]:
+            q *= s
+        return a.reshape(p, channels, q)
+    moved = np.moveaxis(a, axis, -1)
+    if moved.flags.c_contiguous:
+        return moved.reshape(-1, channels, 1)
+    return None
+
+
+class HostKernels:
+    """The four per-rank steps on host memory, as fused numba kernels.
+
+    :meth:`bind` fixes one forward's x (and its backward's): methods then
+    take and return full-shape numpy arrays like the portable route's, with
+    per-channel vectors in float64 (statistics) or the work dtype (factors).
+    """
+
+    name = "host"
+    dense = True
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.axis = 0
+        self.xb: np.ndarray = np.empty((0, 0, 0))
+        self.parts = 1
+
+    def bind(self, x: np.ndarray, axis: int, out: np.ndarray | None) -> HostKernels | None:
+        """Fix x; None if x (or ``out``) needs a copy to be viewed as (P, C, Q)."""
+        xb = block_view(x, axis)
+        if xb is None or (out is not None and _same_layout(out, x, axis) is None):
+            return None
+        self.axis, self.xb = axis, xb
+        self.parts = 1 if self.threads <= 1 or x.nbytes < PARALLEL_MIN_BYTES else self.threads
+        return self
+
+    def _like_x(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``a`` (dy) as a block in x's layout and dtype, copied only if needed."""
+        if a.dtype != x.dtype:
+            a = a.astype(x.dtype)
+        view = _same_layout(a, x, self.axis)
+        if view is None:
+            a = _empty_like(x, a)
+            view = _same_layout(a, x, self.axis)
+        return view  # type: ignore[return-value]
+
+    def statistics(self, x: np.ndarray, center: np.ndarray | None) -> tuple[int, Any, Any]:
+        """Return ``(n, Σ(x − center), Σ(x − center)²)`` per channel, float64.
+
+        ``center`` None means 0. One read of x, around a sample K of each
+        channel; the float64 shift to ``center`` is exact algebra.
+        """
+        xb = self.xb
+        p, channels, q = xb.shape
+        n = p * q
+        if n == 0:
+            zeros = np.zeros(channels)
+            return 0, zeros, zeros.copy()
+        k = xb[0, :, 0].astype(np.float64)
+        part = np.empty((self.parts, 2, channels))
+        if self.parts == 1:
+            hk.stats_serial(xb, k, part)
+            s1, s2 = part[0, 0], part[0, 1]
+        else:
+            _set_threads(self.parts)
+            with _LAUNCH:
+                hk.stats_parallel(xb, k, part)
+            s1, s2 = _merge(part)
+        delta = k if center is None else k - center
+        return n, s1 + n * delta, s2 + delta * (2.0 * s1 + n * delta)
+
+    def normalize(self, x: np.ndarray, f: Any, out: np.ndarray | None) -> np.ndarray:
+        """Return ``((x − hi) − lo)·scale + shift`` (written into ``out`` if given)."""
+        y = np.empty_like(x) if out is None else out
+        yb = _same_layout(y, x, self.axis)
+        if self.parts == 1:
+            hk.normalize_serial(self.xb, f.hi, f.lo, f.scale, f.offset, yb)
+        else:
+            _set_threads(self.parts)
+            with _LAUNCH:
+                hk.normalize_parallel(self.xb, f.hi, f.lo, f.scale, f.offset, yb, self.parts)
+        return y
+
+    def backward_sums(self, dy: np.ndarray, x: np.ndarray, f: Any) -> tuple[Any, Any]:
+        """Return ``(Σdy, Σdy·(x − mean))`` per channel, float64."""
+        dyb = self._like_x(dy, x)
+        part = np.empty((self.parts, 2, self.xb.shape[1]))
+        if self.parts == 1:
+            hk.backward_sums_serial(dyb, self.xb, f.hi, f.lo, part)
+            return part[0, 0], part[0, 1]
+        _set_threads(self.parts)
+        with _LAUNCH:
+            hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
+        return _merge(part)
+
+    def backward_input(
+        self,
+        dy: np.ndarray,
+        x: np.ndarray,
+        f: Any,
+        mean_dy: Any,
+        k: Any,
+        out: np.ndarray | None,
+    ) -> np.ndarray:
+        """Return ``scale·((dy − mean_dy) − (x − mean)·k)`` (``scale·dy`` for None)."""
+        if mean_dy is None or k is None:
+            mean_dy = k = np.zeros_like(f.hi)
+        dyb = self._like_x(dy, x)
+        dx = np.empty_like(x) if out is None else out
+        dxb = _same_layout(dx, x, self.axis)
+        args = (dyb, self.xb, f.hi, f.lo, f.scale, mean_dy, k, dxb)
+        if self.parts == 1:
+            hk.backward_input_serial(*args)
+        else:
+            _set_threads(self.parts)
+            with _LAUNCH:
+                hk.backward_input_parallel(*args, self.parts)
+        return dx
+
+
+def _same_layout(a: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray | None:
+    """``a``'s block view if it has x's shape, dtype and memory layout, else None."""
+    if a.shape != x.shape or a.dtype != x.dtype or a.strides != x.strides:
+        return None
+    return block_view(a, axis)
+
+
+def _empty_like(x: np.ndarray, values: np.ndarray) -> np.ndarray:
+    a = np.empty_like(x)
+    a[...] = values
+    return a
+
+
+def _merge(part: np.ndarray) -> tuple[Any, Any]:
+    """Sum per-thread partials in thread order (deterministic for a thread count)."""
+    total = part[0].copy()
+    for i in range(1, part.shape[0]):
+        total += part[i]
+    return total[0], total[1]
+
+
+def _set_threads(n: int) -> None:
+    import numba
+
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)

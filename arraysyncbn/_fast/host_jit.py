@@ -1,0 +1,228 @@
+"""Fused numba kernels for SyncBN on host memory (imported only with numba).
+
+Every kernel works on a C-contiguous 3-D view ``(P, C, Q)`` of x: ``P`` the
+product of the axes before the channel axis, ``Q`` of those after it (1 for
+channels-last and 2-D input). Each kernel reads its inputs once and writes
+its output once, which is what makes SyncBN on host memory run at memory
+speed instead of the ~6 passes and temporaries of the array-API route.
+
+Each kernel exists twice, from one body: ``*_serial`` (compiled without
+threads, so a small input never wakes the thread pool, which costs
+milliseconds on a loaded machine) and ``*_parallel`` (``prange`` over
+``nthreads`` contiguous chunks of x in memory order; reductions keep
+per-thread partials that the caller merges in a fixed order, so results are
+deterministic for a given thread count).
+
+Numerics match the portable route (``arraysyncbn.kernels``):
+
+* statistics: one pass over ``x − K`` with K a sample of each channel (the
+  first element; any value is exact, a sample keeps ``|mean − K|/std``
+  below ``sqrt(n)``), sums in float64;
+* normalize / backward input: elementwise math in the work dtype, centering
+  first as ``(x − hi) − lo`` (the float64 mean split in two work-dtype
+  numbers), never ``x·scale + shift``;
+* backward sums: ``dy·(x − mean)`` with the centering in the work dtype
+  and the product and sums in float64.
+
+Reductions are compiled with ``fastmath={"reassoc", "contract"}``: without
+reassociation LLVM keeps a float64 sum over a contiguous row scalar (~6 GB/s);
+with it the row is summed in vector lanes. No flag that assumes finite
+values is used, so NaN and inf propagate as in the portable route.
+Elementwise kernels use no fast-math flag at all: reassociation could fold
+``(x − hi) − lo`` into ``x − (hi + lo)`` and lose the compensation.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_REDUCE = {"reassoc", "contract"}
+_OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+def _chunk(total: int, parts: int, i: int) -> tuple[int, int]:
+    return total * i // parts, total * (i + 1) // parts
+
+
+chunk = numba.njit(inline="always", **_OPTS)(_chunk)
+
+
+# -- statistics --------------------------------------------------------------
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def _stats_planes(x, k, u0, u1, s1, s2):  # pragma: no cover - compiled
+    """Add Σ(x−K), Σ(x−K)² of planes ``u0..u1`` (index p·C + c) into s1, s2."""
+    c_count = x.shape[1]
+    for u in range(u0, u1):
+        p = u // c_count
+        c = u - p * c_count
+        kc = k[c]
+        a = 0.0
+        b = 0.0
+        row = x[p, c]
+        for q in range(row.shape[0]):
+            d = np.float64(row[q]) - kc
+            a += d
+            b += d * d
+        s1[c] += a
+        s2[c] += b
+
+
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def _stats_rows(x, k, p0, p1, s1, s2):  # pragma: no cover - compiled
+    """Add Σ(x−K), Σ(x−K)² of rows ``p0..p1`` of a (P, C, 1) view into s1, s2."""
+    c_count = x.shape[1]
+    for p in range(p0, p1):
+        for c in range(c_count):
+            d = np.float64(x[p, c, 0]) - k[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@numba.njit(**_OPTS)
+def _stats_body(x, k, nparts, i, s1, s2):  # pragma: no cover - compiled
+    if x.shape[2] == 1:
+        p0, p1 = chunk(x.shape[0], nparts, i)
+        _stats_rows(x, k, p0, p1, s1, s2)
+    else:
+        u0, u1 = chunk(x.shape[0] * x.shape[1], nparts, i)
+        _stats_planes(x, k, u0, u1, s1, s2)
+
+
+@numba.njit(**_OPTS)
+def stats_serial(x, k, part):  # pragma: no cover - compiled
+    """Per-channel ``Σ(x−K)``, ``Σ(x−K)²`` into ``part[0]`` (shape (1, 2, C))."""
+    part[0, :, :] = 0.0
+    _stats_body(x, k, 1, 0, part[0, 0], part[0, 1])
+
+
+@numba.njit(parallel=True, **_OPTS)
+def stats_parallel(x, k, part):  # pragma: no cover - compiled
+    """As :func:`stats_serial`, one partial per thread in ``part`` (T, 2, C)."""
+    nparts = part.shape[0]
+    for i in numba.prange(nparts):
+        part[i, :, :] = 0.0
+        _stats_body(x, k, nparts, i, part[i, 0], part[i, 1])
+
+
+# -- normalize ---------------------------------------------------------------
+@numba.njit(**_OPTS)
+def _normalize_body(x, hi, lo, scale, shift, y, nparts, i):  # pragma: no cover - compiled
+    c_count = x.shape[1]
+    if x.shape[2] == 1:
+        p0, p1 = chunk(x.shape[0], nparts, i)
+        for p in range(p0, p1):
+            for c in range(c_count):
+                y[p, c, 0] = ((x[p, c, 0] - hi[c]) - lo[c]) * scale[c] + shift[c]
+    else:
+        u0, u1 = chunk(x.shape[0] * c_count, nparts, i)
+        for u in range(u0, u1):
+            p = u // c_count
+            c = u - p * c_count
+            h, m, s, b = hi[c], lo[c], scale[c], shift[c]
+            xr = x[p, c]
+            yr = y[p, c]
+            for q in range(xr.shape[0]):
+                yr[q] = ((xr[q] - h) - m) * s + b
+
+
+@numba.njit(**_OPTS)
+def normalize_serial(x, hi, lo, scale, shift, y):  # pragma: no cover - compiled
+    """``y = ((x − hi) − lo)·scale + shift`` per channel, in the work dtype."""
+    _normalize_body(x, hi, lo, scale, shift, y, 1, 0)
+
+
+@numba.njit(parallel=True, **_OPTS)
+def normalize_parallel(x, hi, lo, scale, shift, y, nparts):  # pragma: no cover - compiled
+    for i in numba.prange(nparts):
+        _normalize_body(x, hi, lo, scale, shift, y, nparts, i)
+
+
+# -- backward sums -----------------------------------------------------------
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def _bsums_planes(dy, x, hi, lo, u0, u1, s1, s2):  # pragma: no cover - compiled
+    c_count = x.shape[1]
+    for u in range(u0, u1):
+        p = u // c_count
+        c = u - p * c_count
+        h, m = hi[c], lo[c]
+        a = 0.0
+        b = 0.0
+        xr = x[p, c]
+        gr = dy[p, c]
+        for q in range(xr.shape[0]):
+            g = np.float64(gr[q])
+            a += g
+            b += g * np.float64((xr[q] - h) - m)
+        s1[c] += a
+        s2[c] += b
+
+
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2):  # pragma: no cover - compiled
+    c_count = x.shape[1]
+    for p in range(p0, p1):
+        for c in range(c_count):
+            g = np.float64(dy[p, c, 0])
+            s1[c] += g
+            s2[c] += g * np.float64((x[p, c, 0] - hi[c]) - lo[c])
+
+
+@numba.njit(**_OPTS)
+def _bsums_body(dy, x, hi, lo, nparts, i, s1, s2):  # pragma: no cover - compiled
+    if x.shape[2] == 1:
+        p0, p1 = chunk(x.shape[0], nparts, i)
+        _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2)
+    else:
+        u0, u1 = chunk(x.shape[0] * x.shape[1], nparts, i)
+        _bsums_planes(dy, x, hi, lo, u0, u1, s1, s2)
+
+
+@numba.njit(**_OPTS)
+def backward_sums_serial(dy, x, hi, lo, part):  # pragma: no cover - compiled
+    """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` into ``part[0]`` (float64)."""
+    part[0, :, :] = 0.0
+    _bsums_body(dy, x, hi, lo, 1, 0, part[0, 0], part[0, 1])
+
+
+@numba.njit(parallel=True, **_OPTS)
+def backward_sums_parallel(dy, x, hi, lo, part):  # pragma: no cover - compiled
+    nparts = part.shape[0]
+    for i in numba.prange(nparts):
+        part[i, :, :] = 0.0
+        _bsums_body(dy, x, hi, lo, nparts, i, part[i, 0], part[i, 1])
+
+
+# -- backward input ----------------------------------------------------------
+@numba.njit(**_OPTS)
+def _binput_body(dy, x, hi, lo, scale, mdy, k, dx, nparts, i):  # pragma: no cover - compiled
+    c_count = x.shape[1]
+    if x.shape[2] == 1:
+        p0, p1 = chunk(x.shape[0], nparts, i)
+        for p in range(p0, p1):
+            for c in range(c_count):
+                xc = (x[p, c, 0] - hi[c]) - lo[c]
+                dx[p, c, 0] = ((dy[p, c, 0] - mdy[c]) - xc * k[c]) * scale[c]
+    else:
+        u0, u1 = chunk(x.shape[0] * c_count, nparts, i)
+        for u in range(u0, u1):
+            p = u // c_count
+            c = u - p * c_count
+            h, m, s, g0, kc = hi[c], lo[c], scale[c], mdy[c], k[c]
+            xr = x[p, c]
+            gr = dy[p, c]
+            dr = dx[p, c]
+            for q in range(xr.shape[0]):
+                dr[q] = ((gr[q] - g0) - ((xr[q] - h) - m) * kc) * s
+
+
+@numba.njit(**_OPTS)
+def backward_input_serial(dy, x, hi, lo, scale, mdy, k, dx):  # pragma: no cover - compiled
+    """``dx = scale·((dy − mean_dy) − (x − mean)·k)`` in the work dtype."""
+    _binput_body(dy, x, hi, lo, scale, mdy, k, dx, 1, 0)
+
+
+@numba.njit(parallel=True, **_OPTS)
+def backward_input_parallel(dy, x, hi, lo, scale, mdy, k, dx, nparts):  # pragma: no cover
+    for i in numba.prange(nparts):
+        _binput_body(dy, x, hi, lo, scale, mdy, k, dx, nparts, i)
