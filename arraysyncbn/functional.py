@@ -52,7 +52,7 @@ class _Factors:
     offset: Array | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SavedForBackward:
     """What a forward keeps for its backward.
 
@@ -246,6 +246,8 @@ def statistics_device(xp: Any, device: Any) -> tuple[Any, Any]:
 
 def _to(v: Array, xp: Any, device: Any, dtype: Any) -> Array:
     """Return per-channel ``v`` on ``device`` in ``dtype`` (cast where both exist)."""
+    if type(v) is np.ndarray:  # host memory: the only device; skip the lookups
+        return v.astype(dtype, copy=False)
     if array_api_compat.device(v) == device:
         return xp.astype(v, dtype, copy=False)
     if dtype == xp.float64:
@@ -282,22 +284,38 @@ def _factors(
     return _Factors(hi_w, lo_w, _to(scale, xp, device, wdtype), offset)
 
 
+@dataclass(slots=True)
+class _Step:
+    """What finalizing the reduced statistics gives the rest of the step."""
+
+    mean: Array
+    var: Array
+    invstd: Array
+    factors: _Factors
+    running_mean: Array | None
+    running_var: Array | None
+    loss: float
+
+
 class PortableKernels:
-    """The four per-rank steps through the array API (:mod:`arraysyncbn.kernels`).
+    """The per-rank steps through the array API (:mod:`arraysyncbn.kernels`).
 
     The source of truth: runs on every array-API library and device. Same
     methods as :class:`arraysyncbn._fast.host.HostKernels`, so the step's
-    code is the same whatever the route.
+    code is the same whatever the route: pack the local statistics,
+    finalize the reduced ones, normalize; pack the backward sums, turn the
+    reduced ones into coefficients, compute dx.
     """
 
     name = "portable"
-    dense = False
+    dense = False  # None, not zeros, for an absent lo or offset factor
 
-    def __init__(self, xp: Any, axis: int, acc: Any, sdev: Any, sdt: Any) -> None:
+    def __init__(self, xp: Any, axis: int, acc: Any, sdev: Any, sdt: Any, device: Any) -> None:
         self.xp, self.axis, self.acc, self.sdev, self.sdt = xp, axis, acc, sdev, sdt
+        self.device = device
 
-    def statistics(self, x: Array, center: Array | None) -> tuple[int, Array, Array]:
-        """``(n, Σ(x − center), Σ(x − center)²)`` per channel on the statistics device."""
+    def pack_statistics(self, x: Array, center: Array | None) -> Array:
+        """``[n, Σ(x − center), Σ(x − center)²]`` on the statistics device."""
         xp = self.xp
         n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
         c = _to(c, xp, self.sdev, self.sdt)
@@ -308,17 +326,56 @@ class PortableKernels:
             _to(b, xp, self.sdev, self.sdt),
             xp=xp,
         )
-        return n, s1, s2
+        head = xp.asarray([float(n)], dtype=self.sdt, device=self.sdev)
+        return xp.concat([head, s1, s2])
+
+    def finalize(
+        self,
+        buf: Array,
+        count: int,
+        center: Array | None,
+        eps: float,
+        params: tuple[Array | None, ...],
+        momentum: float | None,
+        size: int,
+        wdtype: Any,
+    ) -> _Step:
+        """Statistics, factors, running statistics (``momentum`` None: no update)
+        and the merge's worst relative variance error, from the reduced buffer."""
+        xp, c = self.xp, (buf.shape[0] - 1) // 2
+        weight, bias, running_mean, running_var = params
+        rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], buf[1 + c :], xp=xp)
+        # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
+        # to var + eps (what invstd depends on).
+        ulp = float(xp.finfo(self.sdt).eps)
+        loss = float(xp.max(buf[1 + c :] / count * (4.0 * (size + 2) * ulp) / (var + eps)))
+        mean = rel if center is None else center + rel
+        invstd = kernels.invstd_of(var, eps, xp=xp)
+        f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device)
+        new_mean, new_var = running_mean, running_var
+        if momentum is not None and running_mean is not None and running_var is not None:
+            new_mean = _running_update(xp, running_mean, mean, momentum)
+            new_var = _running_update(xp, running_var, var * (count / (count - 1)), momentum)
+        return _Step(mean, var, invstd, f, new_mean, new_var, loss)
 
     def normalize(self, x: Array, f: _Factors, out: Array | None) -> Array:
         y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, self.axis, xp=self.xp)
         return y if out is None else _write(out, y)
 
-    def backward_sums(self, dy: Array, x: Array, f: _Factors) -> tuple[Array, Array]:
-        """``(Σdy, Σdy·(x − mean))`` per channel on the statistics device."""
+    def pack_backward(self, dy: Array, x: Array, f: _Factors, invstd: Array) -> Array:
+        """``[Σdy, Σdy·x̂]`` per channel on the statistics device."""
         xp = self.xp
         s, sx = kernels.backward_sums(dy, x, f.hi, f.lo, self.axis, xp=xp, acc=self.acc)
-        return _to(s, xp, self.sdev, self.sdt), _to(sx, xp, self.sdev, self.sdt)
+        s = _to(s, xp, self.sdev, self.sdt)
+        return xp.concat([s, _to(sx, xp, self.sdev, self.sdt) * invstd])
+
+    def backward_coefficients(
+        self, buf: Array, count: int, invstd: Array, wdtype: Any
+    ) -> tuple[Array, Array]:
+        """Global ``mean(dy)`` and ``invstd·mean(dy·x̂)`` in the work dtype on x's device."""
+        xp, c = self.xp, buf.shape[0] // 2
+        mean_dy = _to(buf[:c] / count, xp, self.device, wdtype)
+        return mean_dy, _to(invstd * (buf[c:] / count), xp, self.device, wdtype)
 
     def backward_input(
         self,
@@ -375,26 +432,19 @@ def _batch_statistics(
     channels: int,
     comm: Communicator,
     *,
-    xp: Any,
     io: Any,
-    sdev: Any,
-    sdt: Any,
-    wdtype: Any,
+    exact_count: bool,
     center: Array | None,
-    eps: float,
     shape: tuple[int, ...],
-) -> tuple[int, Array, Array]:
-    """Return the global ``(N, mean, biased var)`` of x over every rank.
+) -> tuple[int, Array]:
+    """Return the global N and the reduced buffer ``[N, Σ(x − K), Σ(x − K)²]``.
 
-    Exactly one allreduce, of ``[n, Σ(x − K), Σ(x − K)²]`` with the center K
-    every rank shares. Its float64 merge cancels as ``ulp·(|mean − K|/std)²``;
-    where that loses about half the work precision, every rank warns alike
-    (:class:`PrecisionWarning`). ``io`` (host route) hands the buffer to the
-    communicator as an array of the caller's library.
+    Exactly one allreduce, with the center K every rank shares. ``io`` (host
+    route) hands the buffer to the communicator as an array of the caller's
+    library. The decisions on N are taken from the reduced buffer, which is
+    the same on every rank.
     """
-    n, s1, s2 = kern.statistics(x, center)
-    head = xp.asarray([float(n)], dtype=sdt, device=sdev)
-    packed = xp.concat([head, s1, s2])
+    packed = kern.pack_statistics(x, center)
     if io is None:
         buf = comm.allreduce(packed)
     else:
@@ -403,20 +453,17 @@ def _batch_statistics(
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
         )
-    count = _global_count(buf, sdt == xp.float64)
+    count = _global_count(buf, exact_count)
     if count == 1:
         raise ValueError(
             "expected more than 1 value per channel when using batch statistics, got a "
             f"global batch of 1 (input shape {shape} on rank {comm.rank})"
         )
-    if count == 0:
-        zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
-        return 0, zeros, zeros
-    rel, var = kernels.finalize_moments(count, buf[1 : 1 + channels], buf[1 + channels :], xp=xp)
-    # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative to
-    # var + eps (what invstd depends on).
-    ulp = float(xp.finfo(sdt).eps)
-    loss = float(xp.max(buf[1 + channels :] / count * (4.0 * (comm.size + 2) * ulp) / (var + eps)))
+    return count, buf
+
+
+def _warn_if_imprecise(loss: float, xp: Any, wdtype: Any) -> None:
+    """Warn (every rank alike: loss comes from reduced values) past the tolerance."""
     if loss > _warn_tolerance(xp, wdtype):
         warnings.warn(
             f"SyncBN statistics may have lost precision (relative variance error up to "
@@ -424,9 +471,8 @@ def _batch_statistics(
             "standard deviation; pass center= (e.g. a previous reduced mean) — "
             "SyncBatchNorm does so from its second step",
             PrecisionWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
-    return count, rel if center is None else center + rel, var
 
 
 def _running_update(
@@ -440,6 +486,9 @@ def _running_update(
     Computed in batch_value's (float64) dtype on its device, from values
     every rank shares, so every rank gets the same bits.
     """
+    if type(running) is np.ndarray:
+        new = (1.0 - momentum) * running.astype(batch_value.dtype) + momentum * batch_value
+        return new.astype(running.dtype, copy=False)
     sdev = array_api_compat.device(batch_value)
     r = _to(running, xp, sdev, batch_value.dtype)
     new = (1.0 - momentum) * r + momentum * batch_value
@@ -594,7 +643,8 @@ def sync_batch_norm_forward(
     >>> [round(float(v), 6) for v in y[:, 0]]
     [-1.341641, -0.447214, 0.447214, 1.341641]
     """
-    params = (weight, bias, running_mean, running_var)
+    params = caller_params = (weight, bias, running_mean, running_var)
+    caller_center = center
     io = _fast.host_io(x)
     if (
         io is not None
@@ -622,10 +672,12 @@ def sync_batch_norm_forward(
         kern = _fast.host_kernels().bind(xk, ax, outk)
     if kern is None:
         io = None
+        xk, outk, params, center = x, out, caller_params, caller_center
+        xp = array_api_compat.array_namespace(x)
         device = array_api_compat.device(x)
         sdev, sdt = statistics_device(xp, device)
-        kern = PortableKernels(xp, ax, kernels.accumulation_dtype(xp, device), sdev, sdt)
-        xk, outk = x, out
+        acc = kernels.accumulation_dtype(xp, device)
+        kern = PortableKernels(xp, ax, acc, sdev, sdt, device)
     else:
         device, sdev, sdt = "cpu", "cpu", np.float64
     wdtype = kernels.work_dtype(xp, xk.dtype)
@@ -639,27 +691,38 @@ def sync_batch_norm_forward(
         saved = SavedForBackward(
             xk, f, mean, invstd, weight, bias, ax, None, False, communicator, xp, kern, io
         )
-        return _back(io, y), _back(io, running_mean), _back(io, running_var), saved
+        return _back(io, y), caller_params[2], caller_params[3], saved
 
     if check:
         check_consistency(communicator, x, num_features=channels, axis=ax)
-    count, mean, var = _batch_statistics(
-        kern, xk, channels, communicator, xp=xp, io=io, sdev=sdev, sdt=sdt, wdtype=wdtype,
-        center=center, eps=eps, shape=tuple(x.shape),
+    count, buf = _batch_statistics(
+        kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
+        center=center, shape=tuple(x.shape),
     )  # fmt: skip
-    invstd = kernels.invstd_of(var, eps, xp=xp)
-    f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
+    if count == 0:
+        zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
+        mean = var = zeros
+        invstd = kernels.invstd_of(var, eps, xp=xp)
+        f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
+        new_mean, new_var = caller_params[2], caller_params[3]
+    else:
+        update = training and running_mean is not None
+        m = None
+        if update:
+            m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
+        st = kern.finalize(buf, count, center, eps, params, m, communicator.size, wdtype)
+        _warn_if_imprecise(st.loss, xp, wdtype)
+        mean, invstd, f = st.mean, st.invstd, st.factors
+        new_mean, new_var = st.running_mean, st.running_var
+        if update:
+            new_mean, new_var = _back(io, new_mean), _back(io, new_var)
+        else:
+            new_mean, new_var = caller_params[2], caller_params[3]
     y = kern.normalize(xk, f, outk)
-
-    new_mean, new_var = running_mean, running_var
-    if training and count > 0 and running_mean is not None and running_var is not None:
-        m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
-        new_mean = _running_update(xp, running_mean, mean, m)
-        new_var = _running_update(xp, running_var, var * (count / (count - 1)), m)
     saved = SavedForBackward(
         xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io
     )
-    return _back(io, y), _back(io, new_mean), _back(io, new_var), saved
+    return _back(io, y), new_mean, new_var, saved
 
 
 def _back(io: Any, a: Array | None) -> Array | None:
@@ -714,28 +777,25 @@ def sync_batch_norm_backward(
             dy, out = io.to_numpy(dy), io.to_numpy(out)
     elif out is not None and (type(out) is not np.ndarray or out.shape != x.shape):
         _validate_out(np, x, out)
-    ax = saved.axis
-    device = array_api_compat.device(x)
     wdtype = kernels.work_dtype(xp, x.dtype)
-    sum_dy, sum_dy_xc = kern.backward_sums(dy, x, f)
-    sum_dy_xhat = sum_dy_xc * saved.invstd
+    packed = kern.pack_backward(dy, x, f, saved.invstd)
     if not saved.batch_stats:
         dx = kern.backward_input(dy, x, f, None, None, out)
     elif saved.count == 0:
         dx = xp.zeros_like(x) if out is None else _write(out, xp.zeros_like(x))
     else:
-        channels = x.shape[ax]
-        packed = xp.concat([sum_dy, sum_dy_xhat])
         if io is None:
             buf = saved.comm.allreduce(packed)
         else:
             buf = io.to_numpy(saved.comm.allreduce(io.from_numpy(packed)))
-        count = float(saved.count)  # type: ignore[arg-type]
-        mean_dy = _to(buf[:channels] / count, xp, device, wdtype)
-        k = _to(saved.invstd * (buf[channels:] / count), xp, device, wdtype)
+        mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
-    dweight = None if saved.weight is None else _to(sum_dy_xhat, xp, device, saved.weight.dtype)
-    dbias = None if saved.bias is None else _to(sum_dy, xp, device, saved.bias.dtype)
+    channels = x.shape[saved.axis]
+    dweight = dbias = None
+    if saved.weight is not None:
+        dweight = _to(packed[channels:], xp, kern.device, saved.weight.dtype)
+    if saved.bias is not None:
+        dbias = _to(packed[:channels], xp, kern.device, saved.bias.dtype)
     return _back(io, dx), _back(io, dweight), _back(io, dbias)
 
 

@@ -213,7 +213,8 @@ def test_cli_default_job_on_four_ranks_prints_the_table() -> None:
 def test_cli_fails_when_the_check_fails() -> None:
     """A planted error in the kernels must turn into exit status 1 on the job."""
     plant = (
-        "import sys, runpy, arraysyncbn.kernels as k; f = k.invstd_of; "
+        "import os, sys, runpy, arraysyncbn.kernels as k; f = k.invstd_of; "
+        "os.environ['ARRAYSYNCBN_FAST'] = '0'; "
         "k.invstd_of = lambda *a, **kw: f(*a, **kw) * 1.001; "
         "sys.argv = ['arraysyncbn', '--json', '--steps', '0']; "
         "runpy.run_module('arraysyncbn', run_name='__main__')"

@@ -99,9 +99,8 @@ def host_io(x: Any) -> HostIO | None:
 
 
 def host_kernels() -> Any:
-    """A :class:`.host.HostKernels` with this call's thread count."""
-    host = _load_host()
-    return host.HostKernels(host.thread_count())
+    """A fresh :class:`.host.HostKernels` (one per forward, kept for its backward)."""
+    return _load_host().HostKernels()
 
 
 def route_info() -> str:

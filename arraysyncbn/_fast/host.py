@@ -98,16 +98,17 @@ def block_view(a: np.ndarray, axis: int) -> np.ndarray | None:
 class HostKernels:
     """The four per-rank steps on host memory, as fused numba kernels.
 
-    :meth:`bind` fixes one forward's x (and its backward's): methods then
-    take and return full-shape numpy arrays like the portable route's, with
-    per-channel vectors in float64 (statistics) or the work dtype (factors).
+    :meth:`bind` fixes one forward's x (and its backward's) and the number
+    of threads: methods then take and return full-shape numpy arrays like
+    the portable route's, with per-channel vectors in float64 (statistics)
+    or the work dtype (factors).
     """
 
     name = "host"
     dense = True
+    device = "cpu"
 
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
+    def __init__(self) -> None:
         self.axis = 0
         self.xb: np.ndarray = np.empty((0, 0, 0))
         self.parts = 1
@@ -118,7 +119,8 @@ class HostKernels:
         if xb is None or (out is not None and _same_layout(out, x, axis) is None):
             return None
         self.axis, self.xb = axis, xb
-        self.parts = 1 if self.threads <= 1 or x.nbytes < PARALLEL_MIN_BYTES else self.threads
+        # Small inputs never ask for the thread count (nor wake the pool).
+        self.parts = 1 if x.nbytes < PARALLEL_MIN_BYTES else thread_count()
         return self
 
     def _like_x(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -131,30 +133,64 @@ class HostKernels:
             view = _same_layout(a, x, self.axis)
         return view  # type: ignore[return-value]
 
-    def statistics(self, x: np.ndarray, center: np.ndarray | None) -> tuple[int, Any, Any]:
-        """Return ``(n, Σ(x − center), Σ(x − center)²)`` per channel, float64.
+    def pack_statistics(self, x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
+        """``[n, Σ(x − center), Σ(x − center)²]`` in float64 (center None: 0).
 
-        ``center`` None means 0. One read of x, around a sample K of each
-        channel; the float64 shift to ``center`` is exact algebra.
+        One read of x, around a sample K of each channel; the float64 shift
+        to ``center`` is exact algebra.
         """
         xb = self.xb
         p, channels, q = xb.shape
         n = p * q
+        buf = np.empty(1 + 2 * channels)
         if n == 0:
-            zeros = np.zeros(channels)
-            return 0, zeros, zeros.copy()
+            buf[:] = 0.0
+            return buf
         k = xb[0, :, 0].astype(np.float64)
         part = np.empty((self.parts, 2, channels))
         if self.parts == 1:
             hk.stats_serial(xb, k, part)
-            s1, s2 = part[0, 0], part[0, 1]
         else:
             _set_threads(self.parts)
             with _LAUNCH:
                 hk.stats_parallel(xb, k, part)
-            s1, s2 = _merge(part)
-        delta = k if center is None else k - center
-        return n, s1 + n * delta, s2 + delta * (2.0 * s1 + n * delta)
+        zero = _zeros(channels) if center is None else center.astype(np.float64, copy=False)
+        hk.pack_statistics(_merged(part), k, zero, float(n), buf)
+        return buf
+
+    def finalize(
+        self,
+        buf: np.ndarray,
+        count: int,
+        center: np.ndarray | None,
+        eps: float,
+        params: tuple[Any, ...],
+        momentum: float | None,
+        size: int,
+        wdtype: Any,
+    ) -> Any:
+        """As :meth:`arraysyncbn.functional.PortableKernels.finalize`, in one kernel."""
+        from ..functional import _Factors, _Step
+
+        channels = self.xb.shape[1]
+        weight, bias, rm, rv = params
+        update = momentum is not None and rm is not None
+        stats = np.empty((3, channels))
+        hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
+        new_rm = np.empty_like(rm) if update else _DUMMY
+        new_rv = np.empty_like(rv) if update else _DUMMY
+        loss = hk.finalize_forward(
+            buf, float(count), _zeros(channels) if center is None else center,
+            float(eps), _ones(channels) if weight is None else weight,
+            _zeros(channels) if bias is None else bias,
+            rm if update else _DUMMY, rv if update else _DUMMY,
+            momentum if update else -1.0, size, stats, hi, lo, scale, shift, new_rm, new_rv,
+        )  # fmt: skip
+        f = _Factors(hi, lo, scale, shift)
+        return _Step(
+            stats[0], stats[1], stats[2], f, new_rm if update else rm,
+            new_rv if update else rv, loss,
+        )  # fmt: skip
 
     def normalize(self, x: np.ndarray, f: Any, out: np.ndarray | None) -> np.ndarray:
         """Return ``((x − hi) − lo)·scale + shift`` (written into ``out`` if given)."""
@@ -168,17 +204,28 @@ class HostKernels:
                 hk.normalize_parallel(self.xb, f.hi, f.lo, f.scale, f.offset, yb, self.parts)
         return y
 
-    def backward_sums(self, dy: np.ndarray, x: np.ndarray, f: Any) -> tuple[Any, Any]:
-        """Return ``(Σdy, Σdy·(x − mean))`` per channel, float64."""
+    def pack_backward(self, dy: np.ndarray, x: np.ndarray, f: Any, invstd: Any) -> np.ndarray:
+        """``[Σdy, Σdy·x̂]`` per channel, float64."""
         dyb = self._like_x(dy, x)
-        part = np.empty((self.parts, 2, self.xb.shape[1]))
+        channels = self.xb.shape[1]
+        part = np.empty((self.parts, 2, channels))
         if self.parts == 1:
             hk.backward_sums_serial(dyb, self.xb, f.hi, f.lo, part)
-            return part[0, 0], part[0, 1]
-        _set_threads(self.parts)
-        with _LAUNCH:
-            hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
-        return _merge(part)
+        else:
+            _set_threads(self.parts)
+            with _LAUNCH:
+                hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
+        packed = np.empty(2 * channels)
+        hk.pack_backward(_merged(part), invstd, packed)
+        return packed
+
+    def backward_coefficients(
+        self, buf: np.ndarray, count: int, invstd: np.ndarray, wdtype: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Global ``mean(dy)`` and ``invstd·mean(dy·x̂)`` in the work dtype."""
+        mean_dy, k = np.empty((2, invstd.shape[0]), dtype=wdtype)
+        hk.backward_coefficients(buf, float(count), invstd, mean_dy, k)
+        return mean_dy, k
 
     def backward_input(
         self,
@@ -218,12 +265,21 @@ def _empty_like(x: np.ndarray, values: np.ndarray) -> np.ndarray:
     return a
 
 
-def _merge(part: np.ndarray) -> tuple[Any, Any]:
-    """Sum per-thread partials in thread order (deterministic for a thread count)."""
-    total = part[0].copy()
-    for i in range(1, part.shape[0]):
-        total += part[i]
-    return total[0], total[1]
+def _merged(part: np.ndarray) -> np.ndarray:
+    """Per-thread partials as the kernels merge them (in thread order); a seam
+    where the tests plant a merge bug."""
+    return part
+
+
+_DUMMY = np.empty(0)
+
+
+def _zeros(n: int) -> np.ndarray:
+    return np.zeros(n)
+
+
+def _ones(n: int) -> np.ndarray:
+    return np.ones(n)
 
 
 def _set_threads(n: int) -> None:

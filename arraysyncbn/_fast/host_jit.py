@@ -226,3 +226,114 @@ def backward_input_serial(dy, x, hi, lo, scale, mdy, k, dx):  # pragma: no cover
 def backward_input_parallel(dy, x, hi, lo, scale, mdy, k, dx, nparts):  # pragma: no cover
     for i in numba.prange(nparts):
         _binput_body(dy, x, hi, lo, scale, mdy, k, dx, nparts, i)
+
+
+@numba.njit(parallel=True, **_OPTS)
+def copy_parallel(src, dst, parts):  # pragma: no cover - compiled
+    """``dst[:] = src`` in ``parts`` threads: the benchmark's bandwidth floor."""
+    n = src.shape[0]
+    for i in numba.prange(parts):
+        lo, hi = chunk(n, parts, i)
+        for j in range(lo, hi):
+            dst[j] = src[j]
+
+
+# -- per-channel glue (tiny inputs live or die by Python overhead) ------------
+@numba.njit(**_OPTS)
+def pack_statistics(part, k, center, n, buf):  # pragma: no cover - compiled
+    """Merge partials in thread order and write ``[n, Σ(x−K), Σ(x−K)²]`` about ``center``.
+
+    ``Σ(x−K) = S1 + nδ`` and ``Σ(x−K)² = S2 + δ(2·S1 + nδ)`` with δ = k − K:
+    exact algebra in float64.
+    """
+    c_count = k.shape[0]
+    buf[0] = n
+    for c in range(c_count):
+        s1 = 0.0
+        s2 = 0.0
+        for t in range(part.shape[0]):
+            s1 += part[t, 0, c]
+            s2 += part[t, 1, c]
+        d = k[c] - center[c]
+        buf[1 + c] = s1 + n * d
+        buf[1 + c_count + c] = s2 + d * (2.0 * s1 + n * d)
+
+
+@numba.njit(**_OPTS)
+def finalize_forward(
+    buf,
+    count,
+    center,
+    eps,
+    weight,
+    bias,
+    rm,
+    rv,
+    momentum,
+    size,
+    stats,
+    hi,
+    lo,
+    scale,
+    shift,
+    new_rm,
+    new_rv,
+):  # pragma: no cover - compiled
+    """Mean, biased var, invstd (rows of ``stats``), the work-dtype factors and the
+    running statistics (``momentum`` < 0: no update) from the reduced buffer.
+
+    Returns the merge's worst relative variance error (as the portable route's
+    ``_batch_statistics`` estimates it).
+    """
+    c_count = hi.shape[0]
+    ulp = 2.220446049250313e-16
+    loss = 0.0
+    bessel = count / (count - 1.0) if count > 1 else 0.0
+    for c in range(c_count):
+        s1 = buf[1 + c]
+        s2 = buf[1 + c_count + c]
+        rel = s1 / count
+        var = s2 / count - rel * rel
+        if var < 0.0:
+            var = 0.0
+        mean = center[c] + rel
+        inv = 1.0 / np.sqrt(var + eps)
+        e = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
+        if e > loss:
+            loss = e
+        stats[0, c] = mean
+        stats[1, c] = var
+        stats[2, c] = inv
+        # Stores cast to each array's dtype (the work dtype, the running
+        # statistics' dtype) with round-to-nearest, like the portable astype.
+        hi[c] = mean
+        lo[c] = mean - np.float64(hi[c])
+        scale[c] = inv * np.float64(weight[c])
+        shift[c] = bias[c]
+        if momentum >= 0.0:
+            new_rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean
+            new_rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (var * bessel)
+    return loss
+
+
+@numba.njit(**_OPTS)
+def pack_backward(part, invstd, buf):  # pragma: no cover - compiled
+    """Merge partials in thread order into ``[Σdy, Σdy·x̂]`` (x̂ = (x − mean)·invstd)."""
+    c_count = invstd.shape[0]
+    for c in range(c_count):
+        s1 = 0.0
+        s2 = 0.0
+        for t in range(part.shape[0]):
+            s1 += part[t, 0, c]
+            s2 += part[t, 1, c]
+        buf[c] = s1
+        buf[c_count + c] = s2 * invstd[c]
+
+
+@numba.njit(**_OPTS)
+def backward_coefficients(buf, count, invstd, mean_dy, k):  # pragma: no cover - compiled
+    """Global ``mean(dy)`` and ``invstd·mean(dy·x̂)`` in the work dtype."""
+    c_count = invstd.shape[0]
+    for c in range(c_count):
+        mean_dy[c] = buf[c] / count
+        k[c] = invstd[c] * (buf[c_count + c] / count)

@@ -1,0 +1,123 @@
+"""Tables (rich) and the ratio plot (matplotlib) of ``python -m arraysyncbn bench``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["plot", "print_tables"]
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def rows_table(run: dict[str, Any], title: str) -> Table:
+    """One table: per case, torch/ours ratios, times, floor fractions, errors, memory."""
+    t = Table(title=title, title_justify="left")
+    for col in (
+        "case",
+        "ratio fwd\nhost / portable",
+        "ratio fwd+bwd\nhost / portable",
+        "fwd\nhost / torch",
+        "fwd+bwd\nhost / torch",
+        "floor host\nfwd / fwd+bwd",
+        "max error\nhost / portable / torch",
+        "peak mem host\nfwd / bwd",
+    ):
+        t.add_column(col, justify="left" if col == "case" else "right")
+    for r in run["rows"]:
+        fwd, fb = r["fwd"], r["fwd_bwd"]
+        fr, fbr = r.get("fwd_ratio", {}), r.get("fwd_bwd_ratio", {})
+        err = r["error"]
+        peak = r.get("peak_memory", {}).get("host")
+        t.add_row(
+            r["case"] + ("" if r["route"] == "host" else f" [{r['route']} route]"),
+            f"{_fmt(fr.get('host'))} / {_fmt(fr.get('portable'))}",
+            f"{_fmt(fbr.get('host'))} / {_fmt(fbr.get('portable'))}",
+            f"{_fmt_time(fwd.get('host'))} / {_fmt_time(fwd.get('torch'))}",
+            f"{_fmt_time(fb.get('host'))} / {_fmt_time(fb.get('torch'))}",
+            f"{_fmt(r['fwd_floor_fraction'].get('host'))} / "
+            f"{_fmt(r['fwd_bwd_floor_fraction'].get('host'))}",
+            " / ".join(_fmt(err.get(n), ".1e") for n in ("host", "portable", "torch")),
+            "–" if peak is None else f"{peak['fwd']:.2f} / {peak['bwd']:.2f}",
+        )
+    return t
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    """Print the machine line and every run's table."""
+    console = Console(width=max(Console().width, 150))
+    m = result["machine"]
+    v = m["versions"]
+    console.print(
+        f"{m['cpu']}, {m['cores']} cores; {m['date']}; route: {m['route']}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    )
+    for key, label in (("tuned", "glibc trimming off"), ("default", "default allocator")):
+        run = result.get(key)
+        if run is None:
+            continue
+        title = (
+            f"{label}, {run['threads']} thread(s), copy bandwidth {run['copy_gbps']:.1f} GB/s "
+            "(ratio = torch time / ours; floor = fraction of the copy bandwidth)"
+        )
+        console.print(rows_table(run, title))
+    mpi = result.get("mpi")
+    if mpi is not None:
+        s = mpi["seconds"]
+        console.print(
+            f"{mpi['ranks']} MPI ranks, {mpi['case']} per rank, forward + backward: "
+            f"synchronized {_fmt_time(s['synchronized'])}, comm=None {_fmt_time(s['local'])}, "
+            f"ratio {mpi['ratio']:.3f}"
+        )
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Write a PNG of torch/ours ratios per case (host and portable routes)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # the bench extra
+        raise SystemExit(
+            f"--plot needs matplotlib: pip install 'arraysyncbn[bench]' ({exc})"
+        ) from exc
+    run = result.get("tuned") or result.get("default")
+    if run is None:
+        raise SystemExit("--plot: nothing to plot (no single-process run in this result)")
+    rows = [r for r in run["rows"] if "fwd_ratio" in r]
+    names = [r["case"] for r in rows]
+    series = [
+        ("host forward", "fwd_ratio", "host"),
+        ("host fwd+bwd", "fwd_bwd_ratio", "host"),
+        ("portable forward", "fwd_ratio", "portable"),
+        ("portable fwd+bwd", "fwd_bwd_ratio", "portable"),
+    ]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    width = 0.2
+    for i, (label, key, route) in enumerate(series):
+        values = [r[key].get(route, float("nan")) if key in r else float("nan") for r in rows]
+        ax.bar([j + (i - 1.5) * width for j in range(len(rows))], values, width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("torch time / our time (higher is faster)")
+    ax.set_title(
+        f"SyncBN (world of one) vs torch.nn.functional.batch_norm, CPU, {run['threads']} thread(s)"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
