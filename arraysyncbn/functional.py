@@ -520,7 +520,9 @@ def _numpy_args_valid(
             return False
     if (params[2] is None) != (params[3] is None):
         return False
-    if out is not None and (type(out) is not np.ndarray or out.shape != x.shape):
+    if out is not None and (
+        type(out) is not np.ndarray or out.shape != x.shape or out.dtype != x.dtype
+    ):
         return False
     if type(eps) is not float or not 0.0 < eps < math.inf:
         return False
@@ -775,7 +777,9 @@ def sync_batch_norm_backward(
             _validate_out(cxp, caller_x, out)
         if io is not None:
             dy, out = io.to_numpy(dy), io.to_numpy(out)
-    elif out is not None and (type(out) is not np.ndarray or out.shape != x.shape):
+    elif out is not None and (
+        type(out) is not np.ndarray or out.shape != x.shape or out.dtype != x.dtype
+    ):
         _validate_out(np, x, out)
     wdtype = kernels.work_dtype(xp, x.dtype)
     packed = kern.pack_backward(dy, x, f, saved.invstd)

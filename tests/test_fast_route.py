@@ -1,0 +1,264 @@
+"""The host fast route: same answers as the portable route, where and when it runs.
+
+The property tests (``test_properties``) already hold both routes to the
+float64 reference; here the two routes are compared with each other on the
+same draws, and the route's contracts are pinned down: which inputs take it,
+memory layouts, ``out=``, threads, its switches and its memory use.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import arraysyncbn as sbn
+from arraysyncbn import _fast
+from arraysyncbn._fast import host
+from arraysyncbn.testing import (
+    backward_bounds,
+    channel_bound,
+    forward_bounds,
+    reference_backward,
+)
+from arraysyncbn.testing import reference_forward as ref_forward
+from arraysyncbn.testing.strategies import sharded_batches
+
+from backends import BACKENDS, routed
+
+HOST = next(b for b in BACKENDS if b.name == "numpy")
+PORTABLE = next(b for b in BACKENDS if b.name == "numpy-portable")
+
+
+def _step(x, dy, w, b, rm, rv, *, axis=1, out=None, dx_out=None, training=True, **kw):
+    y, nrm, nrv, saved = sbn.sync_batch_norm_forward(
+        x, w, b, rm, rv, axis=axis, out=out, training=training, **kw
+    )
+    dx, dw, db = sbn.sync_batch_norm_backward(dy, saved, out=dx_out)
+    return {"y": y, "rm": nrm, "rv": nrv, "dx": dx, "dw": dw, "db": db, "route": saved.route}
+
+
+@given(batch=sharded_batches(ranks=st.just(1), dtypes=st.sampled_from(["float32", "float64"])))
+def test_host_and_portable_routes_agree_within_the_reference_bounds(batch) -> None:
+    """Both routes on the same draw: each within its bound of float64, so within
+    twice the bound of each other (per channel)."""
+    x, dy = batch.shards[0], batch.dys[0]
+    pd = "float32" if batch.dtype == "float32" else "float64"
+
+    def p(a):
+        return None if a is None else a.astype(pd)
+
+    args = (x, dy, p(batch.weight), p(batch.bias), p(batch.running_mean), p(batch.running_var))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sbn.PrecisionWarning)
+        with routed(HOST):
+            fast = _step(*args, axis=batch.axis, eps=batch.eps, momentum=batch.momentum)
+        with routed(PORTABLE):
+            slow = _step(*args, axis=batch.axis, eps=batch.eps, momentum=batch.momentum)
+    assert fast["route"] == "host" and slow["route"] == "portable"
+    ref = ref_forward(
+        [x], p(batch.weight), p(batch.bias), p(batch.running_mean), p(batch.running_var),
+        momentum=batch.momentum, eps=batch.eps, axis=batch.axis,
+    )  # fmt: skip
+    fb = forward_bounds(
+        ref, batch.dtype, weight=p(batch.weight), bias=p(batch.bias), momentum=batch.momentum
+    )
+    grads = reference_backward(ref, [dy], p(batch.weight))
+    bb = backward_bounds(ref, grads, [dy], batch.dtype, weight=p(batch.weight))
+    for key, bound in (("y", fb.y), ("dx", bb.dx)):
+        limit = 2 * channel_bound(np.asarray(bound, dtype=np.float64), x.ndim, batch.axis)
+        diff = np.abs(fast[key].astype(np.float64) - slow[key].astype(np.float64))
+        assert np.all(diff <= limit), f"{key}: routes differ by {diff.max():.3e}"
+    for key in ("dw", "db", "rm", "rv"):
+        if fast[key] is None:
+            assert slow[key] is None
+            continue
+        assert fast[key].dtype == slow[key].dtype
+        assert np.all(np.isfinite(fast[key]) == np.isfinite(slow[key]))
+
+
+def _data(shape, axis, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[axis]
+    view = [1] * len(shape)
+    view[axis] = c
+    x = (rng.standard_normal(shape) * 2 + np.arange(c).reshape(view) * 10).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    params = [np.linspace(0.5, 2, c, dtype=dtype), np.linspace(-1, 1, c, dtype=dtype)]
+    return x, dy, params + [np.zeros(c, dtype), np.ones(c, dtype)]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol, atol)
+
+
+@pytest.mark.parametrize(
+    "make, route",
+    [
+        (lambda x: x, "host"),
+        (lambda x: np.asfortranarray(x), "portable"),  # no (P, C, Q) view without a copy
+        (lambda x: x[:, :, ::2], "portable"),
+    ],
+    ids=["contiguous", "fortran", "strided"],
+)
+def test_layouts_take_the_route_they_can_and_agree(make, route, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 3, 10, 5), 1)
+    x, dy = make(x), make(dy)
+    got = _step(x, dy, *params)
+    assert got["route"] == route
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
+    want = _step(np.ascontiguousarray(x), np.ascontiguousarray(dy), *params)
+    for key in ("y", "dx", "dw", "db", "rm", "rv"):
+        _close(got[key], want[key])
+
+
+def test_torch_channels_last_tensors_run_the_host_route_without_copies(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 6, 5, 7), 1)
+    xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+    dyt = torch.from_numpy(dy)  # NCHW-contiguous: the route copies it to x's layout
+    pt = [torch.from_numpy(p) for p in params]
+    got = _step(xt, dyt, *pt)
+    assert got["route"] == "host"
+    assert isinstance(got["y"], torch.Tensor) and got["y"].dtype == torch.float32
+    assert got["y"].is_contiguous(memory_format=torch.channels_last), "y keeps x's layout"
+    want = _step(x, dy, *params)
+    for key in ("y", "dx", "dw", "db", "rm", "rv"):
+        assert isinstance(got[key], torch.Tensor), key
+        _close(got[key].numpy(), want[key])
+
+
+def test_torch_tensors_that_require_grad_are_accepted(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 3, 6), 1)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    w = torch.from_numpy(params[0]).requires_grad_(True)
+    got = _step(xt, torch.from_numpy(dy), w, *(torch.from_numpy(p) for p in params[1:]))
+    assert got["route"] == "host"
+    _close(got["y"].detach().numpy(), _step(x, dy, *params)["y"])
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_out_receives_y_and_dx(fast, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+    x, dy, params = _data((4, 3, 10), 1)
+    y_out, dx_out = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    got = _step(x, dy, *params, out=y_out, dx_out=dx_out)
+    assert got["y"] is y_out and got["dx"] is dx_out
+    want = _step(x, dy, *params)
+    _close(y_out, want["y"])
+    _close(dx_out, want["dx"])
+
+
+@pytest.mark.parametrize(
+    "out, error",
+    [
+        (np.empty((4, 3, 9), np.float32), ValueError),
+        (np.empty((4, 3, 10), np.float64), ValueError),
+        ([[0.0]], TypeError),
+    ],
+    ids=["shape", "dtype", "not-an-array"],
+)
+def test_bad_out_is_rejected(out, error) -> None:
+    x, _, params = _data((4, 3, 10), 1)
+    with pytest.raises(error, match="out"):
+        sbn.sync_batch_norm_forward(x, *params, out=out)
+
+
+def test_dy_of_another_dtype_is_cast(monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 3, 10), 1)
+    got = _step(x, dy.astype(np.float64), *params)
+    assert got["dx"].dtype == np.float32
+    _close(got["dx"], _step(x, dy, *params)["dx"])
+
+
+def test_eval_forward_and_its_backward_on_the_host_route(monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, (w, b, _, _) = _data((4, 3, 10), 1)
+    rm, rv = np.array([0.0, 10.0, 20.0], np.float32), np.array([4.0, 4.0, 4.0], np.float32)
+    got = _step(x, dy, w, b, rm, rv, training=False)
+    assert got["route"] == "host" and got["rm"] is rm and got["rv"] is rv
+    view = (1, 3, 1)
+    want_y = (x - rm.reshape(view)) / np.sqrt(rv.reshape(view) + 1e-5) * w.reshape(view)
+    _close(got["y"], want_y + b.reshape(view), rtol=1e-5, atol=1e-5)
+    _close(got["dx"], dy * (w / np.sqrt(rv + 1e-5)).reshape(view))
+
+
+def test_fast_switch_and_missing_numba_fall_back_to_portable(monkeypatch) -> None:
+    x, dy, params = _data((4, 3, 10), 1)
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
+    assert _step(x, dy, *params)["route"] == "portable"
+    assert "ARRAYSYNCBN_FAST=0" in _fast.route_info()
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    monkeypatch.setattr(_fast, "_host_module", None)
+    monkeypatch.setattr(_fast, "_numba_error", "numba cannot be imported (planted)")
+    assert _step(x, dy, *params)["route"] == "portable"
+    assert "numba cannot be imported" in _fast.route_info()
+
+
+@pytest.mark.parametrize("dtype", ["float16"])
+def test_half_precision_runs_portable(dtype, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 3, 10), 1, dtype=np.float32)
+    got = _step(x.astype(dtype), dy.astype(dtype), *params)
+    assert got["route"] == "portable" and got["y"].dtype == np.float16
+
+
+def test_thread_count_divides_the_pool_among_node_ranks(monkeypatch) -> None:
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    for name in ("ARRAYSYNCBN_THREADS", *host._LOCAL_SIZE_VARS):
+        monkeypatch.delenv(name, raising=False)
+    assert host.thread_count() == pool
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(pool * 4))
+    assert host.thread_count() == 1, "never below one thread"
+    monkeypatch.setenv("MPI_LOCALNRANKS", "1")
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", "1")
+    assert host.thread_count() == 1
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", "many")
+    with pytest.raises(ValueError, match="ARRAYSYNCBN_THREADS"):
+        host.thread_count()
+
+
+def test_threaded_kernels_match_serial_ones(monkeypatch) -> None:
+    """The same input through 1 and 2 threads (the threshold lifted): the same
+    results up to the order of float64 partial sums."""
+    x, dy, params = _data((6, 5, 33), 1, dtype=np.float64)
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    serial = _step(x, dy, *params)
+    monkeypatch.setattr(host, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", "2")
+    threaded = _step(x, dy, *params)
+    for key in ("y", "dx", "dw", "db", "rm", "rv"):
+        _close(threaded[key], serial[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, axis", [((8, 16, 32, 32), 1), ((8, 32, 32, 16), 3)])
+def test_host_route_allocates_nothing_x_sized_but_y_and_dx(shape, axis, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data(shape, axis)
+    _step(x, dy, *params, axis=axis)  # compile and warm up outside the trace
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        y, _, _, saved = sbn.sync_batch_norm_forward(x, *params, axis=axis)
+        fwd_peak = tracemalloc.get_traced_memory()[1] - base
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        dx, _, _ = sbn.sync_batch_norm_backward(dy, saved)
+        bwd_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert saved.route == "host"
+    assert fwd_peak <= 1.1 * y.nbytes, (fwd_peak, y.nbytes)
+    assert bwd_peak <= 1.1 * dx.nbytes, (bwd_peak, dx.nbytes)
