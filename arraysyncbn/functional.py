@@ -26,6 +26,7 @@ import array_api_compat
 
 from . import kernels
 from .comm.base import Communicator, as_communicator
+from .comm.calls import current_call, next_call
 from .errors import CollectiveMismatchError
 
 __all__ = [
@@ -324,7 +325,8 @@ def _batch_statistics(
         n, c if k is None else c - k, _to(a, xp, sdev, sdt), _to(b, xp, sdev, sdt), xp=xp
     )
     head = xp.asarray([float(n)], dtype=sdt, device=sdev)
-    buf = comm.allreduce(xp.concat([head, s1, s2]))
+    with current_call(next_call(comm, "forward")):  # named if the wait times out
+        buf = comm.allreduce(xp.concat([head, s1, s2]))
     if tuple(buf.shape) != (1 + 2 * channels,):
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
@@ -548,7 +550,8 @@ def sync_batch_norm_backward(
         dx = xp.zeros_like(x)
     else:
         channels = x.shape[ax]
-        buf = saved.comm.allreduce(xp.concat([sum_dy, sum_dy_xhat]))
+        with current_call(next_call(saved.comm, "backward")):
+            buf = saved.comm.allreduce(xp.concat([sum_dy, sum_dy_xhat]))
         count = float(saved.count)  # type: ignore[arg-type]
         mean_dy = _to(buf[:channels] / count, xp, device, wdtype)
         k = _to(saved.invstd * (buf[channels:] / count), xp, device, wdtype)
@@ -604,7 +607,8 @@ def check_consistency(comm: Communicator | None, x: Array, *, num_features: int,
     # float64 on the statistics device, like the statistics buffer, so ranks
     # whose x sits on different kinds of device still pass the same MPI type.
     buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
-    reduced = communicator.allreduce(buf, "max")
+    with current_call(next_call(communicator, "check")):
+        reduced = communicator.allreduce(buf, "max")
     high = [float(v) for v in reduced[: len(values)]]
     low = [-float(v) for v in reduced[len(values) :]]
     labels = [
