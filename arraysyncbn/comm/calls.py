@@ -23,11 +23,9 @@ functional API.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,16 +114,29 @@ def next_call(comm: Any, pass_: Pass, *, layer: int | None = None) -> CallLabel:
     return CallLabel(pass_, number, layer)
 
 
-@contextlib.contextmanager
-def current_call(label: CallLabel) -> Iterator[CallLabel]:
-    """Make ``label`` the :func:`active_call` of this thread while the block runs."""
-    if not isinstance(label, CallLabel):
-        raise TypeError(f"label must be a CallLabel, got {type(label).__name__}")
-    token = _active.set(label)
-    try:
-        yield label
-    finally:
-        _active.reset(token)
+class current_call:  # lowercase: used like a function, ``with current_call(label):``
+    """Make ``label`` the :func:`active_call` of this thread while the block runs.
+
+    A class rather than a generator-based context manager: it runs around
+    every SyncBN collective, and this costs half as much.
+    """
+
+    __slots__ = ("_label", "_token")
+
+    def __init__(self, label: CallLabel) -> None:
+        if not isinstance(label, CallLabel):
+            raise TypeError(f"label must be a CallLabel, got {type(label).__name__}")
+        self._label = label
+        self._token: contextvars.Token[CallLabel | None] | None = None
+
+    def __enter__(self) -> CallLabel:
+        self._token = _active.set(self._label)
+        return self._label
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _active.reset(self._token)
+            self._token = None
 
 
 def active_call() -> CallLabel | None:
