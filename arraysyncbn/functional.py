@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _fast, kernels
 from .comm.base import Communicator, as_communicator
+from .comm.calls import current_call, next_call
 from .errors import CollectiveMismatchError
 
 __all__ = [
@@ -445,10 +446,11 @@ def _batch_statistics(
     the same on every rank.
     """
     packed = kern.pack_statistics(x, center)
-    if io is None:
-        buf = comm.allreduce(packed)
-    else:
-        buf = io.to_numpy(comm.allreduce(io.from_numpy(packed)))
+    with current_call(next_call(comm, "forward")):  # named if the wait times out
+        if io is None:
+            buf = comm.allreduce(packed)
+        else:
+            buf = io.to_numpy(comm.allreduce(io.from_numpy(packed)))
     if tuple(buf.shape) != (1 + 2 * channels,):
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
@@ -788,10 +790,11 @@ def sync_batch_norm_backward(
     elif saved.count == 0:
         dx = xp.zeros_like(x) if out is None else _write(out, xp.zeros_like(x))
     else:
-        if io is None:
-            buf = saved.comm.allreduce(packed)
-        else:
-            buf = io.to_numpy(saved.comm.allreduce(io.from_numpy(packed)))
+        with current_call(next_call(saved.comm, "backward")):
+            if io is None:
+                buf = saved.comm.allreduce(packed)
+            else:
+                buf = io.to_numpy(saved.comm.allreduce(io.from_numpy(packed)))
         mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
     channels = x.shape[saved.axis]
@@ -849,7 +852,8 @@ def check_consistency(comm: Communicator | None, x: Array, *, num_features: int,
     # float64 on the statistics device, like the statistics buffer, so ranks
     # whose x sits on different kinds of device still pass the same MPI type.
     buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
-    reduced = communicator.allreduce(buf, "max")
+    with current_call(next_call(communicator, "check")):
+        reduced = communicator.allreduce(buf, "max")
     high = [float(v) for v in reduced[: len(values)]]
     low = [-float(v) for v in reduced[len(values) :]]
     labels = [

@@ -17,6 +17,11 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Thread groups built without timeout= read ARRAYSYNCBN_TIMEOUT (default 600 s):
+# a test that hangs should fail within a minute, not ten. (MPI jobs started by
+# test_mpi.py get their own environment.)
+os.environ.setdefault("ARRAYSYNCBN_TIMEOUT", "60")
+
 from backends import backend_params
 
 settings.register_profile(

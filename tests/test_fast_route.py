@@ -89,7 +89,7 @@ def _data(shape, axis, dtype=np.float32, seed=0):
     x = (rng.standard_normal(shape) * 2 + np.arange(c).reshape(view) * 10).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     params = [np.linspace(0.5, 2, c, dtype=dtype), np.linspace(-1, 1, c, dtype=dtype)]
-    return x, dy, params + [np.zeros(c, dtype), np.ones(c, dtype)]
+    return x, dy, [*params, np.zeros(c, dtype), np.ones(c, dtype)]
 
 
 def _close(a, b, rtol=1e-5, atol=1e-5):

@@ -167,6 +167,49 @@ def test_rank_raising_mid_step_ends_job_under_cli_run_aborting(k: int) -> None:
     assert job.ended_at - _raise_time(job) < 10, str(job)
 
 
+# -- the watchdog: ARRAYSYNCBN_TIMEOUT ---------------------------------------------------
+def _skip_time(job: Job) -> float:
+    stamps = re.findall(r"skipped at ([0-9.]+)", job.stdout)
+    assert len(stamps) == 1, str(job)
+    return float(stamps[0])
+
+
+@pytest.mark.parametrize(("k", "skipped"), [(2, "forward"), (3, "forward"), (2, "backward")])
+def test_a_skipped_call_aborts_the_job_naming_the_call(k: int, skipped: str) -> None:
+    """The last rank skips step 3's collective and stays away for 120 s; the
+    others give up after ARRAYSYNCBN_TIMEOUT=2 s and abort the whole job."""
+    job = mpirun(k, script("cases.py"), "skip", skipped, timeout=40,
+                 env={"ARRAYSYNCBN_TIMEOUT": "2"})  # fmt: skip
+    assert job.returncode != 0, str(job)
+    assert "went past the skipped call" not in job.stdout, str(job)
+    assert job.ended_at - _skip_time(job) < 12, str(job)
+    lines = [line for line in job.stderr.splitlines() if line.startswith("arraysyncbn: rank ")]
+    assert lines, str(job)
+    for line in lines:  # every waiting rank that got to say it names the same call
+        assert f"SyncBN call 3, {skipped}" in line, line
+        assert "aborting the MPI job" in line and "ARRAYSYNCBN_TIMEOUT" in line, line
+        waited = float(re.search(r"waited ([0-9.]+) s", line).group(1))  # type: ignore[union-attr]
+        assert 2.0 <= waited < 6.0, line
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_late_rank_within_the_timeout_completes(k: int) -> None:
+    """0.3 s late to every call: longer than the spin, shorter than the limit."""
+    job = mpirun(k, script("cases.py"), "straggler", env={"ARRAYSYNCBN_TIMEOUT": "5"})
+    assert_every_rank_ok(job, k, "straggler")
+
+
+def test_timeout_zero_waits_in_the_blocking_allreduce() -> None:
+    job = mpirun(3, script("cases.py"), "shards", env={"ARRAYSYNCBN_TIMEOUT": "0"})
+    assert_every_rank_ok(job, 3, "shards")
+
+
+def test_bad_timeout_setting_fails_clearly() -> None:
+    job = mpirun(2, script("cases.py"), "shards", env={"ARRAYSYNCBN_TIMEOUT": "soon"})
+    assert job.returncode != 0, str(job)
+    assert "ARRAYSYNCBN_TIMEOUT='soon' is not understood" in job.stderr, str(job)
+
+
 # -- host, staged and CUDA-aware transfer ----------------------------------------------
 @pytest.mark.parametrize("k", RANKS)
 def test_strict_torch_and_staged_device_arrays_through_mpi(k: int) -> None:

@@ -101,7 +101,7 @@ def test_thread_group_validates_arguments() -> None:
     with pytest.raises(ValueError, match="world_size"):
         sbn.thread_group(0)
     with pytest.raises(ValueError, match="timeout"):
-        sbn.thread_group(2, timeout=0)
+        sbn.thread_group(2, timeout=-1)
     with pytest.raises(ValueError, match="unknown reduction op"):
         sbn.thread_group(1)[0].allreduce(np.ones(1), "min")
 

@@ -183,6 +183,9 @@ class Spy:
     def Allreduce(self, send, recv, op):
         self.calls.append((send[0].dtype.name, send[1], op))
         return self.real.Allreduce(send, recv, op=op)
+    def Iallreduce(self, send, recv, op):  # the watchdog's deadline-polled form
+        self.calls.append((send[0].dtype.name, send[1], op))
+        return self.real.Iallreduce(send, recv, op=op)
     def allreduce(self, *args, **kwargs):
         raise AssertionError("the pickling allreduce was called")
     def __getattr__(self, name):

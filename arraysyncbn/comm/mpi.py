@@ -4,7 +4,8 @@
 default, or a ``Split`` of it for SyncBN over a subgroup, like PyTorch's
 ``process_group``) and implements the
 :class:`~arraysyncbn.comm.base.Communicator` protocol with one buffer-based
-``Allreduce`` per call; the pickling lowercase ``allreduce`` is never used.
+allreduce per call (``Iallreduce`` waited with a deadline, see below); the
+pickling lowercase ``allreduce`` is never used.
 The MPI datatype follows the buffer's dtype (float32 → ``MPI.FLOAT``,
 float64 → ``MPI.DOUBLE``).
 
@@ -21,11 +22,20 @@ function of the array and of :attr:`MPICommunicator.cuda_aware`:
   does every device this module cannot prove MPI can read (array-api-strict's
   ``Device("device1")`` stands in for such a device in the tests).
 
-Both paths call ``Allreduce`` exactly once per :meth:`MPICommunicator.allreduce`,
+Both paths start exactly one allreduce per :meth:`MPICommunicator.allreduce`,
 so the choice (which may differ between ranks, e.g. a forced
 ``ARRAYSYNCBN_CUDA_AWARE`` on one node) never changes which collectives a
 rank calls. (SyncBN makes one per forward and one per backward, plus the
 first forward's consistency check.)
+
+Every wait has a deadline (:mod:`~arraysyncbn.comm.watchdog`): the allreduce
+is a nonblocking ``Iallreduce`` whose request is polled, spinning first, so a
+healthy wait costs no more than a blocking ``Allreduce``. When
+``ARRAYSYNCBN_TIMEOUT`` seconds (default 600) pass, the rank prints which
+SyncBN call it waited in (:mod:`~arraysyncbn.comm.calls`) and how long, and
+calls ``MPI.COMM_WORLD.Abort(1)``: a rank that skipped the call would
+otherwise leave this one spinning forever. ``ARRAYSYNCBN_TIMEOUT=0`` waits
+forever in a blocking ``Allreduce``, as before the watchdog.
 
 CUDA-awareness is detected from the MPI-4.1 info key
 ``mpi_memory_alloc_kinds`` of the communicator (it lists ``cuda`` when MPI
@@ -50,12 +60,15 @@ is, so ``import arraysyncbn`` works without it.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+import sys
+from typing import Any, Literal, NoReturn
 
 import array_api_compat
 import numpy as np
 
 from .base import ReduceOp
+from .calls import describe_active
+from .watchdog import resolve_timeout, timeout_advice, wait_for
 
 __all__ = [
     "CUDA_AWARE_ENV",
@@ -246,6 +259,9 @@ class MPICommunicator:
         The ranks to synchronize over; None is ``MPI.COMM_WORLD``. Any
         intracommunicator works, e.g. ``COMM_WORLD.Split(rank // 2)`` for
         SyncBN over pairs of ranks.
+    timeout : float or None
+        Seconds a collective may wait before the job is aborted; ``0`` waits
+        forever; None (default) reads ``ARRAYSYNCBN_TIMEOUT`` (unset: 600).
 
     Attributes
     ----------
@@ -254,6 +270,8 @@ class MPICommunicator:
     cuda_aware : bool
         Whether CUDA buffers are handed to MPI directly (see the module
         docstring for detection and ``ARRAYSYNCBN_CUDA_AWARE``).
+    timeout : float or None
+        The wait limit in seconds; None waits forever.
 
     Raises
     ------
@@ -262,7 +280,8 @@ class MPICommunicator:
     TypeError
         ``comm`` is not an mpi4py intracommunicator, or is ``COMM_NULL``.
     ValueError
-        ``ARRAYSYNCBN_CUDA_AWARE`` has a value other than auto, 0 or 1.
+        ``ARRAYSYNCBN_CUDA_AWARE`` has a value other than auto, 0 or 1;
+        ``timeout`` or ``ARRAYSYNCBN_TIMEOUT`` is not a non-negative number.
 
     Examples
     --------
@@ -277,7 +296,7 @@ class MPICommunicator:
         y = bn(np.random.default_rng(comm.rank).normal(size=(8, 16, 4, 4)))
     """
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, *, timeout: float | None = None) -> None:
         try:
             from mpi4py import MPI
         except ImportError as exc:
@@ -296,6 +315,7 @@ class MPICommunicator:
         self.comm = comm
         self._detected = cuda_aware_from_info(self._alloc_kinds())
         self._cuda_aware = resolve_cuda_aware(os.environ.get(CUDA_AWARE_ENV), self._detected)
+        self._timeout = resolve_timeout(timeout)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX}
         self._types = {"float32": MPI.FLOAT, "float64": MPI.DOUBLE}
 
@@ -328,16 +348,22 @@ class MPICommunicator:
         """What the MPI library itself reports, before ``ARRAYSYNCBN_CUDA_AWARE``."""
         return self._detected
 
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a collective waits before the job is aborted; None: forever."""
+        return self._timeout
+
     def transfer_path(self, buf: Any) -> TransferPath:
         """Return the path :meth:`allreduce` takes for ``buf`` on this rank."""
         return transfer_path(buf, self._cuda_aware)
 
     def allreduce(self, buf: Any, op: ReduceOp = "sum") -> Any:
-        """Return the elementwise ``op`` of ``buf`` over all ranks (one ``Allreduce``).
+        """Return the elementwise ``op`` of ``buf`` over all ranks (one allreduce).
 
         ``buf`` is a 1-D float32 or float64 array; the result is a new array
         in ``buf``'s namespace, on its device, with its dtype. ``buf`` is
-        not modified.
+        not modified. Aborts the MPI job when the wait outlasts
+        :attr:`timeout`.
         """
         if op not in self._ops:
             raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
@@ -354,7 +380,7 @@ class MPICommunicator:
             return self._allreduce_device(buf, mpi_type, mpi_op)
         send = _host_view(buf) if direct else _host_copy(buf)
         recv = np.empty_like(send)
-        self.comm.Allreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
+        self._reduce(send, recv, mpi_type, mpi_op)
         if isinstance(buf, np.ndarray):
             return recv
         xp = array_api_compat.array_namespace(buf)
@@ -365,12 +391,44 @@ class MPICommunicator:
         send = xp.asarray(_detached(buf), copy=True)  # contiguous; buf stays untouched
         recv = xp.empty_like(send)
         _synchronize(send)
-        self.comm.Allreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
+        self._reduce(send, recv, mpi_type, mpi_op)
         return recv
+
+    def _reduce(self, send: Any, recv: Any, mpi_type: Any, mpi_op: Any) -> None:
+        """Allreduce ``send`` into ``recv``; abort the job past the deadline."""
+        if self._timeout is None:
+            self.comm.Allreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
+            return
+        request = self.comm.Iallreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
+        waited = wait_for(request.Test, self._timeout)
+        if waited is not None:
+            self._abort_after(waited)
+
+    def _abort_after(self, waited: float) -> NoReturn:
+        """Say which call this rank waited in, then end the whole MPI job.
+
+        Aborting is the only way out: the request cannot be cancelled (MPI
+        forbids cancelling collectives), and a rank that skipped the call
+        will never complete it.
+        """
+        world = self._mpi.COMM_WORLD
+        who = f"rank {world.Get_rank()}"
+        if self.comm != world:
+            who += f" (rank {self.rank} of {self.size} in its communicator)"
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"arraysyncbn: {who} waited {waited:.1f} s in {describe_active()} and not "
+            "every rank joined it (a rank skipped this call, e.g. in eval mode or "
+            "one step short, or is stuck elsewhere); aborting the MPI job; "
+            f"{timeout_advice(self._timeout)}\n"
+        )
+        sys.stderr.flush()
+        world.Abort(1)
+        raise SystemExit(1)  # Abort does not return; this keeps the type checker honest
 
     def __repr__(self) -> str:
         name = self.comm.Get_name() or type(self.comm).__name__
         return (
             f"MPICommunicator(comm={name}, rank={self.rank}, size={self.size}, "
-            f"cuda_aware={self._cuda_aware})"
+            f"cuda_aware={self._cuda_aware}, timeout={self._timeout})"
         )

@@ -6,14 +6,17 @@ run K ranks without MPI, and how users can try multi-rank code in a notebook.
 
 Reductions are computed by every rank from the same slots in rank order, so
 all ranks see bitwise-identical results. A rank that never arrives cannot
-hang the others: every wait has a timeout, and :meth:`ThreadGroup.abort` (called
-by :func:`run_ranks` when a rank raises) wakes every waiting rank with
-:class:`~arraysyncbn.CommunicatorAbortedError`.
+hang the others: every wait has a timeout (``thread_group(timeout=)``, else
+``ARRAYSYNCBN_TIMEOUT`` as for MPI), after which every waiting rank raises
+:class:`~arraysyncbn.CommunicatorAbortedError` naming the SyncBN call the
+first one timed out in; and :meth:`ThreadGroup.abort` (called by
+:func:`run_ranks` when a rank raises) wakes every waiting rank the same way.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,6 +24,8 @@ import array_api_compat
 
 from ..errors import CollectiveMismatchError, CommunicatorAbortedError
 from .base import ReduceOp
+from .calls import describe_active
+from .watchdog import resolve_timeout, timeout_advice
 
 __all__ = ["ThreadCommunicator", "ThreadGroup", "run_ranks", "thread_group"]
 
@@ -51,7 +56,8 @@ class _Rendezvous:
                 self.reason = reason
             self._cond.notify_all()
 
-    def wait(self) -> None:
+    def wait(self, rank: int) -> None:
+        start = time.monotonic()
         with self._cond:
             if self.reason is not None:
                 raise CommunicatorAbortedError(f"thread group {self.reason}")
@@ -70,8 +76,10 @@ class _Rendezvous:
                 return
             if self.reason is None:
                 self.reason = (
-                    f"timed out after {self.timeout} s: not every rank reached the same "
-                    "collective (a rank raised, returned early or took another branch)"
+                    f"timed out: rank {rank} waited {time.monotonic() - start:.1f} s in "
+                    f"{describe_active()} and not every rank joined it (a rank raised, "
+                    "returned early, skipped this call or took another branch); "
+                    f"{timeout_advice(self.timeout)} or pass thread_group(timeout=)"
                 )
                 self._cond.notify_all()
             raise CommunicatorAbortedError(f"thread group {self.reason}")
@@ -92,13 +100,13 @@ class ThreadGroup:
 
     def allreduce(self, rank: int, buf: Any, op: str) -> Any:
         self._slots[rank] = (buf, op)
-        self._rendezvous.wait()
+        self._rendezvous.wait(rank)
         try:
             result: Any = _reduce_slots(self._slots)  # type: ignore[arg-type]
         except CollectiveMismatchError as exc:
             result = exc
         # Nobody may overwrite a slot before every rank has read them all.
-        self._rendezvous.wait()
+        self._rendezvous.wait(rank)
         if isinstance(result, CollectiveMismatchError):
             raise result
         return result
@@ -148,7 +156,7 @@ class ThreadCommunicator:
         return f"ThreadCommunicator(rank={self._rank}, size={self.size})"
 
 
-def thread_group(world_size: int, *, timeout: float | None = 60.0) -> list[ThreadCommunicator]:
+def thread_group(world_size: int, *, timeout: float | None = None) -> list[ThreadCommunicator]:
     """Return one communicator per rank for ranks that run as threads.
 
     Parameters
@@ -157,8 +165,16 @@ def thread_group(world_size: int, *, timeout: float | None = 60.0) -> list[Threa
         Number of ranks, at least 1.
     timeout : float or None
         Seconds a rank waits for the others at a collective before every
-        rank fails with :class:`~arraysyncbn.CommunicatorAbortedError`.
-        None waits forever (not recommended).
+        waiting rank fails with :class:`~arraysyncbn.CommunicatorAbortedError`
+        (naming the SyncBN call); ``0`` waits forever (not recommended).
+        None (default) reads ``ARRAYSYNCBN_TIMEOUT`` (unset: 600 s), once,
+        here.
+
+    Raises
+    ------
+    ValueError
+        ``world_size`` is not a positive int, ``timeout`` is negative or not
+        a number, or ``ARRAYSYNCBN_TIMEOUT`` is malformed.
 
     Examples
     --------
@@ -170,9 +186,7 @@ def thread_group(world_size: int, *, timeout: float | None = 60.0) -> list[Threa
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive or None, got {timeout!r}")
-    group = ThreadGroup(world_size, timeout)
+    group = ThreadGroup(world_size, resolve_timeout(timeout))
     return [ThreadCommunicator(group, r) for r in range(world_size)]
 
 

@@ -13,6 +13,11 @@ mismatch WHAT       the last rank differs in ``channels`` or ``dtype``
 mismatch_later      a later call differs in dtype under ARRAYSYNCBN_CHECK=1
 raise               the last rank raises between forward and backward
 raise_cli           the same, in a plain ``python`` run under ``cli.run_aborting``
+skip PASS           the last rank skips step 3's ``forward`` (it is in eval mode)
+                    or ``backward`` and stays away: the others must abort the job
+                    when ARRAYSYNCBN_TIMEOUT expires
+straggler           the last rank is 0.3 s late to every call: waits longer than a
+                    spin, shorter than the timeout, must complete normally
 transfer EXPECTED   ``cuda_aware`` is EXPECTED (0, 1 or auto: detected), CUDA
                     memory would take the matching path, and host and staged
                     arrays give the reference results either way
@@ -183,6 +188,44 @@ def case_raise(comm: sbn.MPICommunicator) -> None:
     say(f"rank {comm.rank} went past the failure")
 
 
+def case_skip(comm: sbn.MPICommunicator, skipped: str) -> None:
+    bn = sbn.SyncBatchNorm(3, comm=comm)
+    x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
+    last = comm.rank == comm.size - 1
+    for step in (1, 2, 3):
+        if last and step == 3 and skipped == "forward":
+            bn.eval()  # this rank's forward no longer communicates
+        y = bn(x)
+        if last and step == 3:
+            say(f"skipped at {time.time()!r}")
+            time.sleep(120)  # away for longer than the test waits: only an abort ends the job
+        elif bn.training:
+            bn.backward(np.ones_like(y))
+    say(f"rank {comm.rank} went past the skipped call")
+
+
+def case_straggler(comm: sbn.MPICommunicator) -> None:
+    bn = sbn.SyncBatchNorm(3, comm=comm, dtype="float64")
+    x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
+    late = comm.rank == comm.size - 1
+    for _ in range(2):
+        if late:
+            time.sleep(0.3)
+        y = bn(x)
+        if late:
+            time.sleep(0.3)
+        bn.backward(np.ones_like(y))
+    rm, rv = to_numpy(bn.running_mean), to_numpy(bn.running_var)
+    every = np.concatenate([s.transpose(1, 0, 2).reshape(3, -1) for s in comm.comm.allgather(x)],
+                           axis=1)  # fmt: skip
+    assert bn.num_batches_tracked == 2
+    # Two steps on the same batch at momentum 0.1 from zero: (1 − 0.9²)·mean.
+    np.testing.assert_allclose(rm, 0.19 * every.mean(axis=1), rtol=1e-12, atol=1e-15)
+    states = comm.comm.allgather((rm.tobytes(), rv.tobytes()))
+    assert all(s == states[0] for s in states), "running statistics differ between ranks"
+    say_ok("straggler")
+
+
 def case_transfer(comm: sbn.MPICommunicator, expected: str) -> None:
     import array_api_strict as xs
 
@@ -240,6 +283,8 @@ def main() -> None:
         "mismatch": case_mismatch,
         "mismatch_later": case_mismatch_later,
         "raise": case_raise,
+        "skip": case_skip,
+        "straggler": case_straggler,
         "transfer": case_transfer,
     }
     cases[case](sbn.MPICommunicator(), *args)
