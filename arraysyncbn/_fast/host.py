@@ -170,8 +170,6 @@ class HostKernels:
         wdtype: Any,
     ) -> Any:
         """As :meth:`arraysyncbn.functional.PortableKernels.finalize`, in one kernel."""
-        from ..functional import _Factors, _Step
-
         channels = self.xb.shape[1]
         weight, bias, rm, rv = params
         update = momentum is not None and rm is not None
@@ -186,8 +184,8 @@ class HostKernels:
             rm if update else _DUMMY, rv if update else _DUMMY,
             momentum if update else -1.0, size, stats, hi, lo, scale, shift, new_rm, new_rv,
         )  # fmt: skip
-        f = _Factors(hi, lo, scale, shift)
-        return _Step(
+        f = _types.Factors(hi, lo, scale, shift)
+        return _types.Step(
             stats[0], stats[1], stats[2], f, new_rm if update else rm,
             new_rv if update else rv, loss,
         )  # fmt: skip
@@ -263,6 +261,25 @@ def _empty_like(x: np.ndarray, values: np.ndarray) -> np.ndarray:
     a = np.empty_like(x)
     a[...] = values
     return a
+
+
+class _Types:
+    """functional's result types, imported on first use (functional imports us)."""
+
+    @property
+    def Factors(self) -> Any:
+        from ..functional import _Factors
+
+        return _Factors
+
+    @property
+    def Step(self) -> Any:
+        from ..functional import _Step
+
+        return _Step
+
+
+_types = _Types()
 
 
 def _merged(part: np.ndarray) -> np.ndarray:

@@ -70,13 +70,29 @@ def _stats_planes(x, k, u0, u1, s1, s2):  # pragma: no cover - compiled
 
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def _stats_rows(x, k, p0, p1, s1, s2):  # pragma: no cover - compiled
-    """Add Σ(x−K), Σ(x−K)² of rows ``p0..p1`` of a (P, C, 1) view into s1, s2."""
+    """Add Σ(x−K), Σ(x−K)² of rows ``p0..p1`` of a (P, C, 1) view into s1, s2.
+
+    Four rows at a time: the per-channel accumulators live in memory (C of
+    them), so each load/store of them is shared by four elements.
+    """
     c_count = x.shape[1]
-    for p in range(p0, p1):
+    p = p0
+    while p + 4 <= p1:
+        for c in range(c_count):
+            kc = k[c]
+            d0 = np.float64(x[p, c, 0]) - kc
+            d1 = np.float64(x[p + 1, c, 0]) - kc
+            d2 = np.float64(x[p + 2, c, 0]) - kc
+            d3 = np.float64(x[p + 3, c, 0]) - kc
+            s1[c] += (d0 + d1) + (d2 + d3)
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        p += 4
+    while p < p1:
         for c in range(c_count):
             d = np.float64(x[p, c, 0]) - k[c]
             s1[c] += d
             s2[c] += d * d
+        p += 1
 
 
 @numba.njit(**_OPTS)
@@ -160,12 +176,30 @@ def _bsums_planes(dy, x, hi, lo, u0, u1, s1, s2):  # pragma: no cover - compiled
 
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2):  # pragma: no cover - compiled
+    """Add Σdy, Σdy·(x − mean) of rows ``p0..p1`` (four at a time, as in _stats_rows)."""
     c_count = x.shape[1]
-    for p in range(p0, p1):
+    p = p0
+    while p + 4 <= p1:
+        for c in range(c_count):
+            h, m = hi[c], lo[c]
+            g0 = np.float64(dy[p, c, 0])
+            g1 = np.float64(dy[p + 1, c, 0])
+            g2 = np.float64(dy[p + 2, c, 0])
+            g3 = np.float64(dy[p + 3, c, 0])
+            s1[c] += (g0 + g1) + (g2 + g3)
+            s2[c] += (
+                g0 * np.float64((x[p, c, 0] - h) - m) + g1 * np.float64((x[p + 1, c, 0] - h) - m)
+            ) + (
+                g2 * np.float64((x[p + 2, c, 0] - h) - m)
+                + g3 * np.float64((x[p + 3, c, 0] - h) - m)
+            )
+        p += 4
+    while p < p1:
         for c in range(c_count):
             g = np.float64(dy[p, c, 0])
             s1[c] += g
             s2[c] += g * np.float64((x[p, c, 0] - hi[c]) - lo[c])
+        p += 1
 
 
 @numba.njit(**_OPTS)
@@ -234,8 +268,7 @@ def copy_parallel(src, dst, parts):  # pragma: no cover - compiled
     n = src.shape[0]
     for i in numba.prange(parts):
         lo, hi = chunk(n, parts, i)
-        for j in range(lo, hi):
-            dst[j] = src[j]
+        dst[lo:hi] = src[lo:hi]
 
 
 # -- per-channel glue (tiny inputs live or die by Python overhead) ------------
@@ -283,36 +316,41 @@ def finalize_forward(
     running statistics (``momentum`` < 0: no update) from the reduced buffer.
 
     Returns the merge's worst relative variance error (as the portable route's
-    ``_batch_statistics`` estimates it).
+    ``PortableKernels.finalize`` estimates it). Branch-free loops, so that
+    they vectorize: with thousands of channels this is not negligible.
     """
     c_count = hi.shape[0]
     ulp = 2.220446049250313e-16
-    loss = 0.0
-    bessel = count / (count - 1.0) if count > 1 else 0.0
+    s1 = buf[1 : 1 + c_count]
+    s2 = buf[1 + c_count :]
+    mean, var, inv = stats[0], stats[1], stats[2]
+    # One simple loop per quantity: LLVM vectorizes these, not their fusion.
     for c in range(c_count):
-        s1 = buf[1 + c]
-        s2 = buf[1 + c_count + c]
-        rel = s1 / count
-        var = s2 / count - rel * rel
-        if var < 0.0:
-            var = 0.0
-        mean = center[c] + rel
-        inv = 1.0 / np.sqrt(var + eps)
-        e = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
-        if e > loss:
+        rel = s1[c] / count
+        var[c] = max(s2[c] / count - rel * rel, 0.0)
+        mean[c] = center[c] + rel
+    for c in range(c_count):
+        inv[c] = 1.0 / np.sqrt(var[c] + eps)
+    loss = 0.0
+    factor = 4.0 * (size + 2) * ulp / count
+    for c in range(c_count):
+        # s2/(var + eps) as s2·invstd² (no division in the reduction)
+        e = s2[c] * factor * (inv[c] * inv[c])
+        if e > loss:  # NaN never counts: non-finite channels are judged elsewhere
             loss = e
-        stats[0, c] = mean
-        stats[1, c] = var
-        stats[2, c] = inv
-        # Stores cast to each array's dtype (the work dtype, the running
-        # statistics' dtype) with round-to-nearest, like the portable astype.
-        hi[c] = mean
-        lo[c] = mean - np.float64(hi[c])
-        scale[c] = inv * np.float64(weight[c])
+    # Stores cast to each array's dtype (the work dtype, the running
+    # statistics' dtype) with round-to-nearest, like the portable astype.
+    for c in range(c_count):
+        hi[c] = mean[c]
+    for c in range(c_count):
+        lo[c] = mean[c] - np.float64(hi[c])
+        scale[c] = inv[c] * np.float64(weight[c])
         shift[c] = bias[c]
-        if momentum >= 0.0:
-            new_rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean
-            new_rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (var * bessel)
+    if momentum >= 0.0:
+        bessel = count / (count - 1.0)
+        for c in range(c_count):
+            new_rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
+            new_rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (var[c] * bessel)
     return loss
 
 
