@@ -150,13 +150,29 @@ def _real(value: Any) -> float | None:
 
 
 def _check_hyper(eps: Any, momentum: Any) -> None:
+    """TypeError for an eps or momentum of the wrong type (bool, str, None
+    for eps), ValueError for a wrong value."""
     e = _real(eps)
-    if e is None or not (math.isfinite(e) and e > 0):
+    if e is None:
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(e) and e > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if momentum is not None:
         m = _real(momentum)
-        if m is None or not 0.0 <= m <= 1.0:
+        if m is None:
+            raise TypeError(
+                f"momentum must be None or a real number, got {type(momentum).__name__}"
+            )
+        if not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+
+
+def _check_count(num_batches_tracked: Any) -> None:
+    """TypeError unless an int (numpy integers too), ValueError if negative."""
+    if as_int(num_batches_tracked, "num_batches_tracked") < 0:
+        raise ValueError(
+            f"num_batches_tracked must be a non-negative int, got {num_batches_tracked!r}"
+        )
 
 
 def _validate_forward(
@@ -194,14 +210,7 @@ def _validate_forward(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     _check_hyper(eps, momentum)
-    if (
-        isinstance(num_batches_tracked, bool)
-        or not isinstance(num_batches_tracked, numbers.Integral)
-        or num_batches_tracked < 0
-    ):
-        raise ValueError(
-            f"num_batches_tracked must be a non-negative int, got {num_batches_tracked!r}"
-        )
+    _check_count(num_batches_tracked)
     return xp, ax
 
 
@@ -440,11 +449,13 @@ def sync_batch_norm_forward(
     Raises
     ------
     TypeError
-        Non-array or non-floating inputs, or arrays of different libraries.
+        Non-array or non-floating inputs, arrays of different libraries, or
+        an eps, momentum or num_batches_tracked of the wrong type (a bool, a
+        str, None where a number is needed, a float where an int is).
     ValueError
-        Bad shapes, axis, eps, momentum or devices (before any
-        communication); a global batch of one element per channel (on every
-        rank, after the allreduce).
+        Bad shapes, axis, devices, or values of eps, momentum or
+        num_batches_tracked (before any communication); a global batch of
+        one element per channel (on every rank, after the allreduce).
 
     Examples
     --------
@@ -527,6 +538,8 @@ def sync_batch_norm_backward(
         raise TypeError(
             f"saved must be the SavedForBackward of a forward, got {type(saved).__name__}"
         )
+    if not array_api_compat.is_array_api_obj(dy):
+        raise TypeError(f"dy must be an array, got {type(dy).__name__}")
     xp, x = saved.xp, saved.x
     if _namespace(dy=dy, x=x) is not xp:
         raise TypeError("dy comes from a different array library than the forward's x")

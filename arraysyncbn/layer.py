@@ -186,10 +186,7 @@ class SyncBatchNorm:
         device: Any = None,
         xp: Any = None,
     ) -> None:
-        try:
-            channels = F.as_int(num_features, "num_features")
-        except TypeError:
-            channels = 0
+        channels = F.as_int(num_features, "num_features")
         if channels <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         F._check_hyper(eps, momentum)
@@ -407,8 +404,11 @@ class SyncBatchNorm:
         """Return dx for the last forward; set ``grad_weight`` and ``grad_bias``.
 
         ``grad_weight``/``grad_bias`` are this rank's contributions (None
-        without ``affine``), not reduced across ranks.
+        without ``affine``), not reduced across ranks. A ``dy`` that is not
+        an array is a TypeError.
         """
+        if not array_api_compat.is_array_api_obj(dy):
+            raise TypeError(f"dy must be an array, got {type(dy).__name__}")
         if self._saved is None:
             raise NoForwardError("backward called before any forward: run a training forward first")
         if not self._saved.batch_stats:
