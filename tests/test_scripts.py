@@ -82,6 +82,39 @@ def run_script(
     return result, log.read_text().splitlines()
 
 
+def pip_installs(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("python -m pip install")]
+
+
+# -- issue 7, item 14 ------------------------------------------------------------------
+def test_run_and_test_install_the_checkout_editable_once(checkout: Path) -> None:
+    out, calls = run_script(checkout, "test.sh")
+    assert out.returncode == 0, out.stderr
+    assert pip_installs(calls) == ["python -m pip install -q -e .[test,mpi,lint]"]
+    assert "Editable installation" not in out.stderr, out.stderr
+    out, calls = run_script(checkout, "run.sh")
+    assert out.returncode == 0, out.stderr
+    assert pip_installs(calls) == ["python -m pip install -q -e .[mpi]"]
+    assert calls[-1] == "mpiexec -n 4 python -m arraysyncbn"
+    for name in ("test.sh", "run.sh", "test.sh"):  # nothing changed: no pip at all
+        out, calls = run_script(checkout, name)
+        assert out.returncode == 0, out.stderr
+        assert pip_installs(calls) == [], (name, calls)
+
+
+def test_test_sh_reinstalls_when_the_metadata_or_the_install_changed(checkout: Path) -> None:
+    run_script(checkout, "test.sh")
+    with open(checkout / "setup.cfg", "a") as f:
+        f.write("\n# a new dependency, say\n")
+    _, calls = run_script(checkout, "test.sh")
+    assert pip_installs(calls) == ["python -m pip install -q -e .[test,mpi,lint]"]
+    # Someone ran `pip install .` by hand: the install is no longer editable.
+    for record in checkout.glob(".venv/lib/python*/site-packages/*.dist-info/direct_url.json"):
+        record.write_text('{"dir_info": {}, "url": "file:///elsewhere"}')
+    _, calls = run_script(checkout, "test.sh")
+    assert pip_installs(calls) == ["python -m pip install -q -e .[test,mpi,lint]"]
+
+
 # -- issue 7, item 13 ------------------------------------------------------------------
 @pytest.mark.parametrize("ranks", ["abc", "0", "-2", "2x", "4 "])
 def test_run_sh_rejects_a_bad_rank_count_before_doing_anything(checkout, ranks: str) -> None:
