@@ -54,7 +54,7 @@ from .testing import (
     to_numpy,
 )
 
-__all__ = ["build_parser", "main", "run_aborting"]
+__all__ = ["build_parser", "launcher_rank", "main", "run_aborting"]
 
 DEFAULT_SHAPE = (8, 16, 32, 32)
 MOMENTUM = 0.1
@@ -81,9 +81,41 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+_LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launcher_rank() -> int:
+    """This process's rank as the MPI launcher announced it, 0 when none did.
+
+    Read from the environment, so it is known before MPI starts: the command
+    line is parsed (and ``--help`` answered) without initializing MPI.
+    """
+    for name in _LAUNCHER_RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class _RankZeroParser(argparse.ArgumentParser):
+    """An ArgumentParser that prints help, usage and errors on rank 0 only.
+
+    Every rank parses the same command line, so every rank exits alike (0
+    for ``--help``, 2 for an error); only the message is printed once
+    instead of once per rank.
+    """
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if launcher_rank() == 0:
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``python -m arraysyncbn``."""
-    parser = argparse.ArgumentParser(
+    """Return the parser of ``python -m arraysyncbn``.
+
+    Under an MPI launcher, help and errors are printed by rank 0 only.
+    """
+    parser = _RankZeroParser(
         prog="python -m arraysyncbn",
         description=(
             "Check synchronized batch norm across the ranks of an MPI job against the "
@@ -132,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="timed forward+backward steps of the benchmark; 0 skips it (default: 20)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the workload, >= 0 (default: 0)"
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -143,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default="auto",
         help=(
-            "progress bar on rank 0's stderr: auto draws it live when stderr is a "
-            "terminal, or under mpiexec when TERM is set (default: auto)"
+            "progress bar on rank 0's stderr: auto draws it only when stderr is a "
+            "terminal, which it is not under mpiexec (its ranks write into pipes): "
+            "use on there (default: auto)"
         ),
     )
     return parser
@@ -155,6 +190,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 0:
         parser.error(f"--steps must be >= 0, got {args.steps}")
+    if args.seed < 0:
+        # numpy's generators take non-negative seeds only; say so here, once,
+        # rather than with a traceback from every rank.
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 
@@ -550,15 +589,13 @@ def _transfer(world: World, backend: Backend) -> tuple[bool | None, str]:
 
 
 def _progress(args: argparse.Namespace, world: World) -> Progress:
-    if args.progress == "auto":
-        # mpiexec forwards stderr through a pipe, so isatty is False on its
-        # ranks; a TERM that names a terminal, with nothing redirected on
-        # rank 0's side we could see, is the best sign a person is watching.
-        term = os.environ.get("TERM", "dumb")
-        under_mpiexec = world.size > 1 and term not in ("", "dumb") and not args.json
-        live = sys.stderr.isatty() or under_mpiexec
-    else:
-        live = args.progress == "on"
+    """Rank 0's progress bar; drawn in auto mode only when stderr is a terminal.
+
+    Under mpiexec every rank's stderr is a pipe, and nothing a rank can see
+    tells whether mpiexec's own stderr is a terminal or a file: a bar forced
+    there wrote escape codes into redirected logs, so auto leaves it off.
+    """
+    live = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
     console = Console(stderr=True, force_terminal=live or None)
     return Progress(
         TextColumn("{task.description}"),
@@ -631,8 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = open_world()
     except SetupError as exc:
         # Every rank fails the same way here (same environment) or aborts:
-        # nothing to agree on, as no communicator exists yet.
-        print(f"arraysyncbn: {exc}", file=sys.stderr)
+        # nothing to agree on, as no communicator exists yet; say it once.
+        if launcher_rank() == 0:
+            print(f"arraysyncbn: {exc}", file=sys.stderr)
         return 2
     backend: Backend | None = None
     work: Workload | None = None

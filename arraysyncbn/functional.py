@@ -18,7 +18,9 @@ import math
 import numbers
 import operator
 import os
+import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,13 +171,29 @@ def _real(value: Any) -> float | None:
 
 
 def _check_hyper(eps: Any, momentum: Any) -> None:
+    """TypeError for an eps or momentum of the wrong type (bool, str, None
+    for eps), ValueError for a wrong value."""
     e = _real(eps)
-    if e is None or not (math.isfinite(e) and e > 0):
+    if e is None:
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(e) and e > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if momentum is not None:
         m = _real(momentum)
-        if m is None or not 0.0 <= m <= 1.0:
+        if m is None:
+            raise TypeError(
+                f"momentum must be None or a real number, got {type(momentum).__name__}"
+            )
+        if not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+
+
+def _check_count(num_batches_tracked: Any) -> None:
+    """TypeError unless an int (numpy integers too), ValueError if negative."""
+    if as_int(num_batches_tracked, "num_batches_tracked") < 0:
+        raise ValueError(
+            f"num_batches_tracked must be a non-negative int, got {num_batches_tracked!r}"
+        )
 
 
 def _validate_forward(
@@ -213,14 +231,7 @@ def _validate_forward(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     _check_hyper(eps, momentum)
-    if (
-        isinstance(num_batches_tracked, bool)
-        or not isinstance(num_batches_tracked, numbers.Integral)
-        or num_batches_tracked < 0
-    ):
-        raise ValueError(
-            f"num_batches_tracked must be a non-negative int, got {num_batches_tracked!r}"
-        )
+    _check_count(num_batches_tracked)
     return xp, ax
 
 
@@ -597,8 +608,10 @@ def sync_batch_norm_forward(
         Batches counted *before* this step (only used when momentum is None).
     check : bool
         Before the statistics allreduce, verify with :func:`check_consistency`
-        that all ranks agree on channels, dtype and axis (one more small
-        collective). Only when batch statistics are used.
+        that all ranks agree on channels, dtype, axis, eps, momentum, whether
+        weight or bias is given (``affine``) and whether running statistics
+        are (``track_running_stats``): one more small collective. Only when
+        batch statistics are used.
     center : array of shape ``(C,)`` or None
         A per-channel value near the batch mean, **bitwise identical on every
         rank** (a previous step's reduced mean, as ``SyncBatchNorm`` passes).
@@ -625,11 +638,13 @@ def sync_batch_norm_forward(
     Raises
     ------
     TypeError
-        Non-array or non-floating inputs, or arrays of different libraries.
+        Non-array or non-floating inputs, arrays of different libraries, or
+        an eps, momentum or num_batches_tracked of the wrong type (a bool, a
+        str, None where a number is needed, a float where an int is).
     ValueError
-        Bad shapes, axis, eps, momentum or devices (before any
-        communication); a global batch of one element per channel (on every
-        rank, after the allreduce).
+        Bad shapes, axis, devices, or values of eps, momentum or
+        num_batches_tracked (before any communication); a global batch of
+        one element per channel (on every rank, after the allreduce).
 
     Notes
     -----
@@ -698,7 +713,11 @@ def sync_batch_norm_forward(
         return _back(io, y), caller_params[2], caller_params[3], saved
 
     if check:
-        check_consistency(communicator, x, num_features=channels, axis=ax)
+        check_consistency(
+            communicator, x, num_features=channels, axis=ax, eps=eps, momentum=momentum,
+            affine=weight is not None or bias is not None,
+            track_running_stats=running_mean is not None,
+        )  # fmt: skip
     count, buf = _batch_statistics(
         kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
         center=center, shape=tuple(x.shape),
@@ -764,6 +783,8 @@ def sync_batch_norm_backward(
     xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
     x = saved.x
     if io is None or type(dy) is not np.ndarray or dy.shape != x.shape or dy.dtype.kind != "f":
+        if not array_api_compat.is_array_api_obj(dy):
+            raise TypeError(f"dy must be an array, got {type(dy).__name__}")
         caller_x = x if io is None else io.from_numpy(x)
         cxp = array_api_compat.array_namespace(caller_x)
         if _namespace(dy=dy, x=caller_x) is not cxp:
@@ -826,55 +847,116 @@ def _dtype_name(dtype: Any) -> str:
     return text
 
 
-def check_consistency(comm: Communicator | None, x: Array, *, num_features: int, axis: int) -> None:
+_MOMENTUM_NONE = -1.0
+"""How ``momentum=None`` is encoded: outside [0, 1], so no real momentum collides."""
+
+
+def _bits16(value: float) -> list[float]:
+    """The 64 bits of float64 ``value`` as four 16-bit integers.
+
+    Exact in float32 too, so floats are compared bit for bit even where the
+    check buffer is float32 (a namespace with no float64 device).
+    """
+    (bits,) = struct.unpack("<Q", struct.pack("<d", value))
+    return [float((bits >> shift) & 0xFFFF) for shift in (48, 32, 16, 0)]
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One compared quantity: its label, its encoding, how to show a value."""
+
+    label: str
+    values: list[float]
+    show: Callable[[float], str]
+
+
+def _show_int(v: float) -> str:
+    return str(int(v))
+
+
+def _show_bool(v: float) -> str:
+    return str(bool(v))
+
+
+def _show_dtype(v: float) -> str:
+    return {code: name for name, code in _DTYPE_CODES.items()}.get(v, "other")
+
+
+def _show_momentum(v: float) -> str:
+    return "None" if v == _MOMENTUM_NONE else repr(v)
+
+
+def _show_float(v: float) -> str:
+    return repr(v)
+
+
+def check_consistency(
+    comm: Communicator | None,
+    x: Array,
+    *,
+    num_features: int,
+    axis: int,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
     One small allreduce (``max`` of each value and of its negation) compares
-    the channel count, the input dtype, the channel axis, the number of
-    dimensions and the ``ARRAYSYNCBN_CHECK`` setting (which decides whether
-    later calls check again, so it must agree too) across ranks. Call it with
-    arguments that passed validation, on every rank, at the same point of the
-    program.
+    across ranks the channel count, the input dtype, the channel axis, the
+    number of dimensions, the ``ARRAYSYNCBN_CHECK`` setting (which decides
+    whether later calls check again, so it must agree too), ``eps`` and
+    ``momentum`` (bit for bit; ``None`` included), and whether the layer is
+    ``affine`` and tracks running statistics. Ranks that differ in any of
+    these would otherwise drift apart silently (different running
+    statistics) or, for ``track_running_stats``, take different collectives
+    in eval mode. Call it with arguments that passed validation, on every
+    rank, at the same point of the program. The defaults of the keyword
+    arguments are :class:`~arraysyncbn.SyncBatchNorm`'s.
     """
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
     device = array_api_compat.device(x)
     sdev, sdt = statistics_device(xp, device)
     name = _dtype_name(x.dtype)
-    code = _DTYPE_CODES.get(name, 99.0)
-    values = [
-        float(num_features),
-        code,
-        float(axis % x.ndim),
-        float(x.ndim),
-        float(check_every_call()),
+    e = float(eps)
+    m = _MOMENTUM_NONE if momentum is None else float(momentum)
+    fields = [
+        _Field("channel count", [float(num_features)], _show_int),
+        _Field("dtype", [_DTYPE_CODES.get(name, 99.0)], _show_dtype),
+        _Field("channel axis", [float(axis % x.ndim)], _show_int),
+        _Field("number of dimensions", [float(x.ndim)], _show_int),
+        _Field(f"{CHECK_ENV} (checks on every call)", [float(check_every_call())], _show_int),
+        # The float itself to show it, its bits to compare it exactly.
+        _Field("eps", [e, *_bits16(e)], _show_float),
+        _Field("momentum", [m, *_bits16(m)], _show_momentum),
+        _Field("affine", [float(bool(affine))], _show_bool),
+        _Field("track_running_stats", [float(bool(track_running_stats))], _show_bool),
     ]
-    # float64 on the statistics device, like the statistics buffer, so ranks
-    # whose x sits on different kinds of device still pass the same MPI type.
+    values = [v for f in fields for v in f.values]
+    # On the statistics device in its dtype, like the statistics buffer, so
+    # ranks whose x sits on different kinds of device still pass the same MPI type.
     buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
     with current_call(next_call(communicator, "check")):
         reduced = communicator.allreduce(buf, "max")
     high = [float(v) for v in reduced[: len(values)]]
     low = [-float(v) for v in reduced[len(values) :]]
-    labels = [
-        "channel count",
-        "dtype",
-        "channel axis",
-        "number of dimensions",
-        f"{CHECK_ENV} (checks on every call)",
-    ]
-    codes = {v: k for k, v in _DTYPE_CODES.items()}
     problems = []
-    for label, lo, hi in zip(labels, low, high, strict=True):
-        if lo != hi:
-            if label == "dtype":
-                lo_s, hi_s = codes.get(lo, "other"), codes.get(hi, "other")
-            else:
-                lo_s, hi_s = str(int(lo)), str(int(hi))
-            problems.append(f"{label} differs (values seen include {lo_s} and {hi_s})")
+    start = 0
+    for f in fields:
+        stop = start + len(f.values)
+        if low[start:stop] != high[start:stop]:
+            problems.append(
+                f"{f.label} differs (values seen include {f.show(low[start])} and "
+                f"{f.show(high[start])})"
+            )
+        start = stop
     if problems:
         raise CollectiveMismatchError(
             f"ranks disagree on this SyncBatchNorm call (rank {communicator.rank} has "
             f"{num_features} channels, dtype {name}, axis {axis % x.ndim}, "
-            f"{x.ndim} dimensions): " + "; ".join(problems)
+            f"{x.ndim} dimensions, eps {e!r}, momentum {_show_momentum(m)}, "
+            f"affine {bool(affine)}, track_running_stats {bool(track_running_stats)}): "
+            + "; ".join(problems)
         )

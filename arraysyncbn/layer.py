@@ -55,9 +55,71 @@ def _convert(value: Any, xp: Any, device: Any, dtype: Any) -> Array:
 
 def _shape_of(value: Any) -> tuple[int, ...]:
     shape = getattr(value, "shape", None)
-    if shape is None:
+    if shape is None or not array_api_compat.is_array_api_obj(value):
         raise TypeError(f"state dict values must be arrays, got {type(value).__name__}")
     return tuple(int(s) for s in shape)
+
+
+def _check_entry(key: str, value: Array) -> None:
+    """Raise unless ``value`` is a usable value of state dict entry ``key``.
+
+    Run on the value as given and again on the value as it will be stored:
+    a float64 1e300 is finite, but not once cast to a float32 buffer.
+    """
+    xp = array_api_compat.array_namespace(value)
+    if not xp.isdtype(value.dtype, ("real floating", "integral")):
+        raise TypeError(f"state dict entry {key!r} must have a real dtype, got {value.dtype}")
+    if not bool(xp.all(xp.isfinite(value))):
+        raise ValueError(f"state dict entry {key!r} has non-finite values (NaN or inf)")
+    if key == "running_var" and bool(xp.any(value < 0)):
+        raise ValueError("state dict entry 'running_var' has negative values")
+
+
+def _snapshot(value: Array) -> Array:
+    """A copy of ``value`` in its own namespace, so later edits of the caller's
+    array do not change what a lazily created layer will load."""
+    return array_api_compat.array_namespace(value).asarray(value, copy=True)
+
+
+def _count_from(value: Any) -> int:
+    """``num_batches_tracked`` as an int: an int or a 0-d integer array.
+
+    TypeError for any other type (bool, float, str, None, a floating array),
+    ValueError for a negative count or an array that is not 0-d.
+    """
+    if array_api_compat.is_array_api_obj(value):
+        xp = array_api_compat.array_namespace(value)
+        if not xp.isdtype(value.dtype, "integral"):
+            raise TypeError(f"num_batches_tracked must be an integer, got dtype {value.dtype}")
+        if tuple(value.shape) != ():
+            raise ValueError(
+                f"num_batches_tracked must be a scalar, got shape {tuple(value.shape)}"
+            )
+        count = int(value)
+    else:
+        count = F.as_int(value, "num_batches_tracked")
+    if count < 0:
+        raise ValueError(f"num_batches_tracked must be non-negative, got {count}")
+    return count
+
+
+def _converted(
+    checked: Mapping[str, Any], xp: Any, device: Any, like: Mapping[str, Array]
+) -> dict[str, Any]:
+    """Return checked state dict entries as the layer will store them.
+
+    Arrays become copies in ``xp`` on ``device`` with the dtype of the array
+    they replace (``like[key]``), checked again after the cast;
+    ``num_batches_tracked`` stays an int. Raises before anything is assigned.
+    """
+    out: dict[str, Any] = {}
+    for key, value in checked.items():
+        if key == "num_batches_tracked":
+            out[key] = value
+        else:
+            out[key] = _convert(value, xp, device, like[key].dtype)
+            _check_entry(key, out[key])
+    return out
 
 
 class SyncBatchNorm:
@@ -124,10 +186,7 @@ class SyncBatchNorm:
         device: Any = None,
         xp: Any = None,
     ) -> None:
-        try:
-            channels = F.as_int(num_features, "num_features")
-        except TypeError:
-            channels = 0
+        channels = F.as_int(num_features, "num_features")
         if channels <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         F._check_hyper(eps, momentum)
@@ -165,17 +224,31 @@ class SyncBatchNorm:
 
     # -- state ---------------------------------------------------------------
     def _materialize(self, xp: Any, device: Any, dtype: Any) -> None:
+        """Create parameters and buffers; load what ``load_state_dict`` kept.
+
+        All or nothing: if a kept value cannot be converted, the layer stays
+        unmaterialized (and keeps the value) rather than carrying on with
+        defaults in place of what was loaded.
+        """
         c = self.num_features
-        self._xp, self._device = xp, device
+        # The concrete device, never None: converting loaded values needs it.
+        device = array_api_compat.device(xp.zeros((0,), dtype=dtype, device=device))
+        arrays: dict[str, Array] = {}
         if self.affine:
-            self.weight = xp.ones((c,), dtype=dtype, device=device)
-            self.bias = xp.zeros((c,), dtype=dtype, device=device)
+            arrays["weight"] = xp.ones((c,), dtype=dtype, device=device)
+            arrays["bias"] = xp.zeros((c,), dtype=dtype, device=device)
         if self.track_running_stats:
-            self.running_mean = xp.zeros((c,), dtype=dtype, device=device)
-            self.running_var = xp.ones((c,), dtype=dtype, device=device)
+            arrays["running_mean"] = xp.zeros((c,), dtype=dtype, device=device)
+            arrays["running_var"] = xp.ones((c,), dtype=dtype, device=device)
+        count = self.num_batches_tracked
         if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._assign(pending)
+            loaded = _converted(self._pending, xp, device, arrays)
+            count = loaded.pop("num_batches_tracked", count)
+            arrays.update(loaded)
+        for key, value in arrays.items():
+            setattr(self, key, value)
+        self.num_batches_tracked = count
+        self._xp, self._device, self._pending = xp, device, None
 
     def _materialize_like(self, x: Array) -> None:
         xp = array_api_compat.array_namespace(x)
@@ -196,8 +269,10 @@ class SyncBatchNorm:
 
         A snapshot: the arrays are the layer's current ones (not copies), but
         a training forward *replaces* the running statistics (the array API
-        has no portable in-place update) and ``num_batches_tracked`` is an
-        int, so call ``state_dict()`` when you save, not once up front.
+        has no portable in-place update), so call ``state_dict()`` when you
+        save, not once up front. ``num_batches_tracked`` is a 0-d int64 array
+        of the layer's namespace and device, as in PyTorch, so that
+        ``torch.nn.BatchNorm2d.load_state_dict`` accepts the converted dict.
         """
         if self._xp is None:
             raise RuntimeError(
@@ -206,7 +281,11 @@ class SyncBatchNorm:
             )
         out: dict[str, Any] = {}
         for key in self._expected_keys():
-            out[key] = getattr(self, key)
+            if key == "num_batches_tracked":
+                xp = self._xp
+                out[key] = xp.asarray(self.num_batches_tracked, dtype=xp.int64, device=self._device)
+            else:
+                out[key] = getattr(self, key)
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -214,13 +293,22 @@ class SyncBatchNorm:
 
         Values are copied into the layer's namespace, device and dtype
         (before the first forward they are kept and converted then).
-        ``num_batches_tracked`` may be an int or a 0-d integer array.
+        ``num_batches_tracked`` may be an int or a 0-d integer array. Loading
+        is atomic: every entry is checked and converted before any is
+        assigned, so a bad entry leaves the layer as it was. It also forgets
+        the last forward (``backward`` needs a new one) and the merge center
+        the next forward would have used; call it on every rank alike, as the
+        center must be the same on every rank.
 
         Raises
         ------
+        TypeError
+            A value that is not an array of a real dtype, or a
+            ``num_batches_tracked`` that is not an integer.
         ValueError
-            Missing or unexpected keys, or arrays whose shape is not
-            ``(num_features,)``.
+            Missing or unexpected keys, arrays whose shape is not
+            ``(num_features,)``, non-finite values, a negative
+            ``running_var``, or a negative ``num_batches_tracked``.
         """
         expected = self._expected_keys()
         missing = [k for k in expected if k not in state]
@@ -235,44 +323,29 @@ class SyncBatchNorm:
         for key in expected:
             value = state[key]
             if key == "num_batches_tracked":
-                checked[key] = self._count_from(value)
+                checked[key] = _count_from(value)
                 continue
             shape = _shape_of(value)
             if shape != (self.num_features,):
                 raise ValueError(
                     f"state dict entry {key!r} has shape {shape}, expected ({self.num_features},)"
                 )
+            _check_entry(key, value)
             checked[key] = value
         if self._xp is None:
-            self._pending = checked
+            self._pending = {
+                k: v if k == "num_batches_tracked" else _snapshot(v) for k, v in checked.items()
+            }
         else:
-            self._assign(checked)
-
-    @staticmethod
-    def _count_from(value: Any) -> int:
-        if array_api_compat.is_array_api_obj(value):
-            if tuple(value.shape) != ():
-                raise ValueError(
-                    f"num_batches_tracked must be a scalar, got shape {tuple(value.shape)}"
-                )
-            xp = array_api_compat.array_namespace(value)
-            if not xp.isdtype(value.dtype, "integral"):
-                raise ValueError(f"num_batches_tracked must be an integer, got dtype {value.dtype}")
-        elif isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"num_batches_tracked must be an integer, got {value!r}")
-        count = int(value)
-        if count < 0:
-            raise ValueError(f"num_batches_tracked must be non-negative, got {count}")
-        return count
-
-    def _assign(self, checked: Mapping[str, Any]) -> None:
-        xp, device = self._xp, self._device
-        for key, value in checked.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = int(value)
-            else:
-                current = getattr(self, key)
-                setattr(self, key, _convert(value, xp, device, current.dtype))
+            current = {k: getattr(self, k) for k in checked if k != "num_batches_tracked"}
+            loaded = _converted(checked, self._xp, self._device, current)
+            self.num_batches_tracked = loaded.pop("num_batches_tracked", self.num_batches_tracked)
+            for key, value in loaded.items():
+                setattr(self, key, value)
+        # What the layer derived from its old state must not outlive it: the
+        # merge center (the old statistics' mean) and the last forward.
+        self._center = self._center_comm = None
+        self._saved = None
 
     # -- modes ---------------------------------------------------------------
     def train(self, mode: bool = True) -> SyncBatchNorm:
@@ -331,8 +404,11 @@ class SyncBatchNorm:
         """Return dx for the last forward; set ``grad_weight`` and ``grad_bias``.
 
         ``grad_weight``/``grad_bias`` are this rank's contributions (None
-        without ``affine``), not reduced across ranks.
+        without ``affine``), not reduced across ranks. A ``dy`` that is not
+        an array is a TypeError.
         """
+        if not array_api_compat.is_array_api_obj(dy):
+            raise TypeError(f"dy must be an array, got {type(dy).__name__}")
         if self._saved is None:
             raise NoForwardError("backward called before any forward: run a training forward first")
         if not self._saved.batch_stats:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . scripts/venv.sh
-pip_install -e ".[test,mpi,lint,bench]"
+install_checkout ".[test,mpi,lint,bench]"
 
 # PyTorch is an optional, independent oracle. Only its CPU build is wanted;
 # where no CPU wheel is at hand (plain PyPI serves a multi-GB CUDA build) the

@@ -26,16 +26,31 @@ from arraysyncbn.testing import (
 )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 ranks or channels would mean nothing to run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, default=4, help="number of thread ranks (default 4)")
+    parser.add_argument(
+        "--ranks", type=_positive_int, default=4, help="number of thread ranks (default 4)"
+    )
     parser.add_argument(
         "--dtype", default="float32", choices=["float16", "float32", "float64"],
         help="input dtype (default float32)",
     )  # fmt: skip
-    parser.add_argument("--channels", type=int, default=8, help="channels C (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--channels", type=_positive_int, default=8, help="channels C (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default 0)")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"argument --seed: must be >= 0 (numpy's generators), got {args.seed}")
 
     rng = np.random.default_rng(args.seed)
     c = args.channels

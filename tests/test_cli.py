@@ -106,3 +106,46 @@ def test_batch_sizes_are_always_uneven(batch: int, world: int) -> None:
         sizes = cli._batch_sizes(seed, batch, world)
         assert len(set(sizes)) > 1, (seed, sizes)
         assert all(batch // 2 <= n <= batch for n in sizes)
+
+
+# -- argument errors, printed once (issue 7, items 10 and 11) -------------------------
+def test_negative_seed_is_an_argument_error() -> None:
+    out = run("--seed", "-1", "--steps", "0")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("--seed must be >= 0, got -1") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "status"), [(("--help",), 0), (("--seed", "-1"), 2), (("--shape", "8"), 2)]
+)
+def test_help_and_argument_errors_are_printed_by_rank_zero_only(args, status: int) -> None:
+    """A rank that the launcher numbered 1 exits like rank 0, silently."""
+    zero = run(*args, extra_env={"PMI_RANK": "0"})
+    assert zero.returncode == status and (zero.stdout + zero.stderr).strip()
+    other = run(*args, extra_env={"PMI_RANK": "1"})
+    assert other.returncode == status
+    assert other.stdout == "" and other.stderr == "", other
+
+
+def test_launcher_rank_reads_the_launchers_environment(monkeypatch) -> None:
+    for name in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.launcher_rank() == 0
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert cli.launcher_rank() == 3
+
+
+# -- the progress bar only on a terminal (issue 7, item 12) ---------------------------
+def test_progress_bar_is_off_when_stderr_is_not_a_terminal(monkeypatch, tmp_path) -> None:
+    """Even under mpiexec with TERM set (rank 0 of 2), as a redirected log would be."""
+    from comms import ForbiddenComm
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    world = cli.World(ForbiddenComm(), None, "fake", "")
+    assert world.size == 2 and world.rank == 0
+    with open(tmp_path / "stderr.log", "w") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        assert cli._progress(cli.build_parser().parse_args([]), world).disable
+        on = cli.build_parser().parse_args(["--progress", "on"])
+        assert not cli._progress(on, world).disable

@@ -247,10 +247,29 @@ def test_cli_json_passes_on_k_ranks(k: int) -> None:
 
 
 def test_cli_default_job_on_four_ranks_prints_the_table() -> None:
-    job = mpirun(4, "-m", "arraysyncbn", mpi4py=False, timeout=60)
+    """With TERM set, as in a terminal, but stderr a pipe: no progress bar codes."""
+    job = mpirun(4, "-m", "arraysyncbn", mpi4py=False, timeout=60,
+                 env={"TERM": "xterm-256color"})  # fmt: skip
     assert job.returncode == 0, str(job)
     assert "world size" in job.stdout and "passed" in job.stdout, str(job)
     assert job.stdout.count("world size") == 1, "only rank 0 prints"
+    assert "\x1b[" not in job.stderr, repr(job.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "text"),
+    [
+        (("--help",), 0, "usage:"),
+        (("--seed", "-1"), 2, "--seed must be >= 0"),
+        (("--shape", "8"), 2, "--shape needs at least 2"),
+    ],
+)
+def test_cli_help_and_argument_errors_print_once(args, status: int, text: str) -> None:
+    job = mpirun(2, "-m", "arraysyncbn", *args, mpi4py=False, timeout=60)
+    assert job.returncode == status, str(job)
+    assert (job.stdout + job.stderr).count(text) == 1, str(job)
+    assert (job.stdout + job.stderr).count("usage:") == 1, str(job)
+    assert "Traceback" not in job.stderr, str(job)
 
 
 def test_cli_fails_when_the_check_fails() -> None:

@@ -161,8 +161,8 @@ def test_batch_stats_passes_communicate_exactly_once_each(backend) -> None:
         return after_first, counting[comm.rank].calls
 
     for first, calls in sbn.run_ranks(rank, comms):
-        assert first == [("max", 10), ("sum", 9)]
-        assert calls == [("max", 10), ("sum", 9), ("sum", 8), ("sum", 9), ("sum", 8)]
+        assert first == [("max", 34), ("sum", 9)]
+        assert calls == [("max", 34), ("sum", 9), ("sum", 8), ("sum", 9), ("sum", 8)]
 
 
 def test_affine_false_has_no_parameters_and_none_gradients(backend) -> None:

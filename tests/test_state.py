@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import arraysyncbn as sbn
-from arraysyncbn.testing import assert_close_to_reference, to_numpy
+from arraysyncbn.testing import assert_close_to_reference, assert_like, to_numpy
 
 
 def _state(c: int = 3) -> dict:
@@ -24,7 +24,7 @@ def test_state_dict_has_pytorch_keys(backend) -> None:
     bn(backend.asarray(np.random.default_rng(0).normal(size=(4, 3)), "float32"))
     sd = bn.state_dict()
     assert list(sd) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-    assert sd["num_batches_tracked"] == 1
+    assert int(sd["num_batches_tracked"]) == 1
     assert set(sbn.SyncBatchNorm(3, affine=False, xp=np).state_dict()) == {
         "running_mean",
         "running_var",
@@ -80,10 +80,10 @@ def test_load_rejects_missing_unexpected_and_misshaped() -> None:
         bn.load_state_dict(state)
     state = _state()
     state["num_batches_tracked"] = np.array(1.5)
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(TypeError, match="integer"):
         bn.load_state_dict(state)
     state["num_batches_tracked"] = 2.0
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(TypeError, match="int"):
         bn.load_state_dict(state)
     state["num_batches_tracked"] = np.array([1, 2])
     with pytest.raises(ValueError, match="scalar"):
@@ -121,3 +121,141 @@ def test_torch_batchnorm2d_state_dict_converted_to_numpy_loads_as_is() -> None:
     y = bn(x.numpy())
     assert bn.num_batches_tracked == 3
     assert_close_to_reference(y, ref(x).detach().numpy().astype(np.float64), 1e-5)
+
+
+# -- a layer built with xp=, atomic loads, hidden state (issue 7, item 1) -------------
+def _namespaces() -> list:
+    params = [pytest.param(np, id="numpy")]
+    try:
+        import array_api_strict
+    except ImportError:
+        return params
+    return [*params, pytest.param(array_api_strict, id="strict")]
+
+
+def _sources(state: dict) -> list[tuple[str, dict]]:
+    """The same state as numpy arrays and, where torch is installed, torch tensors."""
+    out = [("numpy", state)]
+    try:
+        import torch
+    except ImportError:
+        return out
+    return [*out, ("torch", {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})]
+
+
+@pytest.mark.parametrize("xp", _namespaces())
+@pytest.mark.parametrize("after_forward", [False, True], ids=["fresh", "after-forward"])
+def test_load_into_a_layer_built_with_xp(xp, after_forward: bool) -> None:
+    bn = sbn.SyncBatchNorm(3, xp=xp)
+    x = xp.asarray(np.random.default_rng(2).normal(size=(4, 3)).astype(np.float32))
+    if after_forward:
+        bn(x)
+    bn.load_state_dict(bn.state_dict())  # our own state dict
+    for name, state in _sources(_state()):
+        bn.load_state_dict(state)
+        assert bn.num_batches_tracked == 5, name
+        assert_close_to_reference(bn.running_var, _state()["running_var"], 1e-7)
+        bn.eval()
+        y = bn(x)
+        bn.train()
+        s = _state()
+        want = (to_numpy(x) - s["running_mean"]) / np.sqrt(s["running_var"] + 1e-5)
+        assert_close_to_reference(y, want * s["weight"] + s["bias"], 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "match"),
+    [
+        ("running_var", np.array([1.0, np.nan, 1.0]), ValueError, "non-finite"),
+        ("running_var", np.array([1.0, -0.5, 1.0]), ValueError, "negative"),
+        ("weight", np.array([1.0, np.inf, 1.0]), ValueError, "non-finite"),
+        ("bias", np.array([0.0, 1e300, 0.0]), ValueError, "non-finite"),  # inf in float32
+        ("running_var", np.array([1.0, 1.0]), ValueError, "shape"),
+        ("running_var", np.array(["a", "b", "c"]), TypeError, "real dtype"),
+        ("num_batches_tracked", np.array(-1), ValueError, "non-negative"),
+        ("num_batches_tracked", 2.0, TypeError, "integer|int"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_load_is_atomic_and_rejects_bad_values(key: str, value, error, match: str) -> None:
+    """A bad entry late in the dict leaves every earlier entry as it was."""
+    bn = sbn.SyncBatchNorm(3, xp=np)
+    bn(np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32))
+    before = {k: np.array(v) for k, v in bn.state_dict().items()}
+    state = _state()
+    state[key] = value
+    with pytest.raises(error, match=match):
+        bn.load_state_dict(state)
+    after = bn.state_dict()
+    for k, v in before.items():
+        assert np.array_equal(np.asarray(after[k]), v), k
+    assert bn.running_mean.dtype == np.float32 and bn.num_batches_tracked == 1
+
+
+def test_load_before_the_first_forward_rejects_bad_values_at_once() -> None:
+    bn = sbn.SyncBatchNorm(3)
+    state = _state()
+    state["running_var"] = np.array([1.0, np.nan, 1.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        bn.load_state_dict(state)
+    bn(np.ones((2, 3), dtype=np.float32))  # defaults, nothing of the bad dict
+    assert bn.num_batches_tracked == 1
+
+
+def test_load_before_the_first_forward_keeps_a_copy() -> None:
+    bn = sbn.SyncBatchNorm(3)
+    state = _state()
+    bn.load_state_dict(state)
+    state["running_mean"][:] = 99.0  # the caller reuses its buffer
+    bn.eval()
+    bn(np.ones((2, 3), dtype=np.float32))
+    assert_close_to_reference(bn.running_mean, _state()["running_mean"], 1e-7)
+
+
+def test_load_forgets_the_last_forward_and_the_merge_center() -> None:
+    """After a load the layer behaves exactly like a fresh layer given the same
+    state: no merge center left from old statistics, nothing to differentiate."""
+    rng = np.random.default_rng(4)
+    old = (1e3 + rng.normal(size=(8, 3))).astype(np.float64)
+    new = (5e2 + rng.normal(size=(8, 3))).astype(np.float64)
+    used = sbn.SyncBatchNorm(3, xp=np, dtype="float64")
+    used(old)
+    used.load_state_dict(_state())
+    assert used._center is None and used._center_comm is None and used._saved is None
+    with pytest.raises(sbn.NoForwardError):
+        used.backward(np.ones((8, 3)))
+    fresh = sbn.SyncBatchNorm(3, xp=np, dtype="float64")
+    fresh.load_state_dict(_state())
+    assert np.array_equal(to_numpy(used(new)), to_numpy(fresh(new)))
+    assert np.array_equal(to_numpy(used.running_var), to_numpy(fresh.running_var))
+
+
+# -- PyTorch interchange, both ways (issue 7, item 2) ---------------------------------
+def test_state_dict_loads_into_torch_strictly_and_back() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    bn = sbn.SyncBatchNorm(3, momentum=0.3)
+    for _ in range(2):
+        bn(rng.normal(1.0, 2.0, size=(4, 3, 5, 5)).astype(np.float32))
+    sd = bn.state_dict()
+    assert sd["num_batches_tracked"].dtype == np.int64 and sd["num_batches_tracked"].shape == ()
+    ref = torch.nn.BatchNorm2d(3)
+    ref.load_state_dict({k: torch.as_tensor(v) for k, v in sd.items()}, strict=True)
+    assert int(ref.num_batches_tracked) == 2
+    assert torch.equal(ref.running_var, torch.as_tensor(sd["running_var"]))
+    # Back: torch tensors (not numpy) into layers built either way.
+    for back in (sbn.SyncBatchNorm(3, xp=np), sbn.SyncBatchNorm(3)):
+        back.load_state_dict(ref.state_dict())
+        back.eval()
+        bn.eval()
+        x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+        assert np.array_equal(to_numpy(back(x)), to_numpy(bn(x)))
+        assert back.num_batches_tracked == 2
+
+
+def test_state_dict_count_is_a_0d_int64_array_of_the_layer_namespace(backend) -> None:
+    bn = sbn.SyncBatchNorm(3)
+    bn(backend.asarray(np.random.default_rng(6).normal(size=(4, 3)), "float32"))
+    count = bn.state_dict()["num_batches_tracked"]
+    assert_like(count, backend.xp.zeros((), dtype=backend.xp.int64, device=backend.device))
+    assert int(count) == 1 and isinstance(bn.num_batches_tracked, int)

@@ -117,3 +117,71 @@ def test_consistency_check_catches_axis_disagreement() -> None:
     for res in results:
         assert isinstance(res, sbn.CollectiveMismatchError), res
         assert "channel axis differs (values seen include 1 and 2)" in str(res)
+
+
+# -- the first-forward check also compares the layer's configuration (issue 7, item 9) --
+@pytest.mark.parametrize(
+    ("configs", "message"),
+    [
+        (
+            [{"momentum": 0.1}, {"momentum": 0.2}],
+            "momentum differs (values seen include 0.1 and 0.2)",
+        ),
+        (
+            [{"momentum": None}, {"momentum": 0.1}],
+            "momentum differs (values seen include None and 0.1)",
+        ),
+        ([{"eps": 1e-5}, {"eps": 1e-3}], "eps differs (values seen include 1e-05 and 0.001)"),
+        ([{"eps": 1e-5}, {"eps": 1e-5 * (1 + 2**-50)}], "eps differs"),  # 4 ulps apart
+        (
+            [{"affine": True}, {"affine": False}],
+            "affine differs (values seen include False and True)",
+        ),
+        (
+            [{"track_running_stats": False}, {"track_running_stats": True}],
+            "track_running_stats differs (values seen include False and True)",
+        ),
+    ],
+)
+def test_consistency_check_compares_the_layer_configuration(configs, message) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    k = 3  # the last rank differs
+
+    def rank(comm):
+        config = configs[1] if comm.rank == k - 1 else configs[0]
+        return sbn.SyncBatchNorm(3, comm=comm, **config)(x)
+
+    results = sbn.run_ranks(rank, sbn.thread_group(k, timeout=10), return_exceptions=True)
+    for res in results:
+        assert isinstance(res, sbn.CollectiveMismatchError), res
+        assert message in str(res), str(res)
+
+
+def test_consistency_check_compares_eps_bit_for_bit_in_a_float32_buffer() -> None:
+    """On a device without float64 the check buffer is float32, where 1e-5 and
+    1e-5·(1 + 2⁻⁴⁰) round alike; the check compares the float64 bits."""
+    strict = pytest.importorskip("array_api_strict")
+    dev = strict.Device("no_float64")
+    x = strict.reshape(strict.arange(12, dtype=strict.float32, device=dev), (4, 3))
+    eps = [1e-5, 1e-5 * (1 + 2**-40)]
+    assert np.float32(eps[0]) == np.float32(eps[1])
+
+    def rank(comm):
+        return sbn.sync_batch_norm_forward(x, None, None, None, None, eps=eps[comm.rank],
+                                           comm=comm, check=True)  # fmt: skip
+
+    results = sbn.run_ranks(rank, sbn.thread_group(2, timeout=10), return_exceptions=True)
+    for res in results:
+        assert isinstance(res, sbn.CollectiveMismatchError), res
+        assert "eps differs" in str(res)
+
+
+def test_consistency_check_passes_when_the_configuration_agrees() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+    def rank(comm):
+        bn = sbn.SyncBatchNorm(3, eps=1e-3, momentum=None, affine=False, comm=comm)
+        bn(x)
+        return bn.num_batches_tracked
+
+    assert sbn.run_ranks(rank, sbn.thread_group(3, timeout=10)) == [1, 1, 1]

@@ -21,7 +21,6 @@ def _x(backend, shape=(4, 3, 2), dtype="float32"):
     [
         ({"num_features": 0}, "num_features must be a positive int"),
         ({"num_features": -3}, "num_features must be a positive int"),
-        ({"num_features": 2.0}, "num_features must be a positive int"),
         ({"num_features": 3, "eps": 0.0}, "eps must be a positive finite number"),
         ({"num_features": 3, "eps": -1e-5}, "eps must be a positive finite number"),
         ({"num_features": 3, "eps": float("nan")}, "eps must be a positive finite number"),
@@ -146,3 +145,73 @@ def test_dy_from_another_library_is_a_type_error() -> None:
 def test_saved_must_come_from_a_forward() -> None:
     with pytest.raises(TypeError, match="SavedForBackward"):
         sbn.sync_batch_norm_backward(np.ones((2, 2)), object())
+
+
+# -- wrong types are TypeErrors, wrong values ValueErrors (issue 7, item 6) -----------
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_features": 2.0}, "num_features must be an int, got float"),
+        ({"num_features": True}, "num_features must be an int, got bool"),
+        ({"num_features": "3"}, "num_features must be an int, got str"),
+        ({"num_features": None}, "num_features must be an int, got NoneType"),
+        ({"num_features": 3, "eps": "1e-5"}, "eps must be a real number, got str"),
+        ({"num_features": 3, "eps": None}, "eps must be a real number, got NoneType"),
+        ({"num_features": 3, "eps": True}, "eps must be a real number, got bool"),
+        ({"num_features": 3, "momentum": "0.1"}, "momentum must be None or a real number"),
+        ({"num_features": 3, "momentum": False}, "momentum must be None or a real number"),
+    ],
+)
+def test_constructor_rejects_bad_types(kwargs, match) -> None:
+    with pytest.raises(TypeError, match=match):
+        sbn.SyncBatchNorm(**kwargs)
+
+
+def test_constructor_accepts_numpy_scalars() -> None:
+    bn = sbn.SyncBatchNorm(np.int64(3), eps=np.float32(1e-3), momentum=np.float64(0.5))
+    assert bn.num_features == 3 and isinstance(bn.num_features, int)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"eps": None}, TypeError, "eps must be a real number"),
+        ({"eps": "1e-5"}, TypeError, "eps must be a real number"),
+        ({"eps": float("inf")}, ValueError, "eps must be a positive finite number"),
+        ({"momentum": "0.1"}, TypeError, "momentum must be None or a real number"),
+        ({"momentum": True}, TypeError, "momentum must be None or a real number"),
+        ({"momentum": float("nan")}, ValueError, "momentum must be None or a number in"),
+        ({"num_batches_tracked": 1.0}, TypeError, "num_batches_tracked must be an int"),
+        ({"num_batches_tracked": True}, TypeError, "num_batches_tracked must be an int"),
+        ({"num_batches_tracked": None}, TypeError, "num_batches_tracked must be an int"),
+        ({"num_batches_tracked": "1"}, TypeError, "num_batches_tracked must be an int"),
+        ({"num_batches_tracked": -1}, ValueError, "num_batches_tracked must be a non-negative"),
+    ],
+)
+def test_functional_separates_bad_types_from_bad_values(backend, kwargs, error, match) -> None:
+    x = _x(backend)
+    rs = backend.asarray(np.ones(3), "float32")
+    with pytest.raises(error, match=match):
+        sbn.sync_batch_norm_forward(x, None, None, rs, rs, comm=ForbiddenComm(), **kwargs)
+
+
+def test_layer_passes_a_bad_count_on_as_a_type_error() -> None:
+    bn = sbn.SyncBatchNorm(3, comm=ForbiddenComm())
+    bn.num_batches_tracked = 2.5
+    with pytest.raises(TypeError, match="num_batches_tracked must be an int"):
+        bn(np.ones((4, 3), dtype=np.float32))
+
+
+def test_backward_of_none_is_a_type_error(backend) -> None:
+    x = _x(backend)
+    with pytest.raises(TypeError, match="dy must be an array, got NoneType"):
+        sbn.SyncBatchNorm(3).backward(None)  # before any forward, too
+    bn = sbn.SyncBatchNorm(3)
+    bn(x)
+    with pytest.raises(TypeError, match="dy must be an array, got NoneType"):
+        bn.backward(None)
+    _, _, _, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
+    with pytest.raises(TypeError, match="dy must be an array, got NoneType"):
+        sbn.sync_batch_norm_backward(None, saved)
+    with pytest.raises(TypeError, match="dy must be an array, got list"):
+        sbn.sync_batch_norm_backward([[1.0]], saved)

@@ -1,0 +1,154 @@
+"""The shell scripts and ``scripts/thread_ranks.py``: argument checks, and how
+``run.sh`` and ``test.sh`` install the package.
+
+The install tests run the real scripts in a copy of the checkout's metadata
+and scripts, with a fake ``.venv`` whose ``python`` (and ``ruff``,
+``mpiexec``) only log how they were called: no network, no real install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASH = shutil.which("bash")
+pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Log the call; fake pip's record of an editable install and setuptools'
+# warning about it (which the real one emits unless PYTHONWARNINGS filters it).
+echo "python $*" >>"$FAKE_LOG"
+if [ "$1 $2 $3" = "-m pip install" ]; then
+    for arg in "$@"; do
+        if [ "$arg" = -e ]; then
+            record="$(dirname "$0")/../lib/python3.11/site-packages/arraysyncbn-0.1.0.dist-info"
+            mkdir -p "$record"
+            printf '{"dir_info": {"editable": true}, "url": "file://%s"}' "$PWD" \
+                >"$record/direct_url.json"
+            case "${PYTHONWARNINGS:-}" in
+                *"ignore:Editable installation"*) ;;
+                *) echo "BuildBackendWarning: Editable installation." >&2 ;;
+            esac
+        fi
+    done
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the scripts and metadata with a fake, already created .venv."""
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    for name in ("setup.cfg", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    fakes = {
+        "python": FAKE_PYTHON,
+        "ruff": '#!/usr/bin/env bash\necho "ruff $*" >>"$FAKE_LOG"\n',
+        "mpiexec": '#!/usr/bin/env bash\necho "mpiexec $*" >>"$FAKE_LOG"\n',
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return tmp_path
+
+
+def run_script(
+    checkout: Path, name: str, **env: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run scripts/NAME in ``checkout``; return the result and the fake tools' log."""
+    log = checkout / "calls.log"
+    log.write_text("")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
+    full_env.pop("RANKS", None)
+    # PYTHON=false: had the fake .venv been missed, creating a real one fails.
+    full_env.update(FAKE_LOG=str(log), ARRAYSYNCBN_TORCH="0", PYTHON="false", **env)
+    result = subprocess.run(
+        [BASH, str(checkout / "scripts" / name)],
+        cwd=checkout,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, log.read_text().splitlines()
+
+
+def pip_installs(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("python -m pip install")]
+
+
+# -- issue 7, item 14 ------------------------------------------------------------------
+def test_run_and_test_install_the_checkout_editable_once(checkout: Path) -> None:
+    out, calls = run_script(checkout, "test.sh")
+    assert out.returncode == 0, out.stderr
+    assert pip_installs(calls) == ["python -m pip install -q -e .[test,mpi,lint,bench]"]
+    assert "Editable installation" not in out.stderr, out.stderr
+    out, calls = run_script(checkout, "run.sh")
+    assert out.returncode == 0, out.stderr
+    assert pip_installs(calls) == ["python -m pip install -q -e .[mpi]"]
+    assert calls[-1] == "mpiexec -n 4 python -m arraysyncbn"
+    for name in ("test.sh", "run.sh", "test.sh"):  # nothing changed: no pip at all
+        out, calls = run_script(checkout, name)
+        assert out.returncode == 0, out.stderr
+        assert pip_installs(calls) == [], (name, calls)
+
+
+def test_test_sh_reinstalls_when_the_metadata_or_the_install_changed(checkout: Path) -> None:
+    run_script(checkout, "test.sh")
+    with open(checkout / "setup.cfg", "a") as f:
+        f.write("\n# a new dependency, say\n")
+    _, calls = run_script(checkout, "test.sh")
+    assert pip_installs(calls) == ["python -m pip install -q -e .[test,mpi,lint,bench]"]
+    # Someone ran `pip install .` by hand: the install is no longer editable.
+    for record in checkout.glob(".venv/lib/python*/site-packages/*.dist-info/direct_url.json"):
+        record.write_text('{"dir_info": {}, "url": "file:///elsewhere"}')
+    _, calls = run_script(checkout, "test.sh")
+    assert pip_installs(calls) == ["python -m pip install -q -e .[test,mpi,lint,bench]"]
+
+
+# -- issue 7, item 13 ------------------------------------------------------------------
+@pytest.mark.parametrize("ranks", ["abc", "0", "-2", "2x", "4 "])
+def test_run_sh_rejects_a_bad_rank_count_before_doing_anything(checkout, ranks: str) -> None:
+    out, calls = run_script(checkout, "run.sh", RANKS=ranks)
+    assert out.returncode == 2, out
+    assert f"RANKS must be a positive integer (the number of MPI ranks), got '{ranks}'" in (
+        out.stderr
+    )
+    assert calls == [], "nothing may be installed or launched"
+
+
+def test_run_sh_passes_a_good_rank_count_to_mpiexec(checkout: Path) -> None:
+    out, calls = run_script(checkout, "run.sh", RANKS="3")
+    assert out.returncode == 0, out.stderr
+    assert calls[-1] == "mpiexec -n 3 python -m arraysyncbn"
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--ranks", "0"], "argument --ranks: must be at least 1, got 0"),
+        (["--ranks", "x"], "argument --ranks: expected a positive integer, got 'x'"),
+        (["--channels", "0"], "argument --channels: must be at least 1, got 0"),
+        (["--seed", "-1"], "argument --seed: must be >= 0"),
+    ],
+)
+def test_thread_ranks_rejects_bad_arguments_clearly(args: list[str], match: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "thread_ranks.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out
+    assert match in out.stderr and "Traceback" not in out.stderr, out.stderr
