@@ -98,6 +98,8 @@ def plot(result: dict[str, Any], path: str) -> None:
     if run is None:
         raise SystemExit("--plot: nothing to plot (no single-process run in this result)")
     rows = [r for r in run["rows"] if "fwd_ratio" in r]
+    if not rows:
+        raise SystemExit("--plot: the ratios need torch, the reference contender")
     names = [r["case"] for r in rows]
     series = [
         ("host forward", "fwd_ratio", "host"),

@@ -614,6 +614,7 @@ _ROWS = [
     ("world size", "world_size"),
     ("MPI library", "mpi_library"),
     ("transfer", "transfer"),
+    ("kernels", "route"),
     ("per-rank shapes", "shapes"),
     ("dtype", "dtype"),
     ("max error y", "forward_max_error"),
@@ -648,6 +649,17 @@ def _cell(key: str, r: dict[str, Any]) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if key.endswith(("_ms", "_us")) else f"{value:.2e}"
     return str(value)
+
+
+def route_description(bn: Any) -> str:
+    """Which kernels ran the check's forward (host numba or portable), and why."""
+    from ._fast import route_info
+
+    saved = getattr(bn, "_saved", None)
+    general = route_info()
+    if saved is None or saved.route == "host" or general.startswith("portable"):
+        return general
+    return "portable (array API): the fast route does not take this library, device or dtype"
 
 
 def render_table(result: dict[str, Any]) -> Table:
@@ -706,6 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mpi_standard": world.standard,
         "cuda_aware": cuda_aware,
         "transfer": transfer,
+        "route": route_description(bn),
         "shapes": [list(s) for s in work.shapes],
         "dtype": args.dtype,
         "channels_last": args.channels_last,

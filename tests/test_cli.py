@@ -149,3 +149,45 @@ def test_progress_bar_is_off_when_stderr_is_not_a_terminal(monkeypatch, tmp_path
         assert cli._progress(cli.build_parser().parse_args([]), world).disable
         on = cli.build_parser().parse_args(["--progress", "on"])
         assert not cli._progress(on, world).disable
+
+
+@pytest.mark.parametrize("fast, route", [("1", "host (numba"), ("0", "portable (array API)")])
+def test_the_job_says_which_kernels_ran(fast: str, route: str) -> None:
+    out = run("--json", "--steps", "0", extra_env={"ARRAYSYNCBN_FAST": fast})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["route"].startswith(route)
+
+
+def test_bench_quick_json_reports_every_contender() -> None:
+    out = run("bench", "--quick", "--repeats", "3", "--default-allocator-only", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "tuned" not in result and result["machine"]["route"].startswith("host")
+    run_ = result["default"]
+    assert run_["copy_gbps"] > 0
+    names = [r["case"] for r in run_["rows"]]
+    assert any("tiny" in n for n in names) and any("channels-last" in n for n in names)
+    for row in run_["rows"]:
+        assert row["route"] == "host"
+        for what in ("fwd", "fwd_bwd"):
+            contenders = set(row[what])
+            assert {"host", "portable"} <= contenders, (row["case"], what)
+            assert all(t > 0 for t in row[what].values())
+        # Errors against float64 are measured, finite and small for our routes.
+        assert 0 <= row["error"]["host"] < 1e-4 and 0 <= row["error"]["portable"] < 1e-4
+        if importlib.util.find_spec("torch") is not None:
+            assert "torch" in row["fwd"] and row["fwd_ratio"]["host"] > 0
+
+
+def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "ratios.png"
+    out = run("bench", "--quick", "--repeats", "3", "--default-allocator-only", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "default allocator" in out.stdout
+
+
+def test_bench_rejects_bad_arguments() -> None:
+    out = run("bench", "--repeats", "1")
+    assert out.returncode == 2 and "--repeats" in out.stderr

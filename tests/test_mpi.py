@@ -285,3 +285,12 @@ def test_cli_fails_when_the_check_fails() -> None:
     assert job.returncode == 1, str(job)
     result = json.loads(job.stdout)
     assert result["ok"] is False and result["forward_max_error"] > 1e-4, result
+
+
+def test_bench_under_mpiexec_times_the_synchronized_step() -> None:
+    job = mpirun(2, "-m", "arraysyncbn", "bench", "--quick", "--repeats", "3", "--json",
+                 mpi4py=False, timeout=120)  # fmt: skip
+    assert job.returncode == 0, str(job)
+    result = json.loads(job.stdout)  # rank 0 alone prints
+    mpi = result["mpi"]
+    assert mpi["ranks"] == 2 and mpi["seconds"]["synchronized"] > 0 and mpi["ratio"] > 0
