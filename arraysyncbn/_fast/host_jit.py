@@ -272,6 +272,19 @@ def copy_parallel(src, dst, parts):  # pragma: no cover - compiled
 
 
 # -- per-channel glue (tiny inputs live or die by Python overhead) ------------
+def _merged_partials(part, c):  # pragma: no cover - compiled
+    """Channel c's two sums over the per-thread partials, in thread order."""
+    s1 = 0.0
+    s2 = 0.0
+    for t in range(part.shape[0]):
+        s1 += part[t, 0, c]
+        s2 += part[t, 1, c]
+    return s1, s2
+
+
+merged_partials = numba.njit(inline="always", **_OPTS)(_merged_partials)
+
+
 @numba.njit(**_OPTS)
 def pack_statistics(part, k, center, n, buf):  # pragma: no cover - compiled
     """Merge partials in thread order and write ``[n, Σ(x−K), Σ(x−K)²]`` about ``center``.
@@ -282,11 +295,7 @@ def pack_statistics(part, k, center, n, buf):  # pragma: no cover - compiled
     c_count = k.shape[0]
     buf[0] = n
     for c in range(c_count):
-        s1 = 0.0
-        s2 = 0.0
-        for t in range(part.shape[0]):
-            s1 += part[t, 0, c]
-            s2 += part[t, 1, c]
+        s1, s2 = merged_partials(part, c)
         d = k[c] - center[c]
         buf[1 + c] = s1 + n * d
         buf[1 + c_count + c] = s2 + d * (2.0 * s1 + n * d)
@@ -359,11 +368,7 @@ def pack_backward(part, invstd, buf):  # pragma: no cover - compiled
     """Merge partials in thread order into ``[Σdy, Σdy·x̂]`` (x̂ = (x − mean)·invstd)."""
     c_count = invstd.shape[0]
     for c in range(c_count):
-        s1 = 0.0
-        s2 = 0.0
-        for t in range(part.shape[0]):
-            s1 += part[t, 0, c]
-            s2 += part[t, 1, c]
+        s1, s2 = merged_partials(part, c)
         buf[c] = s1
         buf[c_count + c] = s2 * invstd[c]
 
