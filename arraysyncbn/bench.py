@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=15, help="timed repeats per contender (15, at least 3)"
     )
     p.add_argument("--quick", action="store_true", help="three small shapes (a smoke run)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    out.add_argument("--markdown", action="store_true", help="print Markdown tables")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the ratios (needs matplotlib)")
     p.add_argument(
         "--default-allocator-only",
@@ -475,6 +477,10 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
         plot(result, args.plot)
     if args.json:
         print(json.dumps(result))
+    elif args.markdown:
+        from .bench_report import markdown
+
+        print(markdown(result))
     else:
         from .bench_report import print_tables
 

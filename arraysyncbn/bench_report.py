@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["plot", "print_tables"]
+__all__ = ["markdown", "plot", "print_tables"]
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -123,3 +123,56 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The same figures as :func:`print_tables`, as Markdown (for docs/benchmarks.md)."""
+    m = result["machine"]
+    v = m["versions"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores; {m['date']}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        "",
+    ]
+    for key, label in (("tuned", "glibc trimming off"), ("default", "default allocator")):
+        run = result.get(key)
+        if run is None:
+            continue
+        lines += [
+            f"**{label}, {run['threads']} thread(s)**, copy bandwidth "
+            f"{run['copy_gbps']:.1f} GB/s. Ratio = torch time / ours (higher is faster); "
+            "floor = fraction of the copy-bandwidth floor (3 × bytes forward, 8 × forward + "
+            "backward); peak = extra memory traced per pass over bytes(y) / bytes(dx).",
+            "",
+            "| case | ratio fwd host / portable | ratio fwd+bwd host / portable "
+            "| fwd host / torch | fwd+bwd host / torch | floor host fwd / fwd+bwd "
+            "| max error host / portable / torch | peak host fwd / bwd |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in run["rows"]:
+            fwd, fb = r["fwd"], r["fwd_bwd"]
+            fr, fbr = r.get("fwd_ratio", {}), r.get("fwd_bwd_ratio", {})
+            err = r["error"]
+            peak = r.get("peak_memory", {}).get("host")
+            cells = [
+                r["case"] + ("" if r["route"] == "host" else f" ({r['route']} route)"),
+                f"{_fmt(fr.get('host'))} / {_fmt(fr.get('portable'))}",
+                f"{_fmt(fbr.get('host'))} / {_fmt(fbr.get('portable'))}",
+                f"{_fmt_time(fwd.get('host'))} / {_fmt_time(fwd.get('torch'))}",
+                f"{_fmt_time(fb.get('host'))} / {_fmt_time(fb.get('torch'))}",
+                f"{_fmt(r['fwd_floor_fraction'].get('host'))} / "
+                f"{_fmt(r['fwd_bwd_floor_fraction'].get('host'))}",
+                " / ".join(_fmt(err.get(n), ".1e") for n in ("host", "portable", "torch")),
+                "–" if peak is None else f"{peak['fwd']:.2f} / {peak['bwd']:.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    mpi = result.get("mpi")
+    if mpi is not None:
+        s = mpi["seconds"]
+        lines.append(
+            f"{mpi['ranks']} MPI ranks, {mpi['case']} per rank, forward + backward: "
+            f"synchronized {_fmt_time(s['synchronized'])}, comm=None {_fmt_time(s['local'])}, "
+            f"ratio {mpi['ratio']:.3f}"
+        )
+    return "\n".join(lines)
