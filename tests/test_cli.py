@@ -191,3 +191,15 @@ def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
 def test_bench_rejects_bad_arguments() -> None:
     out = run("bench", "--repeats", "1")
     assert out.returncode == 2 and "--repeats" in out.stderr
+
+
+def test_without_numba_the_job_runs_the_portable_route_and_says_why() -> None:
+    code = (
+        "import sys, runpy; sys.modules['numba'] = None; "  # import numba now fails
+        "sys.argv = ['arraysyncbn', '--json', '--steps', '0']; "
+        "runpy.run_module('arraysyncbn', run_name='__main__')"
+    )
+    out = run(code=code)
+    assert out.returncode == 0, out.stderr
+    route = json.loads(out.stdout)["route"]
+    assert route.startswith("portable (array API): numba cannot be imported"), route
