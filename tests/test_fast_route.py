@@ -262,3 +262,42 @@ def test_host_route_allocates_nothing_x_sized_but_y_and_dx(shape, axis, monkeypa
     assert saved.route == "host"
     assert fwd_peak <= 1.1 * y.nbytes, (fwd_peak, y.nbytes)
     assert bwd_peak <= 1.1 * dx.nbytes, (bwd_peak, dx.nbytes)
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [slice(8, 8), slice(3, 5), slice(0, 16, 2)],
+    ids=["empty-slice", "two-samples", "every-other-sample"],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shards_sliced_from_a_global_batch(piece, channels_last, monkeypatch) -> None:
+    """Shards are usually slices of one batch: empty ones, ones whose strides
+    on size-1 or zero-size axes are arbitrary, and strided ones (which need
+    a copy and so take the portable route). Found by the training demo: an
+    empty slice crashed the host route."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((16, 4, 5, 3), 1)
+    if channels_last:
+        x, dy = np.moveaxis(x, 1, -1).copy(), np.moveaxis(dy, 1, -1).copy()
+    axis = -1 if channels_last else 1
+    xs, dys = x[piece], dy[piece]
+
+    def rank(comm):
+        mine = (xs, dys) if comm.rank == 0 else (x[:4], dy[:4])
+        y, _, _, saved = sbn.sync_batch_norm_forward(mine[0], *params, axis=axis, comm=comm)
+        dx, _, _ = sbn.sync_batch_norm_backward(mine[1], saved)
+        return y, dx, saved.route
+
+    got = sbn.run_ranks(rank, sbn.thread_group(2))
+    whole_x = np.concatenate([xs, x[:4]])
+    whole_dy = np.concatenate([dys, dy[:4]])
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
+    y, _, _, saved = sbn.sync_batch_norm_forward(whole_x, *params, axis=axis)
+    dx, _, _ = sbn.sync_batch_norm_backward(whole_dy, saved)
+    n0 = xs.shape[0]
+    assert got[1][2] == "host"
+    assert got[0][0].shape == xs.shape and got[0][1].shape == xs.shape
+    _close(got[0][0], y[:n0])
+    _close(got[0][1], dx[:n0])
+    _close(got[1][0], y[n0:])
+    _close(got[1][1], dx[n0:])

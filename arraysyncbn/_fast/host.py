@@ -78,15 +78,29 @@ def thread_count() -> int:
     return max(1, available // local)
 
 
-def block_view(a: np.ndarray, axis: int) -> np.ndarray | None:
+def layout(a: np.ndarray, axis: int) -> str | None:
+    """``"c"`` if ``a`` is C-contiguous, ``"last"`` if it is with the channel axis
+    moved last (channels-last memory seen with channels elsewhere), else None."""
+    if a.flags.c_contiguous:
+        return "c"
+    if np.moveaxis(a, axis, -1).flags.c_contiguous:
+        return "last"
+    return None
+
+
+def block_view(a: np.ndarray, axis: int, mode: str | None = None) -> np.ndarray | None:
     """Return ``a`` as a C-contiguous ``(P, C, Q)`` view, or None if that needs a copy.
 
-    Channels-last memory with the channel on another axis (a torch
-    ``channels_last`` tensor seen as NCHW) is viewed as ``(N·H·W, C, 1)``.
+    ``mode`` (see :func:`layout`) asks for one way of walking memory; None
+    takes ``a``'s own. Channels-last memory with the channel on another axis
+    (a torch ``channels_last`` tensor seen as NCHW) is viewed as
+    ``(N·H·W, C, 1)``.
     """
     shape = a.shape
     channels = shape[axis]
-    if a.flags.c_contiguous:
+    if mode is None:
+        mode = layout(a, axis)
+    if mode == "c" and a.flags.c_contiguous:
         p = 1
         for s in shape[:axis]:
             p *= s
@@ -94,10 +108,23 @@ def block_view(a: np.ndarray, axis: int) -> np.ndarray | None:
         for s in shape[axis + 1 :]:
             q *= s
         return a.reshape(p, channels, q)
-    moved = np.moveaxis(a, axis, -1)
-    if moved.flags.c_contiguous:
-        return moved.reshape(-1, channels, 1)
+    if mode == "last":
+        moved = np.moveaxis(a, axis, -1)
+        if moved.flags.c_contiguous:
+            return moved.reshape(-1, channels, 1)
     return None
+
+
+def empty_in_layout(x: np.ndarray, axis: int, mode: str) -> np.ndarray:
+    """A new array of x's shape and dtype whose memory is walked as ``mode``.
+
+    Not ``np.empty_like``: for size-1 and zero-size axes its strides need not
+    match x's, and the kernels compare layouts, not strides.
+    """
+    if mode == "c":
+        return np.empty(x.shape, dtype=x.dtype)
+    moved = np.empty(np.moveaxis(x, axis, -1).shape, dtype=x.dtype)
+    return np.moveaxis(moved, -1, axis)
 
 
 class HostKernels:
@@ -115,28 +142,40 @@ class HostKernels:
 
     def __init__(self) -> None:
         self.axis = 0
+        self.mode = "c"
         self.xb: np.ndarray = np.empty((0, 0, 0))
         self.parts = 1
 
     def bind(self, x: np.ndarray, axis: int, out: np.ndarray | None) -> HostKernels | None:
         """Fix x; None if x (or ``out``) needs a copy to be viewed as (P, C, Q)."""
-        xb = block_view(x, axis)
-        if xb is None or (out is not None and _same_layout(out, x, axis) is None):
+        mode = layout(x, axis)
+        if mode is None:
             return None
-        self.axis, self.xb = axis, xb
+        self.axis, self.mode, self.xb = axis, mode, block_view(x, axis, mode)
+        if out is not None and self._view(out, x) is None:
+            return None
         # Small inputs never ask for the thread count (nor wake the pool).
         self.parts = 1 if x.nbytes < PARALLEL_MIN_BYTES else thread_count()
         return self
 
+    def _view(self, a: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+        """``a``'s block view walked like x's, or None (other shape, dtype or layout)."""
+        if a.shape != x.shape or a.dtype != x.dtype:
+            return None
+        return block_view(a, self.axis, self.mode)
+
+    def _new(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A fresh output like x and its block view."""
+        a = empty_in_layout(x, self.axis, self.mode)
+        return a, block_view(a, self.axis, self.mode)  # type: ignore[return-value]
+
     def _like_x(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``a`` (dy) as a block in x's layout and dtype, copied only if needed."""
-        if a.dtype != x.dtype:
-            a = a.astype(x.dtype)
-        view = _same_layout(a, x, self.axis)
+        view = self._view(a, x)
         if view is None:
-            a = _empty_like(x, a)
-            view = _same_layout(a, x, self.axis)
-        return view  # type: ignore[return-value]
+            copy, view = self._new(x)
+            copy[...] = a
+        return view
 
     def pack_statistics(self, x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
         """``[n, Σ(x − center), Σ(x − center)²]`` in float64 (center None: 0).
@@ -197,8 +236,7 @@ class HostKernels:
 
     def normalize(self, x: np.ndarray, f: Any, out: np.ndarray | None) -> np.ndarray:
         """Return ``((x − hi) − lo)·scale + shift`` (written into ``out`` if given)."""
-        y = np.empty_like(x) if out is None else out
-        yb = _same_layout(y, x, self.axis)
+        y, yb = self._new(x) if out is None else (out, self._view(out, x))
         if self.parts == 1:
             hk.normalize_serial(self.xb, f.hi, f.lo, f.scale, f.offset, yb)
         else:
@@ -243,8 +281,7 @@ class HostKernels:
         if mean_dy is None or k is None:
             mean_dy = k = np.zeros_like(f.hi)
         dyb = self._like_x(dy, x)
-        dx = np.empty_like(x) if out is None else out
-        dxb = _same_layout(dx, x, self.axis)
+        dx, dxb = self._new(x) if out is None else (out, self._view(out, x))
         args = (dyb, self.xb, f.hi, f.lo, f.scale, mean_dy, k, dxb)
         if self.parts == 1:
             hk.backward_input_serial(*args)
@@ -253,19 +290,6 @@ class HostKernels:
             with _LAUNCH:
                 hk.backward_input_parallel(*args, self.parts)
         return dx
-
-
-def _same_layout(a: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray | None:
-    """``a``'s block view if it has x's shape, dtype and memory layout, else None."""
-    if a.shape != x.shape or a.dtype != x.dtype or a.strides != x.strides:
-        return None
-    return block_view(a, axis)
-
-
-def _empty_like(x: np.ndarray, values: np.ndarray) -> np.ndarray:
-    a = np.empty_like(x)
-    a[...] = values
-    return a
 
 
 class _Types:
