@@ -15,6 +15,7 @@ Skipped without mpi4py/mpiexec; the torch demo's tests also without torch or
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 import signal
@@ -38,6 +39,7 @@ def _beside_python(name: str) -> str | None:
 
 
 MPIEXEC = _beside_python("mpiexec")
+TORCHRUN = _beside_python("torchrun")
 
 
 def _mpi_missing() -> str | None:
@@ -51,6 +53,28 @@ def _mpi_missing() -> str | None:
 
 
 needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
+
+
+@functools.cache
+def _torch_demo_missing() -> str | None:
+    """Why the torch demo cannot run in the jobs' environment, or None.
+
+    Asked of a fresh interpreter with the jobs' PYTHONPATH: what this test
+    process happens to import says nothing about the tree the jobs run.
+    """
+    probe = "import torch.distributed, arraysyncbn.torch; arraysyncbn.TorchDistributedCommunicator"
+    job = subprocess.run([sys.executable, "-c", probe], env=_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    if job.returncode == 0:
+        return None
+    last = (job.stderr.strip().splitlines() or ["?"])[-1]
+    return f"the torch demo needs torch and arraysyncbn.torch: {last}"
+
+
+def skip_without_torch_demo() -> None:
+    reason = _torch_demo_missing()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def _env() -> dict[str, str]:
@@ -185,8 +209,53 @@ def test_numpy_rejects_bad_arguments_clearly(args: list[str], match: str) -> Non
     assert match in job.stderr and "Traceback" not in job.stderr, job.stderr
 
 
-def test_numpy_help_says_how_to_run_it() -> None:
-    job = launch([sys.executable, str(SCRIPTS / "train_numpy.py"), "--help"], 60, ROOT)
+@pytest.mark.parametrize("script", ["train_numpy.py", "train_torch.py"])
+def test_help_says_how_to_run_it(script: str) -> None:
+    """--help needs neither MPI nor torch."""
+    job = launch([sys.executable, str(SCRIPTS / script), "--help"], 60, ROOT)
     assert job.returncode == 0, job
-    for text in ("mpiexec -n 4 python scripts/train_numpy.py", "--fault", "--plot", "--csv"):
+    for text in (f"mpiexec -n 4 python scripts/{script}", "--fault", "--plot", "--csv"):
         assert text in job.stdout, job.stdout
+
+
+# -- train_torch.py --------------------------------------------------------------
+@needs_mpi
+@pytest.mark.mpi
+def test_torch_syncbn_curve_equals_the_whole_batch_and_local_bn_differs(tmp_path: Path) -> None:
+    """mpiexec: SyncBN over MPICommunicator, DDP over gloo, against
+    torch.nn.BatchNorm2d on the whole batch."""
+    skip_without_torch_demo()
+    steps, plot = 16, tmp_path / "curves.png"
+    job = mpiexec("train_torch.py", "--steps", str(steps), "--csv", str(tmp_path / "losses.csv"),
+                  "--plot", str(plot), cwd=tmp_path)  # fmt: skip
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}"
+    assert_demo_claims(read_csv(tmp_path / "losses.csv"), steps, "float64")
+    assert_printed_once(job.stdout, "4 ranks (mpiexec)")
+    assert_printed_once(job.stdout, "SyncBN vs whole batch: max relative difference per step")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found (it comes with torch)")
+def test_torch_under_torchrun_in_float32(tmp_path: Path) -> None:
+    """torchrun: SyncBN over TorchDistributedCommunicator (gloo), float32 bound."""
+    skip_without_torch_demo()
+    assert TORCHRUN is not None
+    steps = 16
+    args = ["--steps", str(steps), "--dtype", "float32", "--csv", str(tmp_path / "losses.csv")]
+    script = str(SCRIPTS / "train_torch.py")
+    job = launch([TORCHRUN, "--standalone", "--nproc-per-node", "4", script, *args], 90, tmp_path)
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}"
+    assert_demo_claims(read_csv(tmp_path / "losses.csv"), steps, "float32")
+    assert_printed_once(job.stdout, "4 ranks (torchrun)")
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_torch_check_fails_when_syncbn_is_local(tmp_path: Path) -> None:
+    """convert_sync_batchnorm(model, comm=None): every rank on its own; exit 1."""
+    skip_without_torch_demo()
+    job = mpiexec("train_torch.py", "--steps", "3", "--fault", "local-bn", "--csv", "-",
+                  cwd=tmp_path)  # fmt: skip
+    assert job.returncode == 1, f"{job.stdout}\n{job.stderr}"
+    assert "(bound 1e-05, float64): FAIL" in job.stderr, job.stderr
+    assert "Traceback" not in job.stderr, job.stderr
