@@ -536,3 +536,21 @@ def test_cuda_tensors_match_batchnorm2d(dtype) -> None:
     _close(y.float(), y_ref.float(), tol, "y")
     _close(g[0].float(), g_ref[0].float(), tol, "dx")
     _close(ours.running_mean, ref.running_mean, 1e-5, "running_mean")
+
+
+def test_readme_pytorch_snippets_run_as_written() -> None:
+    """The first two blocks of the README's PyTorch section (the third needs torchrun)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split("\n## PyTorch\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    namespace: dict = {}
+    for code in blocks[:2]:
+        exec(compile(code, "README.md", "exec"), namespace)
+    ys = namespace["ys"]
+    x = torch.cat(namespace["shards"])
+    want = torch.nn.functional.batch_norm(x, None, None, training=True)
+    _close(torch.cat(ys), want, 1e-5, "README thread ranks")
+    assert type(namespace["model"][1]) is BatchNormXd
