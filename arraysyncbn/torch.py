@@ -35,6 +35,7 @@ This module imports torch; ``import arraysyncbn`` does not import it.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -277,6 +278,16 @@ class SyncBatchNorm(_BatchNorm):
         self._center: torch.Tensor | None = None
         self._checked = False
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        """A copy that shares the communicator (a handle on a group of ranks, which
+        often cannot be copied: locks, MPI or torch.distributed groups), so that
+        ``copy.deepcopy(model)`` (EMA copies, evaluation copies) works."""
+        memo[id(self._comm)] = self._comm
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._center = None
@@ -296,12 +307,11 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input`` ``(N, C, *)``; return a tensor like it."""
         self._check_input_dim(input)
+        if torch.compiler.is_compiling():
+            return self._opaque_step(input)
         return self._step(input)
 
-    @torch.compiler.disable
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        # Opaque to torch.compile (a graph break): the step runs compiled
-        # numba kernels and collectives that Dynamo cannot trace.
         update = self.training and self.track_running_stats
         batch_stats = self.training or not self.track_running_stats
         # Like torch.nn.SyncBatchNorm, only training mode communicates.
@@ -343,6 +353,11 @@ class SyncBatchNorm(_BatchNorm):
             if synchronized:
                 self._center = saved.mean  # type: ignore[union-attr]
         return y
+
+    # Opaque to torch.compile (a graph break): the step runs numba kernels and
+    # collectives that Dynamo cannot trace. Only while compiling: in eager
+    # mode the wrapper's cost would be paid on every call.
+    _opaque_step = torch.compiler.disable(_step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, comm={self._comm!r}"
