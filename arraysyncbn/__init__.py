@@ -17,6 +17,13 @@ MPICommunicator
     Ranks of an MPI job (wraps an mpi4py communicator; mpi4py is imported
     when one is constructed). ``python -m arraysyncbn`` runs the check and
     benchmark job, under ``mpiexec`` or alone.
+TorchDistributedCommunicator
+    Ranks of a ``torch.distributed`` process group (torch is imported when
+    one is constructed).
+arraysyncbn.torch
+    The PyTorch module (``SyncBatchNorm``, a ``torch.nn.SyncBatchNorm``
+    drop-in), ``convert_sync_batchnorm`` and ``revert_sync_batchnorm``;
+    importing it imports torch, ``import arraysyncbn`` does not.
 arraysyncbn.testing
     Float64 reference, hypothesis strategies and assertions.
 """
@@ -26,6 +33,7 @@ from .comm import (
     MPICommunicator,
     SelfCommunicator,
     ThreadCommunicator,
+    TorchDistributedCommunicator,
     run_ranks,
     thread_group,
 )
@@ -52,6 +60,7 @@ __all__ = [
     "SelfCommunicator",
     "SyncBatchNorm",
     "ThreadCommunicator",
+    "TorchDistributedCommunicator",
     "__version__",
     "check_consistency",
     "run_ranks",

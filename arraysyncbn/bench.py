@@ -7,7 +7,10 @@ a shared machine hits every contender alike. Contenders, at the same thread
 count: the host route (fused numba kernels), the portable array-API route,
 and ``torch.nn.functional.batch_norm`` (training mode; autograd for the
 backward) when torch is installed. Each goes through its public API with
-weight, bias and running statistics, and fresh outputs (no ``out=``).
+weight, bias and running statistics, and fresh outputs (no ``out=``). For
+NCHW float32 cases, the modules too (``row["torch_module"]``, forward plus
+backward through autograd): :class:`arraysyncbn.torch.SyncBatchNorm`
+(``comm=None``) against PyTorch's unsynchronized ``torch.nn.BatchNorm2d``.
 
 Also measured in the same run: the copy bandwidth, and each contender's
 fraction of the memory floor (a training forward must read x twice and write
@@ -281,6 +284,33 @@ def _torch(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "y": y_np}
 
 
+def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
+    """The module contender: ``arraysyncbn.torch.SyncBatchNorm`` (comm=None) against
+    ``torch.nn.BatchNorm2d``, forward + backward through autograd, NCHW float32 only."""
+    if case.dtype != "float32" or case.channels_last or len(case.shape) != 4 or case.axis != 1:
+        return None
+    try:
+        import torch
+
+        from .torch import SyncBatchNorm
+    except ImportError:
+        return None
+    channels = case.shape[1]
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    dyt = torch.from_numpy(dy.copy())
+
+    def step(module: Any) -> Callable[[], Any]:
+        def fn() -> Any:
+            y = module(xt)
+            y.backward(dyt)
+            xt.grad = module.weight.grad = module.bias.grad = None
+            return y
+
+        return fn
+
+    return {"ours": step(SyncBatchNorm(channels)), "torch": step(torch.nn.BatchNorm2d(channels))}
+
+
 def _max_error(y: Any, ref: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(y, dtype=np.float64) - ref))) if ref.size else 0.0
 
@@ -309,6 +339,10 @@ def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
             row[f"{what}_ratio"] = {
                 n: row[what]["torch"] / t for n, t in row[what].items() if n != "torch"
             }
+    modules = _torch_modules(case, x, dy)
+    if modules is not None:
+        seconds = _interleaved(modules, repeats)
+        row["torch_module"] = {"fwd_bwd": seconds, "ratio": seconds["torch"] / seconds["ours"]}
     if case.dtype != "float16" and math.prod(case.shape) > 4096:
         row["peak_memory"] = {
             route: dict(zip(("fwd", "bwd"), _peak_ratios(contenders[route], dy), strict=True))

@@ -55,6 +55,25 @@ def rows_table(run: dict[str, Any], title: str) -> Table:
     return t
 
 
+def modules_table(run: dict[str, Any], title: str) -> Table | None:
+    """The module contender (NCHW float32 rows only), or None where none ran."""
+    rows = [r for r in run["rows"] if "torch_module" in r]
+    if not rows:
+        return None
+    t = Table(title=title, title_justify="left")
+    for col in ("case", "arraysyncbn.torch.SyncBatchNorm", "torch.nn.BatchNorm2d", "ratio"):
+        t.add_column(col, justify="left" if col == "case" else "right")
+    for r in rows:
+        m = r["torch_module"]
+        t.add_row(
+            r["case"],
+            _fmt_time(m["fwd_bwd"]["ours"]),
+            _fmt_time(m["fwd_bwd"]["torch"]),
+            _fmt(m["ratio"]),
+        )
+    return t
+
+
 def print_tables(result: dict[str, Any]) -> None:
     """Print the machine line and every run's table."""
     console = Console(width=max(Console().width, 150))
@@ -73,6 +92,13 @@ def print_tables(result: dict[str, Any]) -> None:
             "(ratio = torch time / ours; floor = fraction of the copy bandwidth)"
         )
         console.print(rows_table(run, title))
+        modules = modules_table(
+            run,
+            f"{label}: modules, forward + backward through autograd, comm=None "
+            "(ratio = BatchNorm2d time / ours)",
+        )
+        if modules is not None:
+            console.print(modules)
     mpi = result.get("mpi")
     if mpi is not None:
         s = mpi["seconds"]

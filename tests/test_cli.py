@@ -177,6 +177,12 @@ def test_bench_quick_json_reports_every_contender() -> None:
         assert 0 <= row["error"]["host"] < 1e-4 and 0 <= row["error"]["portable"] < 1e-4
         if importlib.util.find_spec("torch") is not None:
             assert "torch" in row["fwd"] and row["fwd_ratio"]["host"] > 0
+            # The modules (arraysyncbn.torch vs BatchNorm2d) on NCHW float32 only.
+            nchw = "NCHW" in row["case"]
+            assert ("torch_module" in row) == nchw, row["case"]
+            if nchw:
+                m = row["torch_module"]
+                assert m["ratio"] > 0 and set(m["fwd_bwd"]) == {"ours", "torch"}
 
 
 def test_bench_plot_writes_a_png(tmp_path: Path) -> None:

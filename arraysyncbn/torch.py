@@ -1,0 +1,480 @@
+"""PyTorch adapter: a ``torch.nn.SyncBatchNorm`` drop-in over arraysyncbn's functional API.
+
+:class:`SyncBatchNorm` is a :class:`torch.nn.modules.batchnorm._BatchNorm` (code
+that finds batch-norm layers by type keeps working) with the same parameters,
+buffers and state dict as ``torch.nn.BatchNorm2d``. Its forward and backward
+are one :class:`torch.autograd.Function` over
+:func:`~arraysyncbn.sync_batch_norm_forward` and
+:func:`~arraysyncbn.sync_batch_norm_backward`: torch CPU float32/float64
+tensors run the fused host kernels on zero-copy views, everything else (CUDA
+tensors, float16, bfloat16) the portable array-API route on the tensors
+themselves. Ranks are any arraysyncbn communicator: ``None`` (a world of
+one), :func:`~arraysyncbn.thread_group`, :class:`~arraysyncbn.MPICommunicator`
+or :class:`~arraysyncbn.TorchDistributedCommunicator` (``torch.distributed``,
+what torch's ``process_group`` argument means here).
+
+:func:`convert_sync_batchnorm` swaps every ``BatchNorm1d/2d/3d`` and
+``torch.nn.SyncBatchNorm`` of a model for this layer, sharing parameters and
+buffers; :func:`revert_sync_batchnorm` turns them back into plain torch batch
+norm (:class:`BatchNormXd`, which like this layer takes input of any rank ≥ 2).
+
+Semantics, as in ``torch.nn.SyncBatchNorm``: training mode normalizes with
+the statistics of the global batch and updates the running statistics in
+place; eval mode uses the running statistics, or, without
+``track_running_stats``, the *local* batch's statistics (eval never
+communicates, so evaluating on one rank cannot hang the others). Weight and
+bias gradients are this rank's (not reduced): data-parallel training
+(``DistributedDataParallel``) averages them. Differences: ``comm=None`` is a
+world of one, not torch's default process group (pass
+``comm=TorchDistributedCommunicator()`` for that); CPU tensors are welcome;
+a global batch of zero elements leaves the running statistics and
+``num_batches_tracked`` unchanged; double backward raises.
+
+This module imports torch; ``import arraysyncbn`` does not import it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import functional as F
+from .comm.base import Communicator, as_communicator
+
+__all__ = ["BatchNormXd", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+_DOUBLE_BACKWARD = (
+    "arraysyncbn.torch.SyncBatchNorm does not support double backward (its backward runs "
+    "outside autograd); use torch.nn.BatchNorm2d (arraysyncbn.torch.revert_sync_batchnorm) "
+    "where second derivatives are needed"
+)
+
+
+class _Call:
+    """One forward's inputs that are not tensors to differentiate, and what it
+    hands back to the module (the new running statistics and the saved step)."""
+
+    __slots__ = (
+        "center",
+        "check",
+        "comm",
+        "eps",
+        "momentum",
+        "new_mean",
+        "new_var",
+        "num_batches_tracked",
+        "running_mean",
+        "running_var",
+        "saved",
+        "training",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.new_mean = self.new_var = self.saved = None
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = SyncBN(x; weight, bias) with the backward of the functional API."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        call: _Call,
+    ) -> torch.Tensor:
+        y, call.new_mean, call.new_var, call.saved = F.sync_batch_norm_forward(
+            x,
+            weight,
+            bias,
+            call.running_mean,
+            call.running_var,
+            training=call.training,
+            momentum=call.momentum,
+            eps=call.eps,
+            axis=1,
+            comm=call.comm,
+            num_batches_tracked=call.num_batches_tracked,
+            check=call.check,
+            center=call.center,
+        )
+        # x itself is kept by ``saved`` (as a view); saving it here too makes
+        # autograd's version counter catch an in-place change before backward.
+        ctx.save_for_backward(x)
+        ctx.saved = call.saved
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        if dy is None:  # only with set_materialize_grads(False); kept for safety
+            dy = torch.zeros_like(x)
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            # Every rank runs the whole backward, dx included, even where x
+            # needs no gradient: the backward's allreduce must happen on every
+            # rank alike, and needs_input_grad need not agree across ranks.
+            dx, dweight, dbias = F.sync_batch_norm_backward(dy.detach(), ctx.saved)
+        grads = [
+            g if need else None
+            for g, need in zip((dx, dweight, dbias), ctx.needs_input_grad[:3], strict=True)
+        ]
+        if create_graph:
+            grads = _refuse_double_backward(grads)
+        return (*grads, None)
+
+
+class _DoubleBackwardError(torch.autograd.Function):
+    """Identity whose backward raises: marks gradients that cannot be differentiated."""
+
+    @staticmethod
+    def forward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx: Any, *unused: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _refuse_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``grads`` as tensors whose differentiation raises a clear error (create_graph)."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    # Fresh leaves that require grad, so the error node is part of the graph.
+    leaves = [grads[i].detach().requires_grad_(True) for i in present]  # type: ignore[union-attr]
+    wrapped = _DoubleBackwardError.apply(*leaves)
+    out = list(grads)
+    for i, g in zip(present, wrapped, strict=True):
+        out[i] = g
+    return out
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch normalization over the global batch of every rank of ``comm``.
+
+    A drop-in for :class:`torch.nn.SyncBatchNorm` that runs on CPU and CUDA
+    tensors and over any arraysyncbn communicator.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C (dim 1 of the input).
+    eps : float
+        Added to the variance (> 0).
+    momentum : float in [0, 1] or None
+        Running-statistics factor; None is the cumulative average.
+    affine : bool
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    process_group : torch.distributed.ProcessGroup or None
+        As in torch: synchronize over this process group; the same as
+        ``comm=TorchDistributedCommunicator(process_group)``. Not together
+        with ``comm``.
+    device, dtype :
+        Where and in which dtype to create parameters and buffers (torch's
+        factory arguments).
+    comm : Communicator or None
+        The ranks to synchronize over: None (a world of one),
+        :func:`~arraysyncbn.thread_group` ranks,
+        :class:`~arraysyncbn.MPICommunicator`,
+        :class:`~arraysyncbn.TorchDistributedCommunicator`. Assigning
+        ``module.comm`` later is allowed (on every rank alike).
+    bias : bool
+        With ``affine``, whether to learn a bias too (torch's keyword; False
+        needs a torch that has it).
+
+    Shape and dtype
+    ---------------
+    Input ``(N, C, *)`` of any rank ≥ 2, contiguous or ``channels_last``,
+    float16/bfloat16/float32/float64, on any device; the output has the
+    input's shape, dtype, device and memory layout. float16/bfloat16 input
+    wants float32 parameters (the default) and is computed in float32.
+    Ranks may hold different N (also 0); they must agree on everything else.
+
+    Notes
+    -----
+    The running statistics are updated in place from the global batch, with
+    Bessel's correction by the global element count; every rank gets the
+    same bits. The first training forward checks that all ranks agree on C,
+    dtype, eps, momentum, affine and track_running_stats
+    (:class:`~arraysyncbn.CollectiveMismatchError` on every rank if not).
+    Statistics are merged around the last reduced batch mean (kept per
+    module, forgotten on ``load_state_dict`` and when ``comm`` changes), so
+    data far from zero keeps its precision.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from arraysyncbn.torch import SyncBatchNorm
+    >>> bn = SyncBatchNorm(3)
+    >>> x = torch.arange(24.0).reshape(4, 3, 2)
+    >>> y = bn(x.requires_grad_())
+    >>> y.sum().backward()
+    >>> bn.bias.grad
+    tensor([8., 8., 8.])
+    >>> bn.running_mean
+    tensor([0.9500, 1.1500, 1.3500])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        comm: Communicator | None = None,
+        bias: bool = True,
+    ) -> None:
+        channels = F.as_int(num_features, "num_features")
+        if channels <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        F._check_hyper(eps, momentum)
+        if process_group is not None:
+            if comm is not None:
+                raise TypeError("give process_group or comm, not both")
+            from .comm.torch_dist import TorchDistributedCommunicator
+
+            comm = TorchDistributedCommunicator(process_group)
+        # torch ≥ 2.12 knows bias=False (a weight without a bias); older torch does not.
+        extra = {} if bias else {"bias": False}
+        super().__init__(
+            channels, eps, momentum, affine, track_running_stats, device, dtype, **extra
+        )
+        self.comm = comm
+        # Read once: whether to communicate for a check must not change
+        # mid-run on one rank (the first check verifies all ranks agree).
+        self._check_every_call = F.check_every_call()
+
+    # -- communicator and the state derived from it --------------------------------
+    @property
+    def comm(self) -> Communicator:
+        """The ranks this layer synchronizes over (assign None for a world of one)."""
+        return self._comm
+
+    @comm.setter
+    def comm(self, value: Communicator | None) -> None:
+        self._comm = as_communicator(value)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was derived from past statistics or another communicator:
+        the merge center (the same bits on every rank of the communicator it
+        came from) and whether the consistency check ran there."""
+        self._center: torch.Tensor | None = None
+        self._checked = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        """A copy that shares the communicator (a handle on a group of ranks, which
+        often cannot be copied: locks, MPI or torch.distributed groups), so that
+        ``copy.deepcopy(model)`` (EMA copies, evaluation copies) works."""
+        memo[id(self._comm)] = self._comm
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._center = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected input of at least 2 dimensions (N, C, *), got shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels on dim 1 (num_features), got input "
+                f"of shape {tuple(input.shape)}"
+            )
+
+    # -- the pass ---------------------------------------------------------------------
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalize ``input`` ``(N, C, *)``; return a tensor like it."""
+        self._check_input_dim(input)
+        if torch.compiler.is_compiling():
+            return self._opaque_step(input)
+        return self._step(input)
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.training and self.track_running_stats
+        batch_stats = self.training or not self.track_running_stats
+        # Like torch.nn.SyncBatchNorm, only training mode communicates.
+        synchronized = batch_stats and self.training
+        comm = self._comm if synchronized else None
+        center = self._center if synchronized else None
+        if center is not None and center.device != x.device:
+            center = None  # the module moved; the next reduced mean replaces it
+        momentum = self.momentum
+        count = 0
+        if update and momentum is None:
+            count = int(self.num_batches_tracked)  # type: ignore[arg-type]
+        check = synchronized and (not self._checked or self._check_every_call)
+        call = _Call(
+            running_mean=self.running_mean if self.track_running_stats else None,
+            running_var=self.running_var if self.track_running_stats else None,
+            training=self.training,
+            momentum=momentum,
+            eps=self.eps,
+            comm=comm,
+            num_batches_tracked=count,
+            check=check,
+            center=center,
+        )
+        y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, call)
+        saved = call.saved
+        if check:
+            self._checked = True
+        if saved.count:  # type: ignore[union-attr]
+            if update:
+                with torch.no_grad():
+                    for buf, new in (
+                        (self.running_mean, call.new_mean),
+                        (self.running_var, call.new_var),
+                    ):
+                        if new is not buf:
+                            buf.copy_(new)  # type: ignore[union-attr]
+                    self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            if synchronized:
+                self._center = saved.mean  # type: ignore[union-attr]
+        return y
+
+    # Opaque to torch.compile (a graph break): the step runs numba kernels and
+    # collectives that Dynamo cannot trace. Only while compiling: in eager
+    # mode the wrapper's cost would be paid on every call.
+    _opaque_step = torch.compiler.disable(_step)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, comm={self._comm!r}"
+
+
+class BatchNormXd(_BatchNorm):
+    """Plain torch batch norm (``torch.nn.functional.batch_norm``) for input of any rank ≥ 2.
+
+    What :func:`revert_sync_batchnorm` turns a synchronized layer into: the
+    same parameters, buffers and state dict as ``torch.nn.BatchNorm2d``, and
+    the same inputs as :class:`SyncBatchNorm` (``(N, C, *)``).
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected input of at least 2 dimensions (N, C, *), got shape {tuple(input.shape)}"
+            )
+
+
+_CONVERTIBLE = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    SyncBatchNorm,
+)
+
+
+def _moved(old: _BatchNorm, new: _BatchNorm) -> _BatchNorm:
+    """``new`` with ``old``'s parameters and buffers (the same tensors) and mode."""
+    if old.affine:
+        new.weight, new.bias = old.weight, old.bias
+    if old.track_running_stats:
+        new.running_mean, new.running_var = old.running_mean, old.running_var
+        new.num_batches_tracked = old.num_batches_tracked
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
+
+
+def _bias_kwarg(module: _BatchNorm) -> dict[str, bool]:
+    """``bias=False`` for an affine layer without a bias (torch ≥ 2.12), else nothing."""
+    return {"bias": False} if module.affine and module.bias is None else {}
+
+
+def convert_sync_batchnorm(
+    module: torch.nn.Module, comm: Communicator | None = None
+) -> torch.nn.Module:
+    """Replace every batch-norm layer of ``module`` with :class:`SyncBatchNorm`.
+
+    Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: every
+    ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (and this
+    package's own :class:`SyncBatchNorm`, which gets the new ``comm``) is
+    replaced by a :class:`SyncBatchNorm` over ``comm`` that holds the *same*
+    parameter and buffer tensors (an optimizer built earlier keeps working;
+    ``requires_grad``, device and dtype are kept) in the same training mode.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A model, or a single batch-norm layer.
+    comm : Communicator or None
+        What the new layers synchronize over; None is a world of one.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` with its children replaced, or the new layer if
+        ``module`` itself is a batch-norm layer.
+    """
+    out = module
+    if isinstance(module, _CONVERTIBLE):
+        out = _moved(
+            module,
+            SyncBatchNorm(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                comm=comm,
+                **_bias_kwarg(module),
+            ),
+        )
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, comm))
+    return out
+
+
+def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every synchronized batch-norm layer with :class:`BatchNormXd`.
+
+    Every :class:`SyncBatchNorm` and ``torch.nn.SyncBatchNorm``; the
+    inverse of :func:`convert_sync_batchnorm` for single-process use
+    (export, evaluation, double backward): plain torch batch norm, sharing
+    the parameters and buffers, in the same mode, accepting the same inputs.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` with its children replaced, or the new layer.
+    """
+    out = module
+    if isinstance(module, (SyncBatchNorm, torch.nn.SyncBatchNorm)):
+        out = _moved(
+            module,
+            BatchNormXd(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                **_bias_kwarg(module),
+            ),
+        )
+    for name, child in module.named_children():
+        out.add_module(name, revert_sync_batchnorm(child))
+    return out

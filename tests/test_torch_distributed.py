@@ -1,0 +1,112 @@
+"""``arraysyncbn.torch`` in real processes: DDP under torchrun and under mpiexec.
+
+Each test launches ``tests/mpi_scripts/torch_jobs.py`` on 2 processes through
+subprocess with a timeout (the whole process group is killed when it
+expires) and checks the exit status and the ``OK`` line of every rank.
+torchrun jobs are skipped with the reason when torchrun cannot start a gloo
+job here; mpiexec jobs are marked ``mpi``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():
+    pytest.skip("this PyTorch has no torch.distributed", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "tests" / "mpi_scripts" / "torch_jobs.py")
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str | None:
+    beside = BIN / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung: killed after {timeout} s\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+_torchrun_ok: bool | None = None
+
+
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 torch_jobs.py args``; skip if it cannot start."""
+    global _torchrun_ok
+    exe = _tool("torchrun")
+    if exe is None:
+        pytest.skip("torchrun not found")
+    if _torchrun_ok is None:
+        probe = _run([exe, "--standalone", "--nproc-per-node", "2", SCRIPT, "comm"], timeout)
+        _torchrun_ok = probe.returncode == 0 or "OK comm rank" in probe.stdout
+        if not _torchrun_ok:
+            pytest.skip(f"torchrun cannot start a gloo job here:\n{probe.stderr[-2000:]}")
+        if args == ("comm",):
+            return probe
+    elif not _torchrun_ok:
+        pytest.skip("torchrun cannot start a gloo job here")
+    return _run([exe, "--standalone", "--nproc-per-node", "2", SCRIPT, *args], timeout)
+
+
+def _ok(job: subprocess.CompletedProcess, what: str, k: int = 2) -> None:
+    text = f"exit {job.returncode}\n{job.stdout}\n{job.stderr[-4000:]}"
+    assert job.returncode == 0, text
+    assert job.stdout.count(f"OK {what} rank ") == k, text
+
+
+def test_torch_distributed_communicator_is_bitwise_identical_and_takes_max() -> None:
+    _ok(torchrun("comm"), "comm")
+
+
+def test_ddp_with_torch_distributed_communicator_matches_one_process() -> None:
+    _ok(torchrun("ddp", "torch"), "ddp[torch]")
+
+
+def test_ddp_check_fails_without_synchronization() -> None:
+    """The DDP comparison is strict enough to see local statistics."""
+    job = torchrun("ddp", "none")
+    assert job.returncode != 0 and "OK ddp" not in job.stdout, job.stdout
+
+
+def test_watchdog_ends_a_rank_waiting_for_a_skipped_call() -> None:
+    job = torchrun("timeout", timeout=90)
+    assert job.returncode != 0, job.stdout
+    assert "waiting rank 0/2" in job.stdout and "NOT ENDED" not in job.stdout, job.stdout
+    assert "waited 2.0 s in SyncBN call 2, forward" in job.stderr, job.stderr[-4000:]
+
+
+@pytest.mark.mpi
+def test_ddp_with_mpi_communicator_under_mpiexec() -> None:
+    pytest.importorskip("mpi4py")
+    exe = _tool("mpiexec")
+    if exe is None:
+        pytest.skip("mpiexec not found (pip install '.[mpi]' brings one)")
+    job = _run([exe, "-n", "2", sys.executable, "-m", "mpi4py", SCRIPT, "ddp", "mpi"], 120)
+    _ok(job, "ddp[mpi]")

@@ -1,0 +1,574 @@
+"""``arraysyncbn.torch``: the PyTorch module against ``torch.nn.BatchNorm2d``.
+
+One rank and thread ranks with uneven shards against BatchNorm2d on the
+concatenated batch (outputs, input gradients per shard, weight and bias
+gradients summed over ranks, running statistics, ``num_batches_tracked``),
+gradcheck, half precision, state dicts both ways, convert/revert,
+torch.compile, and the ``torch.distributed`` communicator in one process.
+Multi-process jobs (torchrun + DDP, mpiexec + MPICommunicator) are in
+``test_torch_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+import arraysyncbn as sbn
+
+torch = pytest.importorskip("torch")
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+
+from arraysyncbn.torch import (  # noqa: E402
+    BatchNormXd,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
+
+C = 3
+# float32 outputs and input gradients agree with torch's within a few ulps of
+# the normalized values (|x̂| ≲ 4); weight/bias gradients are sums over the
+# batch, so their bound grows with the batch (≲ 200 elements here).
+TOL = {torch.float32: 5e-6, torch.float64: 1e-12}
+SUM_TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    got, want = got.detach(), want.detach()
+    assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+    assert err <= tol, f"{what}: max error {err:.3e} > {tol:.1e}"
+
+
+def _pair(dtype=torch.float32, **kwargs):
+    """Ours and BatchNorm2d with the same (non-trivial) parameters and buffers."""
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.nn.BatchNorm2d(C, dtype=dtype, **kwargs)
+    ours = SyncBatchNorm(C, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        if ref.affine:
+            ref.weight.copy_(torch.rand(C, generator=gen, dtype=dtype) + 0.5)
+            ref.bias.copy_(torch.randn(C, generator=gen, dtype=dtype))
+        if ref.track_running_stats:
+            ref.running_mean.copy_(torch.randn(C, generator=gen, dtype=dtype))
+            ref.running_var.copy_(torch.rand(C, generator=gen, dtype=dtype) + 0.5)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _grads(module, x, dy):
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    params = [p for p in (module.weight, module.bias) if p is not None]
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    return y.detach(), grads
+
+
+# -- one rank -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_rank_matches_batchnorm2d(dtype, momentum, channels_last) -> None:
+    ours, ref = _pair(dtype, momentum=momentum)
+    assert isinstance(ours, _BatchNorm)
+    gen = torch.Generator().manual_seed(2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = (torch.randn(4, C, 5, 6, generator=gen, dtype=dtype) * 2 + step).contiguous(
+            memory_format=fmt
+        )
+        dy = torch.randn(x.shape, generator=gen, dtype=dtype)
+        y, g = _grads(ours, x, dy)
+        y_ref, g_ref = _grads(ref, x, dy)
+        assert y.is_contiguous(memory_format=fmt)
+        _close(y, y_ref, TOL[dtype], "y")
+        _close(g[0], g_ref[0], TOL[dtype] * 10, "dx")
+        _close(g[1], g_ref[1], SUM_TOL[dtype], "dweight")
+        _close(g[2], g_ref[2], SUM_TOL[dtype], "dbias")
+        _close(ours.running_mean, ref.running_mean, TOL[dtype], "running_mean")
+        _close(ours.running_var, ref.running_var, TOL[dtype], "running_var")
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    ours.eval()
+    ref.eval()
+    y, g = _grads(ours, x, dy)
+    y_ref, g_ref = _grads(ref, x, dy)
+    _close(y, y_ref, TOL[dtype], "eval y")
+    for a, b, what in zip(g, g_ref, ("dx", "dweight", "dbias"), strict=True):
+        _close(a, b, SUM_TOL[dtype], f"eval {what}")
+    assert int(ours.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("shape", [(6, C), (2, C, 7), (2, C, 2, 3, 2)])
+def test_configurations_and_ranks_match_torch(affine, track, shape) -> None:
+    ours, ref = _pair(torch.float64, affine=affine, track_running_stats=track)
+    ref = BatchNormXd(C, affine=affine, track_running_stats=track, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) + 1
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+        y, g = _grads(ours, x, dy)
+        y_ref, g_ref = _grads(ref, x, dy)
+        _close(y, y_ref, 1e-12, f"{mode} y")
+        for a, b in zip(g, g_ref, strict=True):
+            _close(a, b, 1e-10, f"{mode} grad")
+        assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+        for key, value in ref.state_dict().items():
+            _close(ours.state_dict()[key], value, 1e-12, key)
+
+
+def test_gradients_only_where_asked_and_odd_dy() -> None:
+    ours, ref = _pair()
+    x = torch.randn(3, C, 4, 4)
+    # x needs no gradient (a first layer); the parameters do.
+    y = ours(x)
+    y.sum().backward()  # dy: an expanded tensor with zero strides
+    assert ours.weight.grad is not None and ours.bias.grad is not None
+    ref(x).sum().backward()
+    _close(ours.weight.grad, ref.weight.grad, SUM_TOL[torch.float32], "dweight")
+    _close(ours.bias.grad, ref.bias.grad, SUM_TOL[torch.float32], "dbias")
+    # A non-contiguous dy (through a transpose) and frozen parameters.
+    ours.weight.requires_grad_(False)
+    ref.weight.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    (ours(xg).transpose(2, 3) * torch.arange(4.0)).sum().backward()
+    (ref(xr).transpose(2, 3) * torch.arange(4.0)).sum().backward()
+    _close(xg.grad, xr.grad, 1e-5, "dx for a transposed dy")
+
+
+def test_no_grad_and_inference_mode_update_running_statistics() -> None:
+    ours, ref = _pair()
+    x = torch.randn(4, C, 3, 3)
+    with torch.no_grad():
+        y = ours(x.requires_grad_(True))
+    assert not y.requires_grad
+    with torch.inference_mode():
+        y = ours(x)
+        y_ref = ref(x)
+        ref(x)
+    _close(y, y_ref, TOL[torch.float32], "inference y")
+    _close(ours.running_mean, ref.running_mean, TOL[torch.float32], "running_mean")
+    assert int(ours.num_batches_tracked) == 2
+
+
+def test_clear_errors() -> None:
+    bn = SyncBatchNorm(C)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        bn(torch.randn(C))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        bn(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        SyncBatchNorm(0)
+    with pytest.raises(ValueError, match="momentum"):
+        SyncBatchNorm(C, momentum=2.0)
+    with pytest.raises(TypeError, match="process_group or comm"):
+        SyncBatchNorm(C, process_group=object(), comm=sbn.SelfCommunicator())
+    with pytest.raises(TypeError, match="Communicator protocol"):
+        SyncBatchNorm(C, comm=object())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(1, C))
+
+
+def test_double_backward_raises_a_clear_error() -> None:
+    bn = SyncBatchNorm(C, dtype=torch.float64)
+    x = torch.randn(4, C, 3, dtype=torch.float64, requires_grad=True)
+    y = bn(x)
+    (dx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        dx.sum().backward()
+    # create_graph alone is fine as long as nothing differentiates twice.
+    (dx,) = torch.autograd.grad(bn(x).pow(2).sum(), x, create_graph=True)
+    assert dx.shape == x.shape
+
+
+# -- gradcheck ----------------------------------------------------------------------
+def _call(module, x, w, b):
+    """``module(x)`` with weight and bias replaced by ``w``, ``b`` (gradcheck inputs)."""
+    return torch.func.functional_call(module, {"weight": w, "bias": b}, (x,))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_one_rank(training, channels_last) -> None:
+    gen = torch.Generator().manual_seed(4)
+    bn = SyncBatchNorm(C, dtype=torch.float64).train(training)
+    bn.running_var.fill_(0.7)
+    x = torch.randn(3, C, 2, 3, generator=gen, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: _call(bn, x, w, b), inputs)
+
+
+class _ThreadRanks(torch.autograd.Function):
+    """x's shards through thread-rank modules; the backward runs in the rank threads
+    too (each rank's backward allreduces with the others)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, modules, sizes):
+        shards = torch.split(x.detach(), sizes)
+        comms = sbn.thread_group(len(sizes))
+        for m, k in zip(modules, comms, strict=True):
+            m.comm = k
+
+        def rank(comm):
+            with torch.enable_grad():
+                leaves = [shards[comm.rank].clone(), w.detach().clone(), b.detach().clone()]
+                leaves = [t.requires_grad_(True) for t in leaves]
+                return leaves, _call(modules[comm.rank], *leaves)
+
+        ctx.ranks, ctx.comms, ctx.sizes = sbn.run_ranks(rank, comms), comms, sizes
+        return torch.cat([y.detach() for _, y in ctx.ranks])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dys = torch.split(dy, ctx.sizes)
+
+        def rank(comm):
+            leaves, y = ctx.ranks[comm.rank]
+            return torch.autograd.grad(y, leaves, dys[comm.rank], retain_graph=True)
+
+        grads = sbn.run_ranks(rank, ctx.comms)
+        dx = torch.cat([g[0] for g in grads])
+        return dx, sum(g[1] for g in grads), sum(g[2] for g in grads), None, None
+
+
+@pytest.mark.parametrize("sizes", [[2, 3, 0], [1, 1, 3]])
+def test_gradcheck_three_thread_ranks_uneven_shards(sizes) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(sum(sizes), C, 2, generator=gen, dtype=torch.float64) + 1
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    modules = [SyncBatchNorm(C, dtype=torch.float64) for _ in sizes]
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: _ThreadRanks.apply(x, w, b, modules, sizes), inputs
+    )
+
+
+# -- thread ranks -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", [(3, 0, 2), (1, 4, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_thread_ranks_match_batchnorm2d_on_the_concatenated_batch(
+    dtype, sizes, channels_last
+) -> None:
+    ref = _pair(dtype, momentum=None)[1]
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    modules = [SyncBatchNorm(C, dtype=dtype, momentum=None) for _ in sizes]
+    comms = sbn.thread_group(len(sizes))
+    for m, k in zip(modules, comms, strict=True):
+        m.load_state_dict(state)
+        m.comm = k
+    gen = torch.Generator().manual_seed(6)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = torch.randn(sum(sizes), C, 3, 4, generator=gen, dtype=dtype) * 3 + step
+        dy = torch.randn(x.shape, generator=gen, dtype=dtype)
+        xs = [s.contiguous(memory_format=fmt) for s in torch.split(x, sizes)]
+        dys = torch.split(dy, sizes)
+
+        def rank(comm, xs=xs, dys=dys):
+            return _grads(modules[comm.rank], xs[comm.rank], dys[comm.rank])
+
+        results = sbn.run_ranks(rank, comms)
+        y_ref, g_ref = _grads(ref, x, dy)
+        _close(torch.cat([r[0] for r in results]), y_ref, TOL[dtype], "y")
+        for (_, g), want in zip(results, torch.split(g_ref[0], sizes), strict=True):
+            _close(g[0], want, TOL[dtype] * 10, "dx of a shard")
+        _close(sum(r[1][1] for r in results), g_ref[1], SUM_TOL[dtype], "summed dweight")
+        _close(sum(r[1][2] for r in results), g_ref[2], SUM_TOL[dtype], "summed dbias")
+        for m in modules:
+            _close(m.running_mean, ref.running_mean, TOL[dtype], "running_mean")
+            _close(m.running_var, ref.running_var, TOL[dtype], "running_var")
+            # Every rank holds the same bits.
+            assert torch.equal(m.running_mean, modules[0].running_mean)
+            assert torch.equal(m.running_var, modules[0].running_var)
+            assert int(m.num_batches_tracked) == step + 1
+
+
+def test_eval_without_running_stats_uses_the_local_batch_and_never_waits() -> None:
+    """As torch.nn.SyncBatchNorm: eval mode does not communicate, so one rank alone may run it."""
+    comms = sbn.thread_group(2, timeout=5)
+    bn = SyncBatchNorm(C, track_running_stats=False, comm=comms[0]).eval()
+    x = torch.randn(4, C, 3)
+    _close(bn(x), BatchNormXd(C, track_running_stats=False).eval()(x), 1e-5, "local y")
+
+
+def test_ranks_that_disagree_raise_on_every_rank() -> None:
+    comms = sbn.thread_group(2)
+    modules = [SyncBatchNorm(C, eps=1e-5 * (1 + k.rank), comm=k) for k in comms]
+    x = torch.randn(2, C, 3)
+
+    def rank(comm):
+        with pytest.raises(sbn.CollectiveMismatchError, match="eps differs"):
+            modules[comm.rank](x)
+        return True
+
+    assert sbn.run_ranks(rank, comms) == [True, True]
+
+
+def test_merge_center_follows_statistics_and_communicator() -> None:
+    bn = SyncBatchNorm(C, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, C, 5, generator=gen, dtype=torch.float64) + 1e7
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sbn.PrecisionWarning)
+        bn(x)
+    assert bn._center is not None
+    _close(bn._center, x.mean(dim=(0, 2)), 1e-6, "center")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sbn.PrecisionWarning)  # centered: no loss
+        y = bn(x)
+    # x itself is rounded to ulp(1e7) ≈ 2e-9 (std ≈ 1): y's mean is 0 within a few of those.
+    _close(y.mean(dim=(0, 2)), torch.zeros(C, dtype=torch.float64), 2e-8, "centered mean")
+    bn.eval()(x)
+    assert bn._center is not None  # eval (running statistics) keeps it
+    bn.load_state_dict(bn.state_dict())
+    assert bn._center is None
+    with pytest.warns(sbn.PrecisionWarning):  # no center again: the first step's loss
+        bn.train()(x)
+    bn.comm = sbn.SelfCommunicator()
+    assert bn._center is None and not bn._checked
+
+
+# -- half precision -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("dtype", "tol"),
+    # Bound: a few ulps of the half-precision output (|y| ≲ 4 here): float16
+    # ulp 2⁻¹⁰, bfloat16 2⁻⁷, relative; x̂ itself is exact in float32.
+    [(torch.float16, 4 * 2.0**-10 * 4), (torch.bfloat16, 4 * 2.0**-7 * 4)],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_precision_matches_float32_torch(dtype, tol, channels_last) -> None:
+    ours, ref = _pair(torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(4, C, 5, 5, generator=gen) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    y, g = _grads(ours, x, dy)
+    y_ref, g_ref = _grads(ref, x.float(), dy.float())
+    assert y.dtype == dtype and g[0].dtype == dtype and g[1].dtype == torch.float32
+    _close(y.float(), y_ref, tol, "y")
+    _close(g[0].float(), g_ref[0], tol, "dx")
+    # Sums over 100 elements accumulated in float32 from exact half inputs.
+    _close(g[1], g_ref[1], 1e-4, "dweight")
+    _close(g[2], g_ref[2], 1e-4, "dbias")
+    _close(ours.running_mean, ref.running_mean, 1e-6, "running_mean")
+    _close(ours.running_var, ref.running_var, 1e-5, "running_var")
+
+
+# -- state ------------------------------------------------------------------------------
+def test_state_dict_round_trips_with_batchnorm2d_strictly() -> None:
+    ours, ref = _pair(momentum=0.3)
+    ref(torch.randn(4, C, 3, 3))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    ours(torch.randn(4, C, 3, 3) + 2)
+    back = torch.nn.BatchNorm2d(C)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert int(back.num_batches_tracked) == 2
+    # Buffers are updated in place: a reference taken before a step sees it.
+    rm = ours.running_mean
+    ours(torch.randn(4, C, 3, 3) + 5)
+    assert ours.running_mean is rm and int(ours.num_batches_tracked) == 3
+
+
+def _cnn(bn_cls=torch.nn.BatchNorm2d):
+    torch.manual_seed(8)
+    block = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), bn_cls(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1)
+    )
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 1),
+        torch.nn.BatchNorm2d(3, momentum=None),
+        torch.nn.Sequential(block, torch.nn.SyncBatchNorm(4, affine=False)),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5),
+        torch.nn.BatchNorm1d(5, track_running_stats=False),
+    )
+
+
+def test_convert_and_revert_keep_parameters_buffers_and_modes() -> None:
+    model = _cnn()
+    model[2][0][1].weight.requires_grad_(False)
+    model[2].eval()
+    before = {n: m for n, m in model.named_modules()}
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    reference = _cnn()
+    reference[2][0][1].weight.requires_grad_(False)
+    reference[2].eval()
+    x = torch.randn(4, 3, 6, 6)
+    reference(x).sum().backward()
+    comm = sbn.SelfCommunicator()
+    converted = convert_sync_batchnorm(model, comm=comm)
+    assert converted is model
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    assert sorted(bns) == ["1", "2.0.1", "2.1", "5"]
+    for name, m in bns.items():
+        assert type(m) is SyncBatchNorm and m.comm is comm, name
+        assert m.training == before[name].training, name
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            assert getattr(m, attr) == getattr(before[name], attr), (name, attr)
+    for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+        assert t is tensors[name], name  # the same tensors: optimizers keep working
+    assert not model[2][0][1].weight.requires_grad
+    model(x).sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (p.grad is None) == (p_ref.grad is None) == (not p.requires_grad), name
+        if p.grad is not None:
+            _close(p.grad, p_ref.grad, 1e-4, f"grad of {name}")
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        _close(b.double(), b_ref.double(), 1e-5, name)
+
+    reverted = revert_sync_batchnorm(model)
+    assert reverted is model
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    assert kinds == {"1": BatchNormXd, "2.0.1": BatchNormXd, "2.1": BatchNormXd, "5": BatchNormXd}
+    assert model[2][1].training is False and model[1].training is True
+    for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+        assert t is tensors[name], name
+    _close(model(x).detach(), reference(x).detach(), 1e-5, "reverted output")
+    # Ours are converted too: they get the new communicator, same tensors.
+    again = convert_sync_batchnorm(convert_sync_batchnorm(_cnn()), comm=comm)
+    assert all(m.comm is comm for m in again.modules() if isinstance(m, SyncBatchNorm))
+    # A single layer comes back as a new layer, as in torch.
+    single = convert_sync_batchnorm(torch.nn.BatchNorm3d(2))
+    assert type(single) is SyncBatchNorm
+    assert type(revert_sync_batchnorm(single)) is BatchNormXd
+    assert type(revert_sync_batchnorm(torch.nn.SyncBatchNorm(2))) is BatchNormXd
+
+
+def test_deepcopy_shares_the_communicator_and_copies_the_rest() -> None:
+    import copy
+
+    comm = sbn.thread_group(2)[0]  # holds locks: cannot be copied itself
+    model = convert_sync_batchnorm(_cnn(), comm=comm)
+    clone = copy.deepcopy(model)
+    for m, c in zip(model.modules(), clone.modules(), strict=True):
+        if isinstance(m, SyncBatchNorm):
+            assert c.comm is comm and type(c) is SyncBatchNorm
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
+        assert p is not q and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager(compiler) -> None:
+    if compiler == "inductor" and shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor needs a C++ compiler on the CPU")
+    model = convert_sync_batchnorm(_cnn())
+    eager = convert_sync_batchnorm(_cnn())
+    compiled = torch.compile(model, backend=compiler)
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(2):
+        y = compiled(x)
+        y_eager = eager(x)
+        _close(y.detach(), y_eager.detach(), 1e-5, "compiled y")
+        y.square().sum().backward()
+        y_eager.square().sum().backward()
+    for (name, p), p_eager in zip(model.named_parameters(), eager.parameters(), strict=True):
+        _close(p.grad, p_eager.grad, 1e-3, f"compiled grad of {name}")
+    for (name, b), b_eager in zip(model.named_buffers(), eager.buffers(), strict=True):
+        _close(b.double(), b_eager.double(), 1e-5, f"compiled {name}")
+
+
+# -- torch.distributed, one process ---------------------------------------------------------
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialized")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_distributed_communicator_in_one_process(gloo_world_of_one) -> None:
+    comm = sbn.TorchDistributedCommunicator(timeout=30)
+    assert (comm.rank, comm.size, comm.backend) == (0, 1, "gloo")
+    buf = torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64)
+    out = comm.allreduce(buf)
+    assert torch.equal(out, buf) and out is not buf
+    assert isinstance(comm.allreduce(np.arange(3.0), "max"), np.ndarray)
+    with pytest.raises(ValueError, match="unknown reduction op"):
+        comm.allreduce(buf, "min")
+    # process_group= means this communicator.
+    bn = SyncBatchNorm(C, process_group=torch.distributed.group.WORLD)
+    assert isinstance(bn.comm, sbn.TorchDistributedCommunicator)
+    ours, ref = _pair()
+    ours.comm = bn.comm
+    x = torch.randn(4, C, 3, 3)
+    _close(ours(x), ref(x), TOL[torch.float32], "y")
+
+
+def test_torch_distributed_communicator_needs_an_initialized_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized")
+    with pytest.raises(RuntimeError, match="not initialized"):
+        sbn.TorchDistributedCommunicator()
+
+
+def test_importing_arraysyncbn_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, arraysyncbn; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_cuda_tensors_match_batchnorm2d(dtype) -> None:
+    ours, ref = _pair(torch.float32)
+    ours, ref = ours.cuda(), ref.cuda()
+    x = torch.randn(4, C, 5, 5, device="cuda").to(dtype)
+    dy = torch.randn(x.shape, device="cuda").to(dtype)
+    y, g = _grads(ours, x, dy)
+    y_ref, g_ref = _grads(ref, x, dy)
+    tol = 1e-2 if dtype == torch.float16 else 1e-5
+    assert y.device == x.device and y.dtype == dtype
+    _close(y.float(), y_ref.float(), tol, "y")
+    _close(g[0].float(), g_ref[0].float(), tol, "dx")
+    _close(ours.running_mean, ref.running_mean, 1e-5, "running_mean")
+
+
+def test_readme_pytorch_snippets_run_as_written() -> None:
+    """The first two blocks of the README's PyTorch section (the third needs torchrun)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split("\n## PyTorch\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    namespace: dict = {}
+    for code in blocks[:2]:
+        exec(compile(code, "README.md", "exec"), namespace)
+    ys = namespace["ys"]
+    x = torch.cat(namespace["shards"])
+    want = torch.nn.functional.batch_norm(x, None, None, training=True)
+    _close(torch.cat(ys), want, 1e-5, "README thread ranks")
+    assert type(namespace["model"][1]) is BatchNormXd
