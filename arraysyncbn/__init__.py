@@ -31,6 +31,7 @@ from .comm import (
 )
 from .errors import CollectiveMismatchError, CommunicatorAbortedError, NoForwardError
 from .functional import (
+    NonFiniteWarning,
     PrecisionWarning,
     SavedForBackward,
     check_consistency,
@@ -47,6 +48,7 @@ __all__ = [
     "CommunicatorAbortedError",
     "MPICommunicator",
     "NoForwardError",
+    "NonFiniteWarning",
     "PrecisionWarning",
     "SavedForBackward",
     "SelfCommunicator",

@@ -14,6 +14,7 @@ bitwise identical on every rank, so every rank takes the same branch.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -33,6 +34,7 @@ from .comm.calls import current_call, next_call
 from .errors import CollectiveMismatchError
 
 __all__ = [
+    "NonFiniteWarning",
     "PrecisionWarning",
     "SavedForBackward",
     "check_consistency",
@@ -74,6 +76,10 @@ class SavedForBackward:
     route : str
         ``"portable"`` (array API) or ``"host"`` (fused numba kernels), the
         route the forward ran and the backward will run.
+    center : per-channel array or None
+        The merge center for the next call, the same bits on every rank:
+        ``mean`` where it is finite, else the center this call used (None
+        when this call used none and merged nothing).
     """
 
     x: Array
@@ -89,6 +95,7 @@ class SavedForBackward:
     xp: Any
     kern: Any
     io: Any
+    center: Array | None = None
 
     @property
     def route(self) -> str:
@@ -307,6 +314,12 @@ class _Step:
     running_mean: Array | None
     running_var: Array | None
     loss: float
+    """The merge's worst relative variance error over the finite channels."""
+    center: Array
+    """The next merge center: the mean where finite, else the previous center."""
+    nonfinite: tuple[int, ...]
+    """Channels whose statistics are not finite (as stored); their running
+    statistics and center were kept."""
 
 
 class PortableKernels:
@@ -356,19 +369,30 @@ class PortableKernels:
         and the merge's worst relative variance error, from the reduced buffer."""
         xp, c = self.xp, (buf.shape[0] - 1) // 2
         weight, bias, running_mean, running_var = params
-        rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], buf[1 + c :], xp=xp)
-        # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
-        # to var + eps (what invstd depends on).
-        ulp = float(xp.finfo(self.sdt).eps)
-        loss = float(xp.max(buf[1 + c :] / count * (4.0 * (size + 2) * ulp) / (var + eps)))
+        s2 = buf[1 + c :]
+        rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], s2, xp=xp)
         mean = rel if center is None else center + rel
+        ok = xp.isfinite(mean) & xp.isfinite(var)
+        # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
+        # to var + eps (what invstd depends on); the host kernel evaluates
+        # the same expression in the same order, so every route decides alike.
+        ulp = float(xp.finfo(self.sdt).eps)
+        ratio = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
+        loss = float(xp.max(xp.where(ok, ratio, 0.0)))
         invstd = kernels.invstd_of(var, eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device)
+        previous = xp.zeros_like(mean) if center is None else center
         new_mean, new_var = running_mean, running_var
         if momentum is not None and running_mean is not None and running_var is not None:
-            new_mean = _running_update(xp, running_mean, mean, momentum)
-            new_var = _running_update(xp, running_var, var * (count / (count - 1)), momentum)
-        return _Step(mean, var, invstd, f, new_mean, new_var, loss)
+            new_mean, new_var, ok = _guarded_running_update(
+                xp, running_mean, running_var, mean, var * (count / (count - 1)), momentum, ok
+            )
+        bad: tuple[int, ...] = ()
+        if not bool(xp.all(ok)):
+            bad = tuple(int(i) for i in _to_host_list(xp, ~ok))
+        return _Step(
+            mean, var, invstd, f, new_mean, new_var, loss, xp.where(ok, mean, previous), bad
+        )
 
     def normalize(self, x: Array, f: _Factors, out: Array | None) -> Array:
         y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, self.axis, xp=self.xp)
@@ -423,19 +447,43 @@ def _global_count(buf: Array, exact_float64: bool) -> int:
 
 
 class PrecisionWarning(RuntimeWarning):
-    """The one-pass merge of the statistics lost much of its precision.
+    """The statistics lost much of their precision even after a second pass.
 
-    Raised (as a warning, on every rank alike) when the data sits so many
-    standard deviations from the merge's center that float64 cancellation
-    cost about half of the output's significant digits. Pass ``center=``
-    (a previous reduced mean); ``SyncBatchNorm`` does so from its second step.
+    Given (as a warning, on every rank alike) when, after the second
+    statistics pass centered on the reduced mean, the merge's estimated
+    relative variance error still exceeds the square root of the work
+    dtype's epsilon: in practice only a merge in float32 (a library with no
+    float64 device) over very many ranks.
     """
 
 
-def _warn_tolerance(xp: Any, wdtype: Any) -> float:
-    """Relative variance error past which :class:`PrecisionWarning` is given:
-    the square root of the work dtype's epsilon (half its digits)."""
-    return math.sqrt(float(xp.finfo(wdtype).eps))
+class NonFiniteWarning(RuntimeWarning):
+    """Some channels' batch statistics are not finite (NaN or inf).
+
+    Given on every rank alike (the decision comes from reduced values) and
+    naming the channels: a NaN or inf in some rank's batch, or statistics
+    beyond the running statistics' dtype. Their running statistics, and the
+    merge center ``SyncBatchNorm`` keeps, keep their last finite values, so
+    the next finite batch is normalized correctly; this batch's output may
+    be non-finite in those channels.
+    """
+
+
+@functools.lru_cache(maxsize=64)
+def _tolerances(xp: Any, size: int, sdt: Any, wdtype: Any) -> tuple[float, float]:
+    """``(second_pass, warn)``: relative variance errors of the merge past
+    which every rank runs a second statistics pass, and past which it warns.
+
+    The float64 merge loses ``L0 = 4(size+2)·ulp`` even around the exact
+    mean, and ``L0·(1 + ((mean − K)/std)²)`` around a center K; a second
+    pass is run past ``max(16·L0, e_w)``: a center more than ~4 standard
+    deviations off for float64 work (so a layer's steady state, whose center
+    is its last mean, stays one pass), or a loss above one ulp of float32
+    work. The warning is for half the work precision, ``sqrt(e_w)``.
+    """
+    e_w = float(xp.finfo(wdtype).eps)
+    l0 = 4.0 * (size + 2) * float(xp.finfo(sdt).eps)
+    return max(16.0 * l0, e_w), math.sqrt(e_w)
 
 
 def _batch_statistics(
@@ -475,37 +523,62 @@ def _batch_statistics(
     return count, buf
 
 
-def _warn_if_imprecise(loss: float, xp: Any, wdtype: Any) -> None:
+def _warn_if_imprecise(loss: float, tolerance: float) -> None:
     """Warn (every rank alike: loss comes from reduced values) past the tolerance."""
-    if loss > _warn_tolerance(xp, wdtype):
+    if loss > tolerance:
         warnings.warn(
             f"SyncBN statistics may have lost precision (relative variance error up to "
-            f"{loss:.1e}): the data sits far from the merge's center in units of its "
-            "standard deviation; pass center= (e.g. a previous reduced mean) — "
-            "SyncBatchNorm does so from its second step",
+            f"{loss:.1e}) even after a second pass centered on the reduced mean",
             PrecisionWarning,
             stacklevel=3,
         )
 
 
-def _running_update(
-    xp: Any,
-    running: Array,
-    batch_value: Array,
-    momentum: float,
-) -> Array:
-    """Return ``(1 − m)·running + m·batch_value`` in running's dtype and device.
+def _warn_nonfinite(channels: tuple[int, ...]) -> None:
+    """Name the channels whose statistics were not finite (every rank alike)."""
+    shown = ", ".join(str(c) for c in channels[:20]) + (", ..." if len(channels) > 20 else "")
+    warnings.warn(
+        f"SyncBN batch statistics are not finite in {len(channels)} channel(s) [{shown}] "
+        "(NaN or inf in some rank's batch, or beyond the running statistics' dtype): "
+        "their running statistics and merge center keep their last finite values",
+        NonFiniteWarning,
+        stacklevel=3,
+    )
 
-    Computed in batch_value's (float64) dtype on its device, from values
-    every rank shares, so every rank gets the same bits.
+
+def _guarded_running_update(
+    xp: Any,
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    unbiased_var: Array,
+    momentum: float,
+    ok: Array,
+) -> tuple[Array, Array, Array]:
+    """Running statistics updated where ``ok`` and finite once stored.
+
+    Returns ``(new_mean, new_var, ok)`` with ``ok`` cleared for channels
+    whose update is not finite in the buffers' dtypes (a float64 1e39 is
+    finite, not in float32): those keep their old values.
     """
-    if type(running) is np.ndarray:
-        new = (1.0 - momentum) * running.astype(batch_value.dtype) + momentum * batch_value
-        return new.astype(running.dtype, copy=False)
-    sdev = array_api_compat.device(batch_value)
-    r = _to(running, xp, sdev, batch_value.dtype)
-    new = (1.0 - momentum) * r + momentum * batch_value
-    return _to(new, xp, array_api_compat.device(running), running.dtype)
+    sdev, sdt = array_api_compat.device(mean), mean.dtype
+    old_m, old_v = _to(running_mean, xp, sdev, sdt), _to(running_var, xp, sdev, sdt)
+    new_m = (1.0 - momentum) * old_m + momentum * mean
+    new_v = (1.0 - momentum) * old_v + momentum * unbiased_var
+    ok = ok & xp.isfinite(xp.astype(new_m, running_mean.dtype))
+    ok = ok & xp.isfinite(xp.astype(new_v, running_var.dtype))
+    new_m, new_v = xp.where(ok, new_m, old_m), xp.where(ok, new_v, old_v)
+    return (
+        _to(new_m, xp, array_api_compat.device(running_mean), running_mean.dtype),
+        _to(new_v, xp, array_api_compat.device(running_var), running_var.dtype),
+        ok,
+    )
+
+
+def _to_host_list(xp: Any, mask: Array) -> list[int]:
+    """Indices where the boolean vector ``mask`` is true, as Python ints."""
+    values = [bool(v) for v in (mask[i] for i in range(mask.shape[0]))]
+    return [i for i, v in enumerate(values) if v]
 
 
 def _numpy_args_valid(
@@ -728,13 +801,34 @@ def sync_batch_norm_forward(
         invstd = kernels.invstd_of(var, eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
         new_mean, new_var = caller_params[2], caller_params[3]
+        next_center = center
     else:
         update = training and running_mean is not None
         m = None
         if update:
             m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
-        st = kern.finalize(buf, count, center, eps, params, m, communicator.size, wdtype)
-        _warn_if_imprecise(st.loss, xp, wdtype)
+        size = communicator.size
+        st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
+        second, warn = _tolerances(xp, size, sdt, wdtype)
+        if st.loss > second:
+            # Exact first, fast second: the reduced values (the same bits on
+            # every rank) show the one-pass merge cancelled, so every rank
+            # merges again around the reduced mean.
+            center = st.center
+            again, buf = _batch_statistics(
+                kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
+                center=center, shape=tuple(x.shape),
+            )  # fmt: skip
+            if again != count:
+                raise CollectiveMismatchError(
+                    f"the second statistics pass counted {again} elements per channel, "
+                    f"the first {count}: ranks passed different batches"
+                )
+            st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
+        _warn_if_imprecise(st.loss, warn)
+        if st.nonfinite:
+            _warn_nonfinite(st.nonfinite)
+        next_center = st.center
         mean, invstd, f = st.mean, st.invstd, st.factors
         new_mean, new_var = st.running_mean, st.running_var
         if update:
@@ -743,8 +837,9 @@ def sync_batch_norm_forward(
             new_mean, new_var = caller_params[2], caller_params[3]
     y = kern.normalize(xk, f, outk)
     saved = SavedForBackward(
-        xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io
-    )
+        xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io,
+        _back(io, next_center),
+    )  # fmt: skip
     return _back(io, y), new_mean, new_var, saved
 
 

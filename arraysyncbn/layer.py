@@ -214,8 +214,9 @@ class SyncBatchNorm:
         # Read once: whether to communicate for a check must not change
         # mid-run on one rank (the first check verifies all ranks agree).
         self._check_every_call = F.check_every_call()
-        # The last reduced batch mean, the same bits on every rank of the
-        # communicator it came from: the next merge's center.
+        # The last reduced batch mean (per channel, the last finite one), the
+        # same bits on every rank of the communicator it came from: the next
+        # merge's center.
         self._center: Array | None = None
         self._center_comm: Any = None
         if xp is not None:
@@ -394,7 +395,9 @@ class SyncBatchNorm:
             self.running_mean, self.running_var = new_mean, new_var
             self.num_batches_tracked += 1
         if saved.count:
-            self._center, self._center_comm = saved.mean, self.comm
+            # Not saved.mean: where a batch was not finite the center keeps
+            # its last finite value, or one NaN would poison every later merge.
+            self._center, self._center_comm = saved.center, self.comm
         self._saved = saved
         return y
 

@@ -173,11 +173,11 @@ class HostKernels:
         channels = self.xb.shape[1]
         weight, bias, rm, rv = params
         update = momentum is not None and rm is not None
-        stats = np.empty((3, channels))
+        stats = np.empty((5, channels))
         hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
         new_rm = np.empty_like(rm) if update else _DUMMY
         new_rv = np.empty_like(rv) if update else _DUMMY
-        loss = hk.finalize_forward(
+        loss, bad = hk.finalize_forward(
             buf, float(count), _zeros(channels) if center is None else center,
             float(eps), _ones(channels) if weight is None else weight,
             _zeros(channels) if bias is None else bias,
@@ -187,7 +187,8 @@ class HostKernels:
         f = _types.Factors(hi, lo, scale, shift)
         return _types.Step(
             stats[0], stats[1], stats[2], f, new_rm if update else rm,
-            new_rv if update else rv, loss,
+            new_rv if update else rv, loss, stats[3],
+            tuple(np.flatnonzero(stats[4]).tolist()) if bad else (),
         )  # fmt: skip
 
     def normalize(self, x: np.ndarray, f: Any, out: np.ndarray | None) -> np.ndarray:
