@@ -5,11 +5,15 @@ This module owns the path of a training step (``DESIGN.md``, ``docs/numerics.md`
     x ─validate─> local moments ─pack─> allreduce ─unpack─> mean, var, N ─> y
 
 and its backward. It calls :mod:`arraysyncbn.kernels` for the math and the
-communicator exactly once per pass: one packed buffer for the statistics,
-one for the backward sums (plus, when asked, the small consistency check).
-Every decision that changes whether a rank communicates or raises after
-communication (N = 0, N = 1) is taken from reduced values, which are
-bitwise identical on every rank, so every rank takes the same branch.
+communicator once per pass in the steady state: one packed buffer for the
+statistics, one for the backward sums (plus, when asked, the small
+consistency check), each signed with its call (:mod:`arraysyncbn.comm.calls`)
+so that ranks in different calls fail alike. When the reduced values show
+that the one-pass merge lost precision, every rank merges a second time
+around the reduced mean. Every decision that changes whether a rank
+communicates or raises after communication (N = 0, N = 1, the second pass,
+a signature mismatch) is taken from reduced values, which are bitwise
+identical on every rank, so every rank takes the same branch.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 
 from . import _fast, kernels
 from .comm.base import Communicator, as_communicator
-from .comm.calls import current_call, next_call
+from .comm.calls import CallLabel, current_call, next_call, signature_mismatch, signature_values
 from .errors import CollectiveMismatchError
 
 __all__ = [
@@ -80,6 +84,9 @@ class SavedForBackward:
         The merge center for the next call, the same bits on every rank:
         ``mean`` where it is finite, else the center this call used (None
         when this call used none and merged nothing).
+    label : CallLabel or None
+        The forward's call (None when it communicated nothing); the backward
+        signs its collective with the same call number.
     """
 
     x: Array
@@ -96,6 +103,7 @@ class SavedForBackward:
     kern: Any
     io: Any
     center: Array | None = None
+    label: CallLabel | None = None
 
     @property
     def route(self) -> str:
@@ -339,8 +347,9 @@ class PortableKernels:
         self.xp, self.axis, self.acc, self.sdev, self.sdt = xp, axis, acc, sdev, sdt
         self.device = device
 
-    def pack_statistics(self, x: Array, center: Array | None) -> Array:
-        """``[n, Σ(x − center), Σ(x − center)²]`` on the statistics device."""
+    def pack_statistics(self, x: Array, center: Array | None, tail: tuple[float, ...]) -> Array:
+        """``[n, Σ(x − center), Σ(x − center)², *tail]`` on the statistics device
+        (``tail``: the call's signature)."""
         xp = self.xp
         n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
         c = _to(c, xp, self.sdev, self.sdt)
@@ -352,7 +361,8 @@ class PortableKernels:
             xp=xp,
         )
         head = xp.asarray([float(n)], dtype=self.sdt, device=self.sdev)
-        return xp.concat([head, s1, s2])
+        end = xp.asarray(tail, dtype=self.sdt, device=self.sdev)
+        return xp.concat([head, s1, s2, end])
 
     def finalize(
         self,
@@ -398,12 +408,15 @@ class PortableKernels:
         y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, self.axis, xp=self.xp)
         return y if out is None else _write(out, y)
 
-    def pack_backward(self, dy: Array, x: Array, f: _Factors, invstd: Array) -> Array:
-        """``[Σdy, Σdy·x̂]`` per channel on the statistics device."""
+    def pack_backward(
+        self, dy: Array, x: Array, f: _Factors, invstd: Array, tail: tuple[float, ...]
+    ) -> Array:
+        """``[Σdy, Σdy·x̂, *tail]`` per channel on the statistics device."""
         xp = self.xp
         s, sx = kernels.backward_sums(dy, x, f.hi, f.lo, self.axis, xp=xp, acc=self.acc)
         s = _to(s, xp, self.sdev, self.sdt)
-        return xp.concat([s, _to(sx, xp, self.sdev, self.sdt) * invstd])
+        end = xp.asarray(tail, dtype=self.sdt, device=self.sdev)
+        return xp.concat([s, _to(sx, xp, self.sdev, self.sdt) * invstd, end])
 
     def backward_coefficients(
         self, buf: Array, count: int, invstd: Array, wdtype: Any
@@ -496,24 +509,26 @@ def _batch_statistics(
     exact_count: bool,
     center: Array | None,
     shape: tuple[int, ...],
+    label: CallLabel,
 ) -> tuple[int, Array]:
     """Return the global N and the reduced buffer ``[N, Σ(x − K), Σ(x − K)²]``.
 
-    Exactly one allreduce, with the center K every rank shares. ``io`` (host
+    Exactly one allreduce, with the center K every rank shares and the
+    call's signature appended (and checked, then dropped). ``io`` (host
     route) hands the buffer to the communicator as an array of the caller's
     library. The decisions on N are taken from the reduced buffer, which is
     the same on every rank.
     """
-    packed = kern.pack_statistics(x, center)
-    with current_call(next_call(comm, "forward")):  # named if the wait times out
-        if io is None:
-            buf = comm.allreduce(packed)
-        else:
-            buf = io.to_numpy(comm.allreduce(io.from_numpy(packed)))
-    if tuple(buf.shape) != (1 + 2 * channels,):
+    bits = 53 if exact_count else 24
+    tail = signature_values(label, "sum", bits, comm.size)
+    buf = _allreduce_signed(kern.pack_statistics(x, center, tail), comm, io, label)
+    base = 1 + 2 * channels
+    if tuple(buf.shape) != (base + len(tail),):
         raise CollectiveMismatchError(
-            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
+            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({base + len(tail)},)"
         )
+    _check_signature(buf, base, label, "sum", bits, comm)
+    buf = buf[:base]
     count = _global_count(buf, exact_count)
     if count == 1:
         raise ValueError(
@@ -521,6 +536,31 @@ def _batch_statistics(
             f"global batch of 1 (input shape {shape} on rank {comm.rank})"
         )
     return count, buf
+
+
+def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
+    """Sum ``packed`` across ranks under ``label`` (named if the wait times out)."""
+    with current_call(label):
+        if io is None:
+            return comm.allreduce(packed)
+        return io.to_numpy(comm.allreduce(io.from_numpy(packed)))
+
+
+def _tail(buf: Array, start: int) -> list[float]:
+    """``buf[start:]`` as Python floats (a handful of values)."""
+    if type(buf) is np.ndarray:
+        return buf[start:].tolist()  # type: ignore[no-any-return]
+    return [float(buf[i]) for i in range(start, buf.shape[0])]
+
+
+def _check_signature(
+    buf: Array, start: int, label: CallLabel, op: str, bits: int, comm: Communicator
+) -> None:
+    """Raise :class:`CollectiveMismatchError` on every rank unless every rank
+    was in ``label``'s call (decided from the reduced signature alone)."""
+    problem = signature_mismatch(label, op, _tail(buf, start), bits, comm.size, comm.rank)
+    if problem is not None:
+        raise CollectiveMismatchError(problem)
 
 
 def _warn_if_imprecise(loss: float, tolerance: float) -> None:
@@ -652,6 +692,7 @@ def sync_batch_norm_forward(
     check: bool = False,
     center: Array | None = None,
     out: Array | None = None,
+    label: CallLabel | None = None,
 ) -> tuple[Array, Array | None, Array | None, SavedForBackward]:
     """Synchronized batch normalization of this rank's shard ``x``.
 
@@ -697,6 +738,13 @@ def sync_batch_norm_forward(
         Where to write y (same shape, dtype, library and device as x); a
         training loop that passes the same buffer each step saves the cost
         of a fresh x-sized allocation.
+    label : CallLabel or None
+        The call's signature (``SyncBatchNorm`` passes its layer number and
+        call number). None: the next call of the functional API on ``comm``
+        (:func:`arraysyncbn.comm.calls.next_call`), counted only when the
+        call communicates. Every collective of the call carries it, so
+        ranks in different calls raise :class:`CollectiveMismatchError` on
+        every rank, naming the calls, instead of mixing statistics.
 
     Returns
     -------
@@ -785,15 +833,19 @@ def sync_batch_norm_forward(
         )
         return _back(io, y), caller_params[2], caller_params[3], saved
 
+    if label is None:
+        label = next_call(communicator, "forward")
+    elif not isinstance(label, CallLabel):
+        raise TypeError(f"label must be a CallLabel or None, got {type(label).__name__}")
     if check:
         check_consistency(
             communicator, x, num_features=channels, axis=ax, eps=eps, momentum=momentum,
             affine=weight is not None or bias is not None,
-            track_running_stats=running_mean is not None,
+            track_running_stats=running_mean is not None, label=label.with_pass("check"),
         )  # fmt: skip
     count, buf = _batch_statistics(
         kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
-        center=center, shape=tuple(x.shape),
+        center=center, shape=tuple(x.shape), label=label,
     )  # fmt: skip
     if count == 0:
         zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
@@ -817,7 +869,7 @@ def sync_batch_norm_forward(
             center = st.center
             again, buf = _batch_statistics(
                 kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
-                center=center, shape=tuple(x.shape),
+                center=center, shape=tuple(x.shape), label=label.with_pass("recenter"),
             )  # fmt: skip
             if again != count:
                 raise CollectiveMismatchError(
@@ -838,7 +890,7 @@ def sync_batch_norm_forward(
     y = kern.normalize(xk, f, outk)
     saved = SavedForBackward(
         xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io,
-        _back(io, next_center),
+        _back(io, next_center), label,
     )  # fmt: skip
     return _back(io, y), new_mean, new_var, saved
 
@@ -900,23 +952,36 @@ def sync_batch_norm_backward(
     ):
         _validate_out(np, x, out)
     wdtype = kernels.work_dtype(xp, x.dtype)
-    packed = kern.pack_backward(dy, x, f, saved.invstd)
+    channels = x.shape[saved.axis]
+    communicates = saved.batch_stats and saved.count != 0 and saved.label is not None
+    if communicates:
+        label = saved.label.with_pass("backward")  # type: ignore[union-attr]
+        bits = 53 if saved.invstd.dtype == xp.float64 else 24
+        # One padding value: as long as the forward's buffer, so that a rank
+        # in a forward and one in a backward fail on the signature, not on
+        # mismatched lengths (which MPI does not promise to detect).
+        tail = (0.0, *signature_values(label, "sum", bits, saved.comm.size))
+        packed = kern.pack_backward(dy, x, f, saved.invstd, tail)
+    else:
+        packed = kern.pack_backward(dy, x, f, saved.invstd, ())
     if not saved.batch_stats:
         dx = kern.backward_input(dy, x, f, None, None, out)
-    elif saved.count == 0:
+    elif not communicates:
         dx = xp.zeros_like(x) if out is None else _write(out, xp.zeros_like(x))
     else:
-        with current_call(next_call(saved.comm, "backward")):
-            if io is None:
-                buf = saved.comm.allreduce(packed)
-            else:
-                buf = io.to_numpy(saved.comm.allreduce(io.from_numpy(packed)))
-        mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
+        buf = _allreduce_signed(packed, saved.comm, io, label)
+        if tuple(buf.shape) != tuple(packed.shape):
+            raise CollectiveMismatchError(
+                f"the reduced buffer has shape {tuple(buf.shape)}, expected {tuple(packed.shape)}"
+            )
+        _check_signature(buf, 2 * channels + 1, label, "sum", bits, saved.comm)
+        mean_dy, k = kern.backward_coefficients(
+            buf[: 2 * channels], saved.count, saved.invstd, wdtype
+        )
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
-    channels = x.shape[saved.axis]
     dweight = dbias = None
     if saved.weight is not None:
-        dweight = _to(packed[channels:], xp, kern.device, saved.weight.dtype)
+        dweight = _to(packed[channels : 2 * channels], xp, kern.device, saved.weight.dtype)
     if saved.bias is not None:
         dbias = _to(packed[:channels], xp, kern.device, saved.bias.dtype)
     return _back(io, dx), _back(io, dweight), _back(io, dbias)
@@ -995,6 +1060,7 @@ def check_consistency(
     momentum: float | None = 0.1,
     affine: bool = True,
     track_running_stats: bool = True,
+    label: CallLabel | None = None,
 ) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
@@ -1008,7 +1074,10 @@ def check_consistency(
     statistics) or, for ``track_running_stats``, take different collectives
     in eval mode. Call it with arguments that passed validation, on every
     rank, at the same point of the program. The defaults of the keyword
-    arguments are :class:`~arraysyncbn.SyncBatchNorm`'s.
+    arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label`` signs the
+    collective (None: the next ``check`` call of the functional API on
+    ``comm``); ranks in different calls are reported as such first, since
+    their other values need not agree.
     """
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
@@ -1032,11 +1101,19 @@ def check_consistency(
     values = [v for f in fields for v in f.values]
     # On the statistics device in its dtype, like the statistics buffer, so
     # ranks whose x sits on different kinds of device still pass the same MPI type.
-    buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
-    with current_call(next_call(communicator, "check")):
+    if label is None:
+        label = next_call(communicator, "check")
+    tail = signature_values(label, "max", 24, communicator.size)  # exact in float32 too
+    buf = xp.asarray(values + [-v for v in values] + list(tail), dtype=sdt, device=sdev)
+    with current_call(label):
         reduced = communicator.allreduce(buf, "max")
+    if tuple(reduced.shape) != tuple(buf.shape):
+        raise CollectiveMismatchError(
+            f"the reduced check has shape {tuple(reduced.shape)}, expected {tuple(buf.shape)}"
+        )
+    _check_signature(reduced, 2 * len(values), label, "max", 24, communicator)
     high = [float(v) for v in reduced[: len(values)]]
-    low = [-float(v) for v in reduced[len(values) :]]
+    low = [-float(v) for v in reduced[len(values) : 2 * len(values)]]
     problems = []
     start = 0
     for f in fields:

@@ -15,6 +15,7 @@ import array_api_compat
 
 from . import functional as F
 from .comm.base import Communicator, as_communicator
+from .comm.calls import CallLabel, next_layer
 from .errors import NoForwardError
 
 __all__ = ["SyncBatchNorm"]
@@ -219,6 +220,13 @@ class SyncBatchNorm:
         # merge's center.
         self._center: Array | None = None
         self._center_comm: Any = None
+        # The layer's number on its communicator, taken at its first
+        # communicating call (not here: a layer built on one rank only must
+        # not shift the others' numbers), and its batch-statistics calls so
+        # far: the signature of every collective it makes.
+        self._layer: int | None = None
+        self._layer_comm: Any = None
+        self._calls = 0
         if xp is not None:
             xp = array_api_compat.array_namespace(xp.zeros(0))
             self._materialize(xp, device, _resolve_dtype(xp, "float32" if dtype is None else dtype))
@@ -374,6 +382,12 @@ class SyncBatchNorm:
             self._materialize_like(x)
         batch_stats = self._uses_batch_stats()
         check = batch_stats and (not self._checked or self._check_every_call)
+        label = None
+        if batch_stats:
+            if self._layer_comm is not self.comm:
+                self._layer, self._layer_comm, self._calls = next_layer(self.comm), self.comm, 0
+            self._calls += 1
+            label = CallLabel("forward", self._calls, self._layer)
         y, new_mean, new_var, saved = F.sync_batch_norm_forward(
             x,
             self.weight,
@@ -388,6 +402,7 @@ class SyncBatchNorm:
             num_batches_tracked=self.num_batches_tracked,
             check=check,
             center=self._center if self._center_comm is self.comm else None,
+            label=label,
         )
         if check:
             self._checked = True

@@ -133,8 +133,11 @@ class HostKernels:
             view = _same_layout(a, x, self.axis)
         return view  # type: ignore[return-value]
 
-    def pack_statistics(self, x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
-        """``[n, Σ(x − center), Σ(x − center)²]`` in float64 (center None: 0).
+    def pack_statistics(
+        self, x: np.ndarray, center: np.ndarray | None, tail: tuple[float, ...]
+    ) -> np.ndarray:
+        """``[n, Σ(x − center), Σ(x − center)², *tail]`` in float64 (center None: 0;
+        ``tail``: the call's signature).
 
         One read of x, around a sample K of each channel; the float64 shift
         to ``center`` is exact algebra.
@@ -142,9 +145,11 @@ class HostKernels:
         xb = self.xb
         p, channels, q = xb.shape
         n = p * q
-        buf = np.empty(1 + 2 * channels)
+        base = 1 + 2 * channels
+        buf = np.empty(base + len(tail))
+        buf[base:] = tail
         if n == 0:
-            buf[:] = 0.0
+            buf[:base] = 0.0
             return buf
         k = xb[0, :, 0].astype(np.float64)
         part = np.empty((self.parts, 2, channels))
@@ -203,8 +208,10 @@ class HostKernels:
                 hk.normalize_parallel(self.xb, f.hi, f.lo, f.scale, f.offset, yb, self.parts)
         return y
 
-    def pack_backward(self, dy: np.ndarray, x: np.ndarray, f: Any, invstd: Any) -> np.ndarray:
-        """``[Σdy, Σdy·x̂]`` per channel, float64."""
+    def pack_backward(
+        self, dy: np.ndarray, x: np.ndarray, f: Any, invstd: Any, tail: tuple[float, ...]
+    ) -> np.ndarray:
+        """``[Σdy, Σdy·x̂, *tail]`` per channel, float64."""
         dyb = self._like_x(dy, x)
         channels = self.xb.shape[1]
         part = np.empty((self.parts, 2, channels))
@@ -214,7 +221,8 @@ class HostKernels:
             _set_threads(self.parts)
             with _LAUNCH:
                 hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
-        packed = np.empty(2 * channels)
+        packed = np.empty(2 * channels + len(tail))
+        packed[2 * channels :] = tail
         hk.pack_backward(_merged(part), invstd, packed)
         return packed
 

@@ -16,6 +16,10 @@ raise_cli           the same, in a plain ``python`` run under ``cli.run_aborting
 skip PASS           the last rank skips step 3's ``forward`` (it is in eval mode)
                     or ``backward`` and stays away: the others must abort the job
                     when ARRAYSYNCBN_TIMEOUT expires
+signature WHAT      ranks in different calls (``swapped`` layers, a ``skipped``
+                    backward, one rank ``ahead`` by a forward) raise on every rank,
+                    naming the call each was in; ``eval_alone``: one rank's eval
+                    forwards and evaluation copy do not desynchronize the others
 straggler           the last rank is 0.3 s late to every call: waits longer than a
                     spin, shorter than the timeout, must complete normally
 transfer EXPECTED   ``cuda_aware`` is EXPECTED (0, 1 or auto: detected), CUDA
@@ -176,6 +180,60 @@ def case_mismatch_later(comm: sbn.MPICommunicator) -> None:
     say_ok("mismatch_later")
 
 
+def _signature_steps(comm: sbn.MPICommunicator, what: str) -> None:
+    x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
+    odd = comm.rank == comm.size - 1
+    a, b = sbn.SyncBatchNorm(3, comm=comm), sbn.SyncBatchNorm(3, comm=comm)
+    if what == "swapped":
+        a(x), b(x)  # step 1 numbers A = 1, B = 2 on every rank
+        for layer in (b, a) if odd else (a, b):
+            layer(x)
+    elif what == "skipped":
+        y = a(x)
+        if not odd:
+            a.backward(y)
+        a(x)
+    elif what == "ahead":
+        if odd:
+            a(x)
+        a.backward(a(x))
+
+
+def case_signature(comm: sbn.MPICommunicator, what: str) -> None:
+    if what == "eval_alone":
+        x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
+        if comm.rank == 0:
+            sbn.SyncBatchNorm(3, comm=comm).eval()(x)  # an evaluation copy on rank 0 only
+        bn = sbn.SyncBatchNorm(3, comm=comm, dtype="float64")
+        for _ in range(3):
+            bn.backward(bn(x))
+            if comm.rank == 0:
+                bn.eval()(x)
+                bn.train()
+        states = comm.comm.allgather(to_numpy(bn.running_var).tobytes())
+        assert all(s == states[0] for s in states)
+        say_ok("signature[eval_alone]")
+        return
+    expected = {
+        "swapped": ("layer 2, call 2, forward", "layer 1, call 2, forward"),
+        "skipped": ("layer 1, call 1, backward", "layer 1, call 2, forward"),
+        "ahead": ("layer 1, call 1, backward", "layer 1, call 2, forward"),
+    }[what]
+    odd = comm.rank == comm.size - 1
+    mine, theirs = expected if (odd == (what == "swapped")) else expected[::-1]
+    try:
+        _signature_steps(comm, what)
+    except sbn.CollectiveMismatchError as exc:
+        message = str(exc)
+        assert f"rank {comm.rank} is in SyncBatchNorm {mine}" in message, message
+        if comm.size == 2:
+            assert f"the other rank is in SyncBatchNorm {theirs}" in message, message
+        say(f"mismatch seen: {message}")
+    else:
+        raise AssertionError(f"rank {comm.rank}: no CollectiveMismatchError")
+    say_ok(f"signature[{what}]")
+
+
 def case_raise(comm: sbn.MPICommunicator) -> None:
     bn = sbn.SyncBatchNorm(3, comm=comm)
     x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
@@ -283,6 +341,7 @@ def main() -> None:
         "mismatch": case_mismatch,
         "mismatch_later": case_mismatch_later,
         "raise": case_raise,
+        "signature": case_signature,
         "skip": case_skip,
         "straggler": case_straggler,
         "transfer": case_transfer,
