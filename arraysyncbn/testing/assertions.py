@@ -45,17 +45,21 @@ by ``Δx̂ = (A + Δμ)·Δi + Δμ·i⁺`` and is at most ``X = r + Δx̂``. Wi
 
 * ``|Δy| ≤ 2·[W·Δx̂ + (4·e_w + e_out)·(W·X + B)] + floor``,
 * ``|Δdx| ≤ 2·W·[Δi·G·(2 + X²) + i⁺·G·(2·X·Δx̂ + (8·e_w + e_out)·(2 + X²))] + floor``,
-* ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X``,
+* ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X + floor``,
   ``|Δdbias| ≤ 2·n·G·e_acc·n + e_p·n·G``,
 * ``|Δrunning_mean| ≤ m·Δμ + 4·e_p·|ref|``,
   ``|Δrunning_var| ≤ m·Δv·n/(n−1) + 4·e_p·|ref|``,
 
 where ``floor`` is a few subnormal spacings of the output dtype, plus one of
 the work dtype times ``1 + A + W·i⁺`` (y) or ``1 + G·(2 + X²) + W·i⁺²·G·X``
-(dx): a per-channel factor such as ``weight·invstd``, or a centered value,
-that underflowed before being scaled up. The factor 2 covers the constants this analysis
-drops; the ``n`` terms assume no better than naive summation. Every bound
-is per channel, so one badly conditioned channel does not loosen the others.
+(dx) or ``n·G·i⁺`` (dweight): a per-channel factor such as
+``weight·invstd``, or a centered value, that underflowed before being
+scaled up (the centered value ``(x − hi) − lo`` is a work-dtype number, so
+with subnormal data it errs by up to one subnormal spacing of the work
+dtype: inherent in centering in the work dtype, not a kernel bug). The
+factor 2 covers the constants this analysis drops; the ``n`` terms assume
+no better than naive summation. Every bound is per channel, so one badly
+conditioned channel does not loosen the others.
 
 Each bound is far below what a wrong formula produces: a variance divided
 by the local instead of the global count, E[x²]−E[x]² in float32 on float64
@@ -329,7 +333,15 @@ def backward_bounds(
     )
     n = max(ref.count, 1)
     tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
-    dweight = 2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x) + e_p * n * g * x + tiny_p
+    # Each centered value is a work-dtype number, so below the normal range
+    # it carries up to one subnormal spacing of the work dtype; Σdy·x̂ scales
+    # that by n·G·i⁺ (y and dx have the same term in their floors).
+    dweight = (
+        2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x)
+        + e_p * n * g * x
+        + tiny_p
+        + _floor(dtype, e_w, n * g * st.invstd_hi)
+    )
     dbias = 2 * n * g * e_acc * n + e_p * n * g + tiny_p
     return BackwardBounds(dx, dweight, dbias)
 
