@@ -143,6 +143,13 @@ def test_mismatch_on_a_later_call_with_check_every_call() -> None:
     assert_every_rank_ok(job, 3, "mismatch_later")
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exact_first_step_and_a_nan_batch(k: int) -> None:
+    """Two statistics allreduces on the first step far from zero, one after;
+    a NaN on the last rank warns on every rank and poisons nothing."""
+    assert_every_rank_ok(mpirun(k, script("cases.py"), "exact"), k, "exact")
+
+
 @pytest.mark.parametrize("what", ["swapped", "skipped", "ahead", "eval_alone"])
 def test_calls_out_of_step_raise_on_every_rank_naming_the_calls(what: str) -> None:
     """Swapped layers, a skipped backward, a rank one forward ahead: the
