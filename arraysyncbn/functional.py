@@ -520,15 +520,17 @@ def _batch_statistics(
     the same on every rank.
     """
     bits = 53 if exact_count else 24
-    tail = signature_values(label, "sum", bits, comm.size)
+    # A world of one is always in step with itself: no signature to carry.
+    tail = signature_values(label, "sum", bits, comm.size) if comm.size > 1 else ()
     buf = _allreduce_signed(kern.pack_statistics(x, center, tail), comm, io, label)
     base = 1 + 2 * channels
     if tuple(buf.shape) != (base + len(tail),):
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({base + len(tail)},)"
         )
-    _check_signature(buf, base, label, "sum", bits, comm)
-    buf = buf[:base]
+    if tail:
+        _check_signature(buf, base, label, "sum", bits, comm)
+        buf = buf[:base]
     count = _global_count(buf, exact_count)
     if count == 1:
         raise ValueError(
@@ -558,6 +560,12 @@ def _check_signature(
 ) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless every rank
     was in ``label``'s call (decided from the reduced signature alone)."""
+    if type(buf) is np.ndarray and buf.shape[0] == start + 2 and op == "sum":
+        # The host route's steady state, one exact digit: Σv = size·v and
+        # Σv² = size·v² mean every rank's v is this rank's (Cauchy–Schwarz).
+        v, size = label.code, comm.size
+        if buf.item(start) == size * v and buf.item(start + 1) == size * v * v:
+            return
     problem = signature_mismatch(label, op, _tail(buf, start), bits, comm.size, comm.rank)
     if problem is not None:
         raise CollectiveMismatchError(problem)
@@ -954,8 +962,10 @@ def sync_batch_norm_backward(
     wdtype = kernels.work_dtype(xp, x.dtype)
     channels = x.shape[saved.axis]
     communicates = saved.batch_stats and saved.count != 0 and saved.label is not None
+    signed = communicates and saved.comm.size > 1  # a world of one is always in step
     if communicates:
         label = saved.label.with_pass("backward")  # type: ignore[union-attr]
+    if signed:
         bits = 53 if saved.invstd.dtype == xp.float64 else 24
         # One padding value: as long as the forward's buffer, so that a rank
         # in a forward and one in a backward fail on the signature, not on
@@ -974,10 +984,10 @@ def sync_batch_norm_backward(
             raise CollectiveMismatchError(
                 f"the reduced buffer has shape {tuple(buf.shape)}, expected {tuple(packed.shape)}"
             )
-        _check_signature(buf, 2 * channels + 1, label, "sum", bits, saved.comm)
-        mean_dy, k = kern.backward_coefficients(
-            buf[: 2 * channels], saved.count, saved.invstd, wdtype
-        )
+        if signed:
+            _check_signature(buf, 2 * channels + 1, label, "sum", bits, saved.comm)
+            buf = buf[: 2 * channels]
+        mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
     dweight = dbias = None
     if saved.weight is not None:

@@ -387,7 +387,8 @@ class SyncBatchNorm:
             if self._layer_comm is not self.comm:
                 self._layer, self._layer_comm, self._calls = next_layer(self.comm), self.comm, 0
             self._calls += 1
-            label = CallLabel("forward", self._calls, self._layer)
+            # positive ints (or None): no need for the constructor's checks
+            label = CallLabel._trusted("forward", self._calls, self._layer)
         y, new_mean, new_var, saved = F.sync_batch_norm_forward(
             x,
             self.weight,

@@ -112,6 +112,20 @@ class CallLabel:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        # Computed once: every collective of the call reads it. Not a field,
+        # so equality and hashing stay those of (pass_, call, layer).
+        self.__dict__["_code"] = _code_of(self.pass_, self.call, self.layer)
+
+    @classmethod
+    def _trusted(cls, pass_: str, call: int | None, layer: int | None) -> CallLabel:
+        """A label from values already known valid, without re-checking them:
+        one is made for every collective, so the check's cost counts."""
+        label = object.__new__(cls)
+        object.__setattr__(label, "pass_", pass_)
+        object.__setattr__(label, "call", call)
+        object.__setattr__(label, "layer", layer)
+        label.__dict__["_code"] = _code_of(pass_, call, layer)
+        return label
 
     @property
     def code(self) -> int:
@@ -121,9 +135,8 @@ class CallLabel:
         and call numbers modulo 4096: calls that differ by less than that
         in both always have different codes.
         """
-        layer = 0 if self.layer is None else (self.layer - 1) % _LAYER_MOD + 1
-        call = 0 if self.call is None else (self.call - 1) % _CALL_MOD
-        return (call << (_LAYER_BITS + 2)) | (layer << 2) | _PASS_INDEX[self.pass_]
+        code: int = self.__dict__["_code"]
+        return code
 
     @classmethod
     def from_code(cls, code: int) -> CallLabel:
@@ -134,7 +147,9 @@ class CallLabel:
 
     def with_pass(self, pass_: Pass) -> CallLabel:
         """This call's label for another of its passes."""
-        return CallLabel(pass_, self.call, self.layer)
+        if pass_ not in _PASS_INDEX:
+            raise ValueError(f"pass_ must be one of {_PASSES}, got {pass_!r}")
+        return CallLabel._trusted(pass_, self.call, self.layer)
 
     def describe(self) -> str:
         """Return the label as a message names the call."""
@@ -142,6 +157,12 @@ class CallLabel:
         if self.layer is None:
             return f"SyncBN {call}, {self.pass_} (functional API, no layer number)"
         return f"SyncBatchNorm layer {self.layer}, {call}, {self.pass_}"
+
+
+def _code_of(pass_: str, call: int | None, layer: int | None) -> int:
+    field = 0 if layer is None else (layer - 1) % _LAYER_MOD + 1
+    number = 0 if call is None else (call - 1) % _CALL_MOD
+    return (number << (_LAYER_BITS + 2)) | (field << 2) | _PASS_INDEX[pass_]
 
 
 _active: contextvars.ContextVar[CallLabel | None] = contextvars.ContextVar(
@@ -171,6 +192,8 @@ def next_call(comm: Any, pass_: Pass, *, layer: int | None = None) -> CallLabel:
             counts[pass_] = number = counts.get(pass_, 0) + 1
     except TypeError:
         return CallLabel(pass_, None, layer)
+    if layer is None:  # the count is a positive int: nothing to check
+        return CallLabel._trusted(pass_, number, None)
     return CallLabel(pass_, number, layer)
 
 
@@ -229,6 +252,15 @@ def signature_mismatch(
     verdict is exact integer arithmetic on them, the same on every rank.
     """
     mine = label.code
+    if (
+        op == "sum"
+        and len(reduced) == 2
+        and reduced[0] == size * mine
+        and reduced[1] == size * mine * mine
+    ):
+        # The common case, one exact digit: Σv = size·v and Σv² = size·v²
+        # give size·Σv² = (Σv)², so every rank's v is this rank's.
+        return None
     others: int | None = None
     if op == "max":
         high, low = int(reduced[0]), -int(reduced[1])
