@@ -39,6 +39,7 @@ from .comm import (
 )
 from .errors import CollectiveMismatchError, CommunicatorAbortedError, NoForwardError
 from .functional import (
+    NonFiniteWarning,
     PrecisionWarning,
     SavedForBackward,
     check_consistency,
@@ -55,6 +56,7 @@ __all__ = [
     "CommunicatorAbortedError",
     "MPICommunicator",
     "NoForwardError",
+    "NonFiniteWarning",
     "PrecisionWarning",
     "SavedForBackward",
     "SelfCommunicator",

@@ -5,15 +5,20 @@ This module owns the path of a training step (``DESIGN.md``, ``docs/numerics.md`
     x ─validate─> local moments ─pack─> allreduce ─unpack─> mean, var, N ─> y
 
 and its backward. It calls :mod:`arraysyncbn.kernels` for the math and the
-communicator exactly once per pass: one packed buffer for the statistics,
-one for the backward sums (plus, when asked, the small consistency check).
-Every decision that changes whether a rank communicates or raises after
-communication (N = 0, N = 1) is taken from reduced values, which are
-bitwise identical on every rank, so every rank takes the same branch.
+communicator once per pass in the steady state: one packed buffer for the
+statistics, one for the backward sums (plus, when asked, the small
+consistency check), each signed with its call (:mod:`arraysyncbn.comm.calls`)
+so that ranks in different calls fail alike. When the reduced values show
+that the one-pass merge lost precision, every rank merges a second time
+around the reduced mean. Every decision that changes whether a rank
+communicates or raises after communication (N = 0, N = 1, the second pass,
+a signature mismatch) is taken from reduced values, which are bitwise
+identical on every rank, so every rank takes the same branch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -29,10 +34,11 @@ import numpy as np
 
 from . import _fast, kernels
 from .comm.base import Communicator, as_communicator
-from .comm.calls import current_call, next_call
+from .comm.calls import CallLabel, current_call, next_call, signature_mismatch, signature_values
 from .errors import CollectiveMismatchError
 
 __all__ = [
+    "NonFiniteWarning",
     "PrecisionWarning",
     "SavedForBackward",
     "check_consistency",
@@ -74,6 +80,13 @@ class SavedForBackward:
     route : str
         ``"portable"`` (array API) or ``"host"`` (fused numba kernels), the
         route the forward ran and the backward will run.
+    center : per-channel array or None
+        The merge center for the next call, the same bits on every rank:
+        ``mean`` where it is finite, else the center this call used (None
+        when this call used none and merged nothing).
+    label : CallLabel or None
+        The forward's call (None when it communicated nothing); the backward
+        signs its collective with the same call number.
     """
 
     x: Array
@@ -89,6 +102,8 @@ class SavedForBackward:
     xp: Any
     kern: Any
     io: Any
+    center: Array | None = None
+    label: CallLabel | None = None
 
     @property
     def route(self) -> str:
@@ -307,6 +322,12 @@ class _Step:
     running_mean: Array | None
     running_var: Array | None
     loss: float
+    """The merge's worst relative variance error over the finite channels."""
+    center: Array
+    """The next merge center: the mean where finite, else the previous center."""
+    nonfinite: tuple[int, ...]
+    """Channels whose statistics are not finite (as stored); their running
+    statistics and center were kept."""
 
 
 class PortableKernels:
@@ -326,8 +347,9 @@ class PortableKernels:
         self.xp, self.axis, self.acc, self.sdev, self.sdt = xp, axis, acc, sdev, sdt
         self.device = device
 
-    def pack_statistics(self, x: Array, center: Array | None) -> Array:
-        """``[n, Σ(x − center), Σ(x − center)²]`` on the statistics device."""
+    def pack_statistics(self, x: Array, center: Array | None, tail: tuple[float, ...]) -> Array:
+        """``[n, Σ(x − center), Σ(x − center)², *tail]`` on the statistics device
+        (``tail``: the call's signature)."""
         xp = self.xp
         n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
         c = _to(c, xp, self.sdev, self.sdt)
@@ -339,7 +361,8 @@ class PortableKernels:
             xp=xp,
         )
         head = xp.asarray([float(n)], dtype=self.sdt, device=self.sdev)
-        return xp.concat([head, s1, s2])
+        end = xp.asarray(tail, dtype=self.sdt, device=self.sdev)
+        return xp.concat([head, s1, s2, end])
 
     def finalize(
         self,
@@ -356,30 +379,44 @@ class PortableKernels:
         and the merge's worst relative variance error, from the reduced buffer."""
         xp, c = self.xp, (buf.shape[0] - 1) // 2
         weight, bias, running_mean, running_var = params
-        rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], buf[1 + c :], xp=xp)
-        # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
-        # to var + eps (what invstd depends on).
-        ulp = float(xp.finfo(self.sdt).eps)
-        loss = float(xp.max(buf[1 + c :] / count * (4.0 * (size + 2) * ulp) / (var + eps)))
+        s2 = buf[1 + c :]
+        rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], s2, xp=xp)
         mean = rel if center is None else center + rel
+        ok = xp.isfinite(mean) & xp.isfinite(var)
+        # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
+        # to var + eps (what invstd depends on); the host kernel evaluates
+        # the same expression in the same order, so every route decides alike.
+        ulp = float(xp.finfo(self.sdt).eps)
+        ratio = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
+        loss = float(xp.max(xp.where(ok, ratio, 0.0)))
         invstd = kernels.invstd_of(var, eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device)
+        previous = xp.zeros_like(mean) if center is None else center
         new_mean, new_var = running_mean, running_var
         if momentum is not None and running_mean is not None and running_var is not None:
-            new_mean = _running_update(xp, running_mean, mean, momentum)
-            new_var = _running_update(xp, running_var, var * (count / (count - 1)), momentum)
-        return _Step(mean, var, invstd, f, new_mean, new_var, loss)
+            new_mean, new_var, ok = _guarded_running_update(
+                xp, running_mean, running_var, mean, var * (count / (count - 1)), momentum, ok
+            )
+        bad: tuple[int, ...] = ()
+        if not bool(xp.all(ok)):
+            bad = tuple(int(i) for i in _to_host_list(xp, ~ok))
+        return _Step(
+            mean, var, invstd, f, new_mean, new_var, loss, xp.where(ok, mean, previous), bad
+        )
 
     def normalize(self, x: Array, f: _Factors, out: Array | None) -> Array:
         y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, self.axis, xp=self.xp)
         return y if out is None else _write(out, y)
 
-    def pack_backward(self, dy: Array, x: Array, f: _Factors, invstd: Array) -> Array:
-        """``[Σdy, Σdy·x̂]`` per channel on the statistics device."""
+    def pack_backward(
+        self, dy: Array, x: Array, f: _Factors, invstd: Array, tail: tuple[float, ...]
+    ) -> Array:
+        """``[Σdy, Σdy·x̂, *tail]`` per channel on the statistics device."""
         xp = self.xp
         s, sx = kernels.backward_sums(dy, x, f.hi, f.lo, self.axis, xp=xp, acc=self.acc)
         s = _to(s, xp, self.sdev, self.sdt)
-        return xp.concat([s, _to(sx, xp, self.sdev, self.sdt) * invstd])
+        end = xp.asarray(tail, dtype=self.sdt, device=self.sdev)
+        return xp.concat([s, _to(sx, xp, self.sdev, self.sdt) * invstd, end])
 
     def backward_coefficients(
         self, buf: Array, count: int, invstd: Array, wdtype: Any
@@ -423,19 +460,43 @@ def _global_count(buf: Array, exact_float64: bool) -> int:
 
 
 class PrecisionWarning(RuntimeWarning):
-    """The one-pass merge of the statistics lost much of its precision.
+    """The statistics lost much of their precision even after a second pass.
 
-    Raised (as a warning, on every rank alike) when the data sits so many
-    standard deviations from the merge's center that float64 cancellation
-    cost about half of the output's significant digits. Pass ``center=``
-    (a previous reduced mean); ``SyncBatchNorm`` does so from its second step.
+    Given (as a warning, on every rank alike) when, after the second
+    statistics pass centered on the reduced mean, the merge's estimated
+    relative variance error still exceeds the square root of the work
+    dtype's epsilon: in practice only a merge in float32 (a library with no
+    float64 device) over very many ranks.
     """
 
 
-def _warn_tolerance(xp: Any, wdtype: Any) -> float:
-    """Relative variance error past which :class:`PrecisionWarning` is given:
-    the square root of the work dtype's epsilon (half its digits)."""
-    return math.sqrt(float(xp.finfo(wdtype).eps))
+class NonFiniteWarning(RuntimeWarning):
+    """Some channels' batch statistics are not finite (NaN or inf).
+
+    Given on every rank alike (the decision comes from reduced values) and
+    naming the channels: a NaN or inf in some rank's batch, or statistics
+    beyond the running statistics' dtype. Their running statistics, and the
+    merge center ``SyncBatchNorm`` keeps, keep their last finite values, so
+    the next finite batch is normalized correctly; this batch's output may
+    be non-finite in those channels.
+    """
+
+
+@functools.lru_cache(maxsize=64)
+def _tolerances(xp: Any, size: int, sdt: Any, wdtype: Any) -> tuple[float, float]:
+    """``(second_pass, warn)``: relative variance errors of the merge past
+    which every rank runs a second statistics pass, and past which it warns.
+
+    The float64 merge loses ``L0 = 4(size+2)·ulp`` even around the exact
+    mean, and ``L0·(1 + ((mean − K)/std)²)`` around a center K; a second
+    pass is run past ``max(16·L0, e_w)``: a center more than ~4 standard
+    deviations off for float64 work (so a layer's steady state, whose center
+    is its last mean, stays one pass), or a loss above one ulp of float32
+    work. The warning is for half the work precision, ``sqrt(e_w)``.
+    """
+    e_w = float(xp.finfo(wdtype).eps)
+    l0 = 4.0 * (size + 2) * float(xp.finfo(sdt).eps)
+    return max(16.0 * l0, e_w), math.sqrt(e_w)
 
 
 def _batch_statistics(
@@ -448,24 +509,28 @@ def _batch_statistics(
     exact_count: bool,
     center: Array | None,
     shape: tuple[int, ...],
+    label: CallLabel,
 ) -> tuple[int, Array]:
     """Return the global N and the reduced buffer ``[N, Σ(x − K), Σ(x − K)²]``.
 
-    Exactly one allreduce, with the center K every rank shares. ``io`` (host
+    Exactly one allreduce, with the center K every rank shares and the
+    call's signature appended (and checked, then dropped). ``io`` (host
     route) hands the buffer to the communicator as an array of the caller's
     library. The decisions on N are taken from the reduced buffer, which is
     the same on every rank.
     """
-    packed = kern.pack_statistics(x, center)
-    with current_call(next_call(comm, "forward")):  # named if the wait times out
-        if io is None:
-            buf = comm.allreduce(packed)
-        else:
-            buf = io.to_numpy(comm.allreduce(io.from_numpy(packed)))
-    if tuple(buf.shape) != (1 + 2 * channels,):
+    bits = 53 if exact_count else 24
+    # A world of one is always in step with itself: no signature to carry.
+    tail = signature_values(label, "sum", bits, comm.size) if comm.size > 1 else ()
+    buf = _allreduce_signed(kern.pack_statistics(x, center, tail), comm, io, label)
+    base = 1 + 2 * channels
+    if tuple(buf.shape) != (base + len(tail),):
         raise CollectiveMismatchError(
-            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({1 + 2 * channels},)"
+            f"the reduced buffer has shape {tuple(buf.shape)}, expected ({base + len(tail)},)"
         )
+    if tail:
+        _check_signature(buf, base, label, "sum", bits, comm)
+        buf = buf[:base]
     count = _global_count(buf, exact_count)
     if count == 1:
         raise ValueError(
@@ -475,37 +540,93 @@ def _batch_statistics(
     return count, buf
 
 
-def _warn_if_imprecise(loss: float, xp: Any, wdtype: Any) -> None:
+def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
+    """Sum ``packed`` across ranks under ``label`` (named if the wait times out)."""
+    with current_call(label):
+        if io is None:
+            return comm.allreduce(packed)
+        return io.to_numpy(comm.allreduce(io.from_numpy(packed)))
+
+
+def _tail(buf: Array, start: int) -> list[float]:
+    """``buf[start:]`` as Python floats (a handful of values)."""
+    if type(buf) is np.ndarray:
+        return buf[start:].tolist()  # type: ignore[no-any-return]
+    return [float(buf[i]) for i in range(start, buf.shape[0])]
+
+
+def _check_signature(
+    buf: Array, start: int, label: CallLabel, op: str, bits: int, comm: Communicator
+) -> None:
+    """Raise :class:`CollectiveMismatchError` on every rank unless every rank
+    was in ``label``'s call (decided from the reduced signature alone)."""
+    if type(buf) is np.ndarray and buf.shape[0] == start + 2 and op == "sum":
+        # The host route's steady state, one exact digit: Σv = size·v and
+        # Σv² = size·v² mean every rank's v is this rank's (Cauchy–Schwarz).
+        v, size = label.code, comm.size
+        if buf.item(start) == size * v and buf.item(start + 1) == size * v * v:
+            return
+    problem = signature_mismatch(label, op, _tail(buf, start), bits, comm.size, comm.rank)
+    if problem is not None:
+        raise CollectiveMismatchError(problem)
+
+
+def _warn_if_imprecise(loss: float, tolerance: float) -> None:
     """Warn (every rank alike: loss comes from reduced values) past the tolerance."""
-    if loss > _warn_tolerance(xp, wdtype):
+    if loss > tolerance:
         warnings.warn(
             f"SyncBN statistics may have lost precision (relative variance error up to "
-            f"{loss:.1e}): the data sits far from the merge's center in units of its "
-            "standard deviation; pass center= (e.g. a previous reduced mean) — "
-            "SyncBatchNorm does so from its second step",
+            f"{loss:.1e}) even after a second pass centered on the reduced mean",
             PrecisionWarning,
             stacklevel=3,
         )
 
 
-def _running_update(
-    xp: Any,
-    running: Array,
-    batch_value: Array,
-    momentum: float,
-) -> Array:
-    """Return ``(1 − m)·running + m·batch_value`` in running's dtype and device.
+def _warn_nonfinite(channels: tuple[int, ...]) -> None:
+    """Name the channels whose statistics were not finite (every rank alike)."""
+    shown = ", ".join(str(c) for c in channels[:20]) + (", ..." if len(channels) > 20 else "")
+    warnings.warn(
+        f"SyncBN batch statistics are not finite in {len(channels)} channel(s) [{shown}] "
+        "(NaN or inf in some rank's batch, or beyond the running statistics' dtype): "
+        "their running statistics and merge center keep their last finite values",
+        NonFiniteWarning,
+        stacklevel=3,
+    )
 
-    Computed in batch_value's (float64) dtype on its device, from values
-    every rank shares, so every rank gets the same bits.
+
+def _guarded_running_update(
+    xp: Any,
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    unbiased_var: Array,
+    momentum: float,
+    ok: Array,
+) -> tuple[Array, Array, Array]:
+    """Running statistics updated where ``ok`` and finite once stored.
+
+    Returns ``(new_mean, new_var, ok)`` with ``ok`` cleared for channels
+    whose update is not finite in the buffers' dtypes (a float64 1e39 is
+    finite, not in float32): those keep their old values.
     """
-    if type(running) is np.ndarray:
-        new = (1.0 - momentum) * running.astype(batch_value.dtype) + momentum * batch_value
-        return new.astype(running.dtype, copy=False)
-    sdev = array_api_compat.device(batch_value)
-    r = _to(running, xp, sdev, batch_value.dtype)
-    new = (1.0 - momentum) * r + momentum * batch_value
-    return _to(new, xp, array_api_compat.device(running), running.dtype)
+    sdev, sdt = array_api_compat.device(mean), mean.dtype
+    old_m, old_v = _to(running_mean, xp, sdev, sdt), _to(running_var, xp, sdev, sdt)
+    new_m = (1.0 - momentum) * old_m + momentum * mean
+    new_v = (1.0 - momentum) * old_v + momentum * unbiased_var
+    ok = ok & xp.isfinite(xp.astype(new_m, running_mean.dtype))
+    ok = ok & xp.isfinite(xp.astype(new_v, running_var.dtype))
+    new_m, new_v = xp.where(ok, new_m, old_m), xp.where(ok, new_v, old_v)
+    return (
+        _to(new_m, xp, array_api_compat.device(running_mean), running_mean.dtype),
+        _to(new_v, xp, array_api_compat.device(running_var), running_var.dtype),
+        ok,
+    )
+
+
+def _to_host_list(xp: Any, mask: Array) -> list[int]:
+    """Indices where the boolean vector ``mask`` is true, as Python ints."""
+    values = [bool(v) for v in (mask[i] for i in range(mask.shape[0]))]
+    return [i for i, v in enumerate(values) if v]
 
 
 def _numpy_args_valid(
@@ -579,6 +700,7 @@ def sync_batch_norm_forward(
     check: bool = False,
     center: Array | None = None,
     out: Array | None = None,
+    label: CallLabel | None = None,
 ) -> tuple[Array, Array | None, Array | None, SavedForBackward]:
     """Synchronized batch normalization of this rank's shard ``x``.
 
@@ -624,6 +746,13 @@ def sync_batch_norm_forward(
         Where to write y (same shape, dtype, library and device as x); a
         training loop that passes the same buffer each step saves the cost
         of a fresh x-sized allocation.
+    label : CallLabel or None
+        The call's signature (``SyncBatchNorm`` passes its layer number and
+        call number). None: the next call of the functional API on ``comm``
+        (:func:`arraysyncbn.comm.calls.next_call`), counted only when the
+        call communicates. Every collective of the call carries it, so
+        ranks in different calls raise :class:`CollectiveMismatchError` on
+        every rank, naming the calls, instead of mixing statistics.
 
     Returns
     -------
@@ -712,15 +841,19 @@ def sync_batch_norm_forward(
         )
         return _back(io, y), caller_params[2], caller_params[3], saved
 
+    if label is None:
+        label = next_call(communicator, "forward")
+    elif not isinstance(label, CallLabel):
+        raise TypeError(f"label must be a CallLabel or None, got {type(label).__name__}")
     if check:
         check_consistency(
             communicator, x, num_features=channels, axis=ax, eps=eps, momentum=momentum,
             affine=weight is not None or bias is not None,
-            track_running_stats=running_mean is not None,
+            track_running_stats=running_mean is not None, label=label.with_pass("check"),
         )  # fmt: skip
     count, buf = _batch_statistics(
         kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
-        center=center, shape=tuple(x.shape),
+        center=center, shape=tuple(x.shape), label=label,
     )  # fmt: skip
     if count == 0:
         zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
@@ -728,13 +861,34 @@ def sync_batch_norm_forward(
         invstd = kernels.invstd_of(var, eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
         new_mean, new_var = caller_params[2], caller_params[3]
+        next_center = center
     else:
         update = training and running_mean is not None
         m = None
         if update:
             m = 1.0 / (num_batches_tracked + 1) if momentum is None else float(momentum)
-        st = kern.finalize(buf, count, center, eps, params, m, communicator.size, wdtype)
-        _warn_if_imprecise(st.loss, xp, wdtype)
+        size = communicator.size
+        st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
+        second, warn = _tolerances(xp, size, sdt, wdtype)
+        if st.loss > second:
+            # Exact first, fast second: the reduced values (the same bits on
+            # every rank) show the one-pass merge cancelled, so every rank
+            # merges again around the reduced mean.
+            center = st.center
+            again, buf = _batch_statistics(
+                kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
+                center=center, shape=tuple(x.shape), label=label.with_pass("recenter"),
+            )  # fmt: skip
+            if again != count:
+                raise CollectiveMismatchError(
+                    f"the second statistics pass counted {again} elements per channel, "
+                    f"the first {count}: ranks passed different batches"
+                )
+            st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
+        _warn_if_imprecise(st.loss, warn)
+        if st.nonfinite:
+            _warn_nonfinite(st.nonfinite)
+        next_center = st.center
         mean, invstd, f = st.mean, st.invstd, st.factors
         new_mean, new_var = st.running_mean, st.running_var
         if update:
@@ -743,8 +897,9 @@ def sync_batch_norm_forward(
             new_mean, new_var = caller_params[2], caller_params[3]
     y = kern.normalize(xk, f, outk)
     saved = SavedForBackward(
-        xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io
-    )
+        xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io,
+        _back(io, next_center), label,
+    )  # fmt: skip
     return _back(io, y), new_mean, new_var, saved
 
 
@@ -805,23 +960,38 @@ def sync_batch_norm_backward(
     ):
         _validate_out(np, x, out)
     wdtype = kernels.work_dtype(xp, x.dtype)
-    packed = kern.pack_backward(dy, x, f, saved.invstd)
+    channels = x.shape[saved.axis]
+    communicates = saved.batch_stats and saved.count != 0 and saved.label is not None
+    signed = communicates and saved.comm.size > 1  # a world of one is always in step
+    if communicates:
+        label = saved.label.with_pass("backward")  # type: ignore[union-attr]
+    if signed:
+        bits = 53 if saved.invstd.dtype == xp.float64 else 24
+        # One padding value: as long as the forward's buffer, so that a rank
+        # in a forward and one in a backward fail on the signature, not on
+        # mismatched lengths (which MPI does not promise to detect).
+        tail = (0.0, *signature_values(label, "sum", bits, saved.comm.size))
+        packed = kern.pack_backward(dy, x, f, saved.invstd, tail)
+    else:
+        packed = kern.pack_backward(dy, x, f, saved.invstd, ())
     if not saved.batch_stats:
         dx = kern.backward_input(dy, x, f, None, None, out)
-    elif saved.count == 0:
+    elif not communicates:
         dx = xp.zeros_like(x) if out is None else _write(out, xp.zeros_like(x))
     else:
-        with current_call(next_call(saved.comm, "backward")):
-            if io is None:
-                buf = saved.comm.allreduce(packed)
-            else:
-                buf = io.to_numpy(saved.comm.allreduce(io.from_numpy(packed)))
+        buf = _allreduce_signed(packed, saved.comm, io, label)
+        if tuple(buf.shape) != tuple(packed.shape):
+            raise CollectiveMismatchError(
+                f"the reduced buffer has shape {tuple(buf.shape)}, expected {tuple(packed.shape)}"
+            )
+        if signed:
+            _check_signature(buf, 2 * channels + 1, label, "sum", bits, saved.comm)
+            buf = buf[: 2 * channels]
         mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
-    channels = x.shape[saved.axis]
     dweight = dbias = None
     if saved.weight is not None:
-        dweight = _to(packed[channels:], xp, kern.device, saved.weight.dtype)
+        dweight = _to(packed[channels : 2 * channels], xp, kern.device, saved.weight.dtype)
     if saved.bias is not None:
         dbias = _to(packed[:channels], xp, kern.device, saved.bias.dtype)
     return _back(io, dx), _back(io, dweight), _back(io, dbias)
@@ -900,6 +1070,7 @@ def check_consistency(
     momentum: float | None = 0.1,
     affine: bool = True,
     track_running_stats: bool = True,
+    label: CallLabel | None = None,
 ) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
@@ -913,7 +1084,10 @@ def check_consistency(
     statistics) or, for ``track_running_stats``, take different collectives
     in eval mode. Call it with arguments that passed validation, on every
     rank, at the same point of the program. The defaults of the keyword
-    arguments are :class:`~arraysyncbn.SyncBatchNorm`'s.
+    arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label`` signs the
+    collective (None: the next ``check`` call of the functional API on
+    ``comm``); ranks in different calls are reported as such first, since
+    their other values need not agree.
     """
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
@@ -937,11 +1111,19 @@ def check_consistency(
     values = [v for f in fields for v in f.values]
     # On the statistics device in its dtype, like the statistics buffer, so
     # ranks whose x sits on different kinds of device still pass the same MPI type.
-    buf = xp.asarray(values + [-v for v in values], dtype=sdt, device=sdev)
-    with current_call(next_call(communicator, "check")):
+    if label is None:
+        label = next_call(communicator, "check")
+    tail = signature_values(label, "max", 24, communicator.size)  # exact in float32 too
+    buf = xp.asarray(values + [-v for v in values] + list(tail), dtype=sdt, device=sdev)
+    with current_call(label):
         reduced = communicator.allreduce(buf, "max")
+    if tuple(reduced.shape) != tuple(buf.shape):
+        raise CollectiveMismatchError(
+            f"the reduced check has shape {tuple(reduced.shape)}, expected {tuple(buf.shape)}"
+        )
+    _check_signature(reduced, 2 * len(values), label, "max", 24, communicator)
     high = [float(v) for v in reduced[: len(values)]]
-    low = [-float(v) for v in reduced[len(values) :]]
+    low = [-float(v) for v in reduced[len(values) : 2 * len(values)]]
     problems = []
     start = 0
     for f in fields:

@@ -104,7 +104,9 @@ def local_moments(
         The shift: this rank's mean, rounded (any value would be exact;
         the mean keeps the sums small so that no cancellation happens).
     a, b : arrays of shape ``(C,)`` and dtype ``acc``
-        ``Σ(x − c)`` and ``Σ(x − c)²`` per channel. :func:`moment_sums`
+        ``Σ(x − c)`` and ``Σ(x − c)²`` per channel, each ``x − c`` rounded
+        to the work dtype and then squared in ``acc`` (so float32 input on a
+        float64 device overflows only where float64 would). :func:`moment_sums`
         turns them into ``Σx`` and ``Σx²`` in float64 for the merge.
     """
     n = _count(x, axis)
@@ -114,7 +116,9 @@ def local_moments(
     c = xp.astype(s1 / max(n, 1), xw.dtype)
     if n == 0:
         return n, c, s1, xp.zeros_like(s1)
-    d = xw - channel_view(c, x.ndim, axis, xp=xp)
+    # Square in the accumulation dtype: float32 squares overflow from
+    # |x − c| ≈ 1.8e19 on, long before float64 sums would.
+    d = xp.astype(xw - channel_view(c, x.ndim, axis, xp=xp), acc, copy=False)
     return n, c, xp.sum(d, axis=axes, dtype=acc), xp.sum(d * d, axis=axes, dtype=acc)
 
 
@@ -210,7 +214,10 @@ def backward_sums(
     axes = reduction_axes(x.ndim, axis)
     dyw = xp.astype(dy, work_dtype(xp, x.dtype), copy=False)
     sum_dy = xp.sum(dyw, axis=axes, dtype=acc)
-    sum_dy_xc = xp.sum(dyw * centered(x, hi, lo, axis, xp=xp), axis=axes, dtype=acc)
+    # The product in the accumulation dtype, as the host kernels form it:
+    # in float32 it overflows where |dy|·|x − mean| passes 3.4e38.
+    xc = xp.astype(centered(x, hi, lo, axis, xp=xp), acc, copy=False)
+    sum_dy_xc = xp.sum(xp.astype(dyw, acc, copy=False) * xc, axis=axes, dtype=acc)
     return sum_dy, sum_dy_xc
 
 

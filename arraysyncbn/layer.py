@@ -15,6 +15,7 @@ import array_api_compat
 
 from . import functional as F
 from .comm.base import Communicator, as_communicator
+from .comm.calls import CallLabel, next_layer
 from .errors import NoForwardError
 
 __all__ = ["SyncBatchNorm"]
@@ -214,10 +215,18 @@ class SyncBatchNorm:
         # Read once: whether to communicate for a check must not change
         # mid-run on one rank (the first check verifies all ranks agree).
         self._check_every_call = F.check_every_call()
-        # The last reduced batch mean, the same bits on every rank of the
-        # communicator it came from: the next merge's center.
+        # The last reduced batch mean (per channel, the last finite one), the
+        # same bits on every rank of the communicator it came from: the next
+        # merge's center.
         self._center: Array | None = None
         self._center_comm: Any = None
+        # The layer's number on its communicator, taken at its first
+        # communicating call (not here: a layer built on one rank only must
+        # not shift the others' numbers), and its batch-statistics calls so
+        # far: the signature of every collective it makes.
+        self._layer: int | None = None
+        self._layer_comm: Any = None
+        self._calls = 0
         if xp is not None:
             xp = array_api_compat.array_namespace(xp.zeros(0))
             self._materialize(xp, device, _resolve_dtype(xp, "float32" if dtype is None else dtype))
@@ -373,6 +382,13 @@ class SyncBatchNorm:
             self._materialize_like(x)
         batch_stats = self._uses_batch_stats()
         check = batch_stats and (not self._checked or self._check_every_call)
+        label = None
+        if batch_stats:
+            if self._layer_comm is not self.comm:
+                self._layer, self._layer_comm, self._calls = next_layer(self.comm), self.comm, 0
+            self._calls += 1
+            # positive ints (or None): no need for the constructor's checks
+            label = CallLabel._trusted("forward", self._calls, self._layer)
         y, new_mean, new_var, saved = F.sync_batch_norm_forward(
             x,
             self.weight,
@@ -387,6 +403,7 @@ class SyncBatchNorm:
             num_batches_tracked=self.num_batches_tracked,
             check=check,
             center=self._center if self._center_comm is self.comm else None,
+            label=label,
         )
         if check:
             self._checked = True
@@ -394,7 +411,9 @@ class SyncBatchNorm:
             self.running_mean, self.running_var = new_mean, new_var
             self.num_batches_tracked += 1
         if saved.count:
-            self._center, self._center_comm = saved.mean, self.comm
+            # Not saved.mean: where a batch was not finite the center keeps
+            # its last finite value, or one NaN would poison every later merge.
+            self._center, self._center_comm = saved.center, self.comm
         self._saved = saved
         return y
 

@@ -98,9 +98,11 @@ def check_functional(
     """
     c = convert(backend, batch)
     with warnings.catch_warnings():
-        # Drawn data may sit 1e8 standard deviations from zero; the bounds
-        # account for the merge's loss, which this warning reports.
-        warnings.simplefilter("ignore", sbn.PrecisionWarning)
+        # Drawn data may sit 1e8 standard deviations from zero: the second
+        # statistics pass must make that exact, with no PrecisionWarning left;
+        # and finite data never gives a NonFiniteWarning.
+        warnings.simplefilter("error", sbn.PrecisionWarning)
+        warnings.simplefilter("error", sbn.NonFiniteWarning)
         results = (runner or run_functional)(batch, c, training=training)
     ref = reference_forward(
         [to_numpy(x) for x in c.xs],

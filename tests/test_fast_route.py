@@ -54,7 +54,7 @@ def test_host_and_portable_routes_agree_within_the_reference_bounds(batch) -> No
 
     args = (x, dy, p(batch.weight), p(batch.bias), p(batch.running_mean), p(batch.running_var))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", sbn.PrecisionWarning)
+        warnings.simplefilter("error", sbn.PrecisionWarning)  # second pass: exact
         with routed(HOST):
             fast = _step(*args, axis=batch.axis, eps=batch.eps, momentum=batch.momentum)
         with routed(PORTABLE):

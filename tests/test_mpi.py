@@ -143,6 +143,24 @@ def test_mismatch_on_a_later_call_with_check_every_call() -> None:
     assert_every_rank_ok(job, 3, "mismatch_later")
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exact_first_step_and_a_nan_batch(k: int) -> None:
+    """Two statistics allreduces on the first step far from zero, one after;
+    a NaN on the last rank warns on every rank and poisons nothing."""
+    assert_every_rank_ok(mpirun(k, script("cases.py"), "exact"), k, "exact")
+
+
+@pytest.mark.parametrize("what", ["swapped", "skipped", "ahead", "eval_alone"])
+def test_calls_out_of_step_raise_on_every_rank_naming_the_calls(what: str) -> None:
+    """Swapped layers, a skipped backward, a rank one forward ahead: the
+    signature in the buffer makes every rank raise, naming its call (and the
+    other's); one rank's eval forwards and evaluation copy change nothing."""
+    job = mpirun(2, script("cases.py"), "signature", what, timeout=60)
+    assert_every_rank_ok(job, 2, f"signature[{what}]")
+    if what != "eval_alone":
+        assert job.stdout.count("mismatch seen: ranks are in different SyncBN calls") == 2
+
+
 def _raise_time(job: Job) -> float:
     stamps = re.findall(r"raising at ([0-9.]+)", job.stdout)
     assert len(stamps) == 1, str(job)
@@ -186,7 +204,7 @@ def test_a_skipped_call_aborts_the_job_naming_the_call(k: int, skipped: str) -> 
     lines = [line for line in job.stderr.splitlines() if line.startswith("arraysyncbn: rank ")]
     assert lines, str(job)
     for line in lines:  # every waiting rank that got to say it names the same call
-        assert f"SyncBN call 3, {skipped}" in line, line
+        assert f"SyncBatchNorm layer 1, call 3, {skipped}" in line, line
         assert "aborting the MPI job" in line and "ARRAYSYNCBN_TIMEOUT" in line, line
         waited = float(re.search(r"waited ([0-9.]+) s", line).group(1))  # type: ignore[union-attr]
         assert 2.0 <= waited < 6.0, line

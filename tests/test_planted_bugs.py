@@ -182,3 +182,19 @@ def test_property_finds_planted_bug_in_host_route(bug: str, monkeypatch) -> None
 
     with routed(backend), pytest.raises(AssertionError):
         prop()
+
+
+def test_property_finds_a_missing_second_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One merge around zero, never a second pass and never a warning: the
+    bounds (which assume arraysyncbn's second pass) must catch it."""
+    from arraysyncbn import functional
+
+    monkeypatch.setattr(functional, "_tolerances", lambda *a: (np.inf, np.inf))
+
+    @HUNT
+    @given(batch=sharded_batches(dtypes=st.just("float64")))
+    def prop(batch) -> None:
+        check_functional(NUMPY_HOST, batch)
+
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        prop()

@@ -139,13 +139,23 @@ def test_functional_labels_each_collective() -> None:
     for _ in range(2):
         bn.backward(bn(x))
     assert comm.labels == [
-        CallLabel("check", 1),
+        CallLabel("check", 1, layer=1),
+        CallLabel("forward", 1, layer=1),
+        CallLabel("backward", 1, layer=1),
+        CallLabel("forward", 2, layer=1),
+        CallLabel("backward", 2, layer=1),
+    ]
+    assert active_call() is None
+    comm.labels.clear()  # the functional API: counted per communicator, no layer
+    for _ in range(2):
+        *_, saved = sbn.sync_batch_norm_forward(x, None, None, None, None, axis=1, comm=comm)
+        sbn.sync_batch_norm_backward(x, saved)
+    assert comm.labels == [
         CallLabel("forward", 1),
         CallLabel("backward", 1),
         CallLabel("forward", 2),
         CallLabel("backward", 2),
     ]
-    assert active_call() is None
 
 
 # -- the poll -----------------------------------------------------------------------------
@@ -222,7 +232,7 @@ def test_thread_group_timeout_names_the_call(skipped: str) -> None:
     error = results[0]
     assert isinstance(error, sbn.CommunicatorAbortedError)
     message = str(error)
-    assert f"rank 0 waited 0.3 s in SyncBN call 3, {skipped}" in message, message
+    assert f"rank 0 waited 0.3 s in SyncBatchNorm layer 1, call 3, {skipped}" in message, message
     assert "ARRAYSYNCBN_TIMEOUT" in message and "thread_group(timeout=)" in message
 
 

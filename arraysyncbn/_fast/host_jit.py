@@ -321,18 +321,26 @@ def finalize_forward(
     new_rm,
     new_rv,
 ):  # pragma: no cover - compiled
-    """Mean, biased var, invstd (rows of ``stats``), the work-dtype factors and the
-    running statistics (``momentum`` < 0: no update) from the reduced buffer.
+    """Statistics, factors and running statistics from the reduced buffer.
 
-    Returns the merge's worst relative variance error (as the portable route's
-    ``PortableKernels.finalize`` estimates it). Branch-free loops, so that
-    they vectorize: with thousands of channels this is not negligible.
+    Rows of ``stats``: mean, biased var, invstd, the next merge center (the
+    mean where it is finite, else ``center``) and a non-finite flag (1.0 for
+    a channel whose mean or var is not finite, or whose running statistics
+    would not be finite once stored in their dtype; those keep their
+    running statistics). The work-dtype factors go to hi, lo, scale, shift;
+    the running statistics (``momentum`` < 0: no update) to new_rm, new_rv.
+
+    Returns ``(loss, bad)``: the merge's worst relative variance error over
+    the finite channels (as ``PortableKernels.finalize`` computes it, bit
+    for bit, so every route takes the same branch) and the number of
+    flagged channels. Simple loops, so that they vectorize: with thousands
+    of channels this is not negligible.
     """
     c_count = hi.shape[0]
     ulp = 2.220446049250313e-16
     s1 = buf[1 : 1 + c_count]
-    s2 = buf[1 + c_count :]
-    mean, var, inv = stats[0], stats[1], stats[2]
+    s2 = buf[1 + c_count : 1 + 2 * c_count]
+    mean, var, inv, nxt, flag = stats[0], stats[1], stats[2], stats[3], stats[4]
     # One simple loop per quantity: LLVM vectorizes these, not their fusion.
     for c in range(c_count):
         rel = s1[c] / count
@@ -340,12 +348,16 @@ def finalize_forward(
         mean[c] = center[c] + rel
     for c in range(c_count):
         inv[c] = 1.0 / np.sqrt(var[c] + eps)
-    loss = 0.0
-    factor = 4.0 * (size + 2) * ulp / count
+    bad = 0
     for c in range(c_count):
-        # s2/(var + eps) as s2·invstd² (no division in the reduction)
-        e = s2[c] * factor * (inv[c] * inv[c])
-        if e > loss:  # NaN never counts: non-finite channels are judged elsewhere
+        ok = np.isfinite(mean[c]) and np.isfinite(var[c])
+        flag[c] = 0.0 if ok else 1.0
+        nxt[c] = mean[c] if ok else center[c]
+    loss = 0.0
+    factor = 4.0 * (size + 2) * ulp
+    for c in range(c_count):
+        e = s2[c] / count * factor / (var[c] + eps)
+        if flag[c] == 0.0 and e > loss:
             loss = e
     # Stores cast to each array's dtype (the work dtype, the running
     # statistics' dtype) with round-to-nearest, like the portable astype.
@@ -360,7 +372,18 @@ def finalize_forward(
         for c in range(c_count):
             new_rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
             new_rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (var[c] * bessel)
-    return loss
+        # Judged as stored: a float64 1e39 is finite, not once in float32.
+        for c in range(c_count):
+            if not (np.isfinite(new_rm[c]) and np.isfinite(new_rv[c])):
+                flag[c] = 1.0
+        for c in range(c_count):
+            if flag[c] != 0.0:
+                new_rm[c] = rm[c]
+                new_rv[c] = rv[c]
+    for c in range(c_count):
+        if flag[c] != 0.0:
+            bad += 1
+    return loss, bad
 
 
 @numba.njit(**_OPTS)

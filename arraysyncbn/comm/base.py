@@ -71,7 +71,7 @@ class SelfCommunicator:
 def as_communicator(comm: Any) -> Communicator:
     """Return ``comm``, or the world of one for None; reject anything else."""
     if comm is None:
-        return SelfCommunicator()
+        return _WORLD_OF_ONE
     if not isinstance(comm, Communicator):
         raise TypeError(
             "comm must provide rank, size and allreduce(buf, op) "
@@ -79,3 +79,8 @@ def as_communicator(comm: Any) -> Communicator:
             "wrap an mpi4py communicator with arraysyncbn.MPICommunicator"
         )
     return comm
+
+
+_WORLD_OF_ONE = SelfCommunicator()
+"""The one world of one (stateless): a fresh one per call would cost the
+per-communicator call count a weak reference made and dropped every call."""

@@ -43,6 +43,7 @@ from .assertions import (
     channel_bound,
     dtype_eps,
     forward_bounds,
+    second_pass_tolerance,
 )
 from .reference import (
     ReferenceBackward,
@@ -65,5 +66,6 @@ __all__ = [
     "forward_bounds",
     "reference_backward",
     "reference_forward",
+    "second_pass_tolerance",
     "to_numpy",
 ]

@@ -24,7 +24,16 @@ the statistics carry at most
   float64 merge around the center K shared by every rank cancels as
   ``(μ − K)²`` (the E[x²]−E[x]² hazard, one precision up: negligible until
   |μ − K|/σ nears 1e3–1e6 depending on the output dtype); the per-rank sums
-  are shifted, so float32 accumulation costs only ``D²``,
+  are shifted, so float32 accumulation costs only ``D²``.
+
+Those are one merge's ``Δμ(|μ − K|)`` and ``Δv(|μ − K|)``. arraysyncbn merges
+a second time, around the first merge's mean, whenever the first lost more
+than ``τ = max(16·L0, e_w)`` with ``L0 = 4·(ranks + 2)·e_mrg``
+(:func:`second_pass_tolerance`); a kept first merge had its center within
+``sqrt(2τ/L0)·σ`` of the mean. Its statistics therefore carry at most
+``max(Δ(min(|μ − K|, sqrt(2τ/L0)·σ)), Δ(Δμ(|μ − K|)))`` for both Δμ and Δv,
+however far the data sits from K (``second_pass=False`` keeps the one-merge
+bound, for implementations that merge once),
 
 so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
 1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
@@ -36,17 +45,21 @@ by ``Δx̂ = (A + Δμ)·Δi + Δμ·i⁺`` and is at most ``X = r + Δx̂``. Wi
 
 * ``|Δy| ≤ 2·[W·Δx̂ + (4·e_w + e_out)·(W·X + B)] + floor``,
 * ``|Δdx| ≤ 2·W·[Δi·G·(2 + X²) + i⁺·G·(2·X·Δx̂ + (8·e_w + e_out)·(2 + X²))] + floor``,
-* ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X``,
+* ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X + floor``,
   ``|Δdbias| ≤ 2·n·G·e_acc·n + e_p·n·G``,
 * ``|Δrunning_mean| ≤ m·Δμ + 4·e_p·|ref|``,
   ``|Δrunning_var| ≤ m·Δv·n/(n−1) + 4·e_p·|ref|``,
 
 where ``floor`` is a few subnormal spacings of the output dtype, plus one of
 the work dtype times ``1 + A + W·i⁺`` (y) or ``1 + G·(2 + X²) + W·i⁺²·G·X``
-(dx): a per-channel factor such as ``weight·invstd``, or a centered value,
-that underflowed before being scaled up. The factor 2 covers the constants this analysis
-drops; the ``n`` terms assume no better than naive summation. Every bound
-is per channel, so one badly conditioned channel does not loosen the others.
+(dx) or ``n·G·i⁺`` (dweight): a per-channel factor such as
+``weight·invstd``, or a centered value, that underflowed before being
+scaled up (the centered value ``(x − hi) − lo`` is a work-dtype number, so
+with subnormal data it errs by up to one subnormal spacing of the work
+dtype: inherent in centering in the work dtype, not a kernel bug). The
+factor 2 covers the constants this analysis drops; the ``n`` terms assume
+no better than naive summation. Every bound is per channel, so one badly
+conditioned channel does not loosen the others.
 
 Each bound is far below what a wrong formula produces: a variance divided
 by the local instead of the global count, E[x²]−E[x]² in float32 on float64
@@ -72,6 +85,7 @@ __all__ = [
     "channel_bound",
     "dtype_eps",
     "forward_bounds",
+    "second_pass_tolerance",
 ]
 
 _EPS = {
@@ -169,21 +183,61 @@ def _param_abs(a: Any, default: float, channels: int) -> np.ndarray:
     return np.full(channels, default) if a is None else np.abs(to_numpy(a).astype(np.float64))
 
 
+def second_pass_tolerance(ranks: int, merge_eps: float, work_eps: float) -> float:
+    """The relative variance error past which arraysyncbn merges a second time.
+
+    The one-pass merge around a center K loses about
+    ``L0·(1 + ((μ − K)/σ)²)`` of the variance, ``L0 = 4·(ranks + 2)·e_mrg``;
+    when that estimate (from the reduced values) exceeds
+    ``max(16·L0, e_w)``, every rank runs a second statistics pass centered
+    on the reduced mean (``docs/numerics.md``).
+    """
+    return max(16.0 * 4.0 * (ranks + 2) * merge_eps, work_eps)
+
+
+def _merge_budget(
+    ref: ReferenceForward, e_w: float, e_acc: float, e_mrg: float, a: Any, off: Any
+) -> tuple[Any, Any]:
+    """``(Δμ, Δv)`` of one merge around a center ``off`` away from the mean."""
+    mu = np.abs(ref.mean)
+    n = ref.count
+    d = 2 * a + (e_acc * n + e_w) * (mu + a)
+    d_mean = (e_w + e_acc * (n + 2)) * d + e_mrg * (n + 2) * (off + a) + e_mrg * mu
+    d_var = 2 * e_mrg * (n + 4) * (off * off + a * a) + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
+    return d_mean, d_var
+
+
 def _stat_errors(
-    ref: ReferenceForward, e_w: float, e_acc: float, e_mrg: float, center: Any
+    ref: ReferenceForward,
+    e_w: float,
+    e_acc: float,
+    e_mrg: float,
+    center: Any,
+    ranks: int | None = None,
 ) -> _StatErrors:
+    """The statistics' error budget. ``ranks`` None: one merge around
+    ``center``; else arraysyncbn's contract, a second merge around the
+    first's mean whenever the first lost more than :func:`second_pass_tolerance`."""
     channels = ref.mean.shape[0]
     a = _per_channel_max(ref.xhats, ref.axis, channels) / ref.invstd
-    mu = np.abs(ref.mean)
     off = np.abs(ref.mean - (0.0 if center is None else to_numpy(center).astype(np.float64)))
     sigma2 = 1.0 / ref.invstd**2
-    if ref.batch_stats:
-        n = ref.count
-        d = 2 * a + (e_acc * n + e_w) * (mu + a)
-        d_mean = (e_w + e_acc * (n + 2)) * d + e_mrg * (n + 2) * (off + a) + e_mrg * mu
-        d_var = 2 * e_mrg * (n + 4) * (off * off + a * a) + (2 * e_acc * (n + 4) + 4 * e_w) * d * d
-    else:
+    if not ref.batch_stats:
         d_mean = d_var = np.zeros(channels)
+    elif ranks is None:
+        d_mean, d_var = _merge_budget(ref, e_w, e_acc, e_mrg, a, off)
+    else:
+        # The first merge is kept only when L0·(var + (μ − K)²) ≤ τ·σ², so its
+        # center is then within sqrt(τ/L0)·σ of the mean (2 for rounding);
+        # otherwise the second merge's center is the first's mean, off by
+        # at most the first's Δμ.
+        l0 = 4.0 * (ranks + 2) * e_mrg
+        tau = second_pass_tolerance(ranks, e_mrg, e_w)
+        kept = np.minimum(off, np.sqrt(2.0 * tau / l0 * sigma2))
+        m1, v1 = _merge_budget(ref, e_w, e_acc, e_mrg, a, kept)
+        first, _ = _merge_budget(ref, e_w, e_acc, e_mrg, a, off)
+        m2, v2 = _merge_budget(ref, e_w, e_acc, e_mrg, a, first)
+        d_mean, d_var = np.maximum(m1, m2), np.maximum(v1, v2)
     eps = sigma2 - ref.var
     hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
     lo = 1.0 / np.sqrt(ref.var + d_var + eps)
@@ -205,6 +259,7 @@ def forward_bounds(
     accumulation_eps: float = _EPS["float64"],
     merge_eps: float = _EPS["float64"],
     center: Any = None,
+    second_pass: bool = True,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
@@ -212,8 +267,12 @@ def forward_bounds(
     running statistics (default: the work dtype); ``accumulation_eps`` is
     2**-23 for devices without float64, ``merge_eps`` 2**-23 for libraries
     without any float64 device; ``center`` the merge center the
-    implementation used (None: zero). ``bound.y`` has shape ``(C,)``: pass
-    ``axis=`` to :func:`assert_close_to_reference` (or use
+    implementation used first (None: zero). ``second_pass`` (default)
+    bounds arraysyncbn's contract: a second merge around the first's mean
+    whenever the first lost more than :func:`second_pass_tolerance` (the
+    number of ranks is ``len(ref.ys)``); False bounds a single merge around
+    ``center``, for implementations that merge once. ``bound.y`` has shape
+    ``(C,)``: pass ``axis=`` to :func:`assert_close_to_reference` (or use
     :func:`channel_bound`) to compare it with y.
     """
     e_out = dtype_eps(dtype)
@@ -221,7 +280,8 @@ def forward_bounds(
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
     channels = ref.mean.shape[0]
     w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
-    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center)
+    ranks = len(ref.ys) if second_pass else None
+    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks)
     floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi)
     y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
@@ -248,8 +308,10 @@ def backward_bounds(
     accumulation_eps: float = _EPS["float64"],
     merge_eps: float = _EPS["float64"],
     center: Any = None,
+    second_pass: bool = True,
 ) -> BackwardBounds:
-    """Per-channel bounds on the backward's error against ``grads`` (module docstring)."""
+    """Per-channel bounds on the backward's error against ``grads`` (module
+    docstring); ``center`` and ``second_pass`` as for :func:`forward_bounds`."""
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
@@ -257,7 +319,7 @@ def backward_bounds(
     channels = ref.mean.shape[0]
     w = _param_abs(weight, 1.0, channels)
     g = _per_channel_max([to_numpy(d).astype(np.float64) for d in dys], ref.axis, channels)
-    st = _stat_errors(ref, e_w, e_acc, merge_eps, center)
+    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, len(ref.ys) if second_pass else None)
     x = st.xhat_max
     floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x)
     dx = (
@@ -271,7 +333,15 @@ def backward_bounds(
     )
     n = max(ref.count, 1)
     tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
-    dweight = 2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x) + e_p * n * g * x + tiny_p
+    # Each centered value is a work-dtype number, so below the normal range
+    # it carries up to one subnormal spacing of the work dtype; Σdy·x̂ scales
+    # that by n·G·i⁺ (y and dx have the same term in their floors).
+    dweight = (
+        2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x)
+        + e_p * n * g * x
+        + tiny_p
+        + _floor(dtype, e_w, n * g * st.invstd_hi)
+    )
     dbias = 2 * n * g * e_acc * n + e_p * n * g + tiny_p
     return BackwardBounds(dx, dweight, dbias)
 

@@ -16,6 +16,14 @@ raise_cli           the same, in a plain ``python`` run under ``cli.run_aborting
 skip PASS           the last rank skips step 3's ``forward`` (it is in eval mode)
                     or ``backward`` and stays away: the others must abort the job
                     when ARRAYSYNCBN_TIMEOUT expires
+exact               a first step 1e8 standard deviations from zero is exact (a
+                    second statistics allreduce on every rank, one in the steady
+                    state); a NaN on the last rank warns on every rank, keeps the
+                    running statistics of its channel, and the next batch is right
+signature WHAT      ranks in different calls (``swapped`` layers, a ``skipped``
+                    backward, one rank ``ahead`` by a forward) raise on every rank,
+                    naming the call each was in; ``eval_alone``: one rank's eval
+                    forwards and evaluation copy do not desynchronize the others
 straggler           the last rank is 0.3 s late to every call: waits longer than a
                     spin, shorter than the timeout, must complete normally
 transfer EXPECTED   ``cuda_aware`` is EXPECTED (0, 1 or auto: detected), CUDA
@@ -176,6 +184,104 @@ def case_mismatch_later(comm: sbn.MPICommunicator) -> None:
     say_ok("mismatch_later")
 
 
+class _Counting:
+    """The communicator, counting its allreduces."""
+
+    def __init__(self, inner: sbn.MPICommunicator) -> None:
+        self.inner, self.rank, self.size, self.calls = inner, inner.rank, inner.size, 0
+
+    def allreduce(self, buf, op="sum"):
+        self.calls += 1
+        return self.inner.allreduce(buf, op)
+
+
+def case_exact(comm: sbn.MPICommunicator) -> None:
+    import warnings
+
+    counting = _Counting(comm)
+    rng = np.random.default_rng(comm.rank)
+    x = np.stack([1e8 + rng.standard_normal(6), rng.standard_normal(6)], 1)
+    bn = sbn.SyncBatchNorm(2, comm=counting, dtype="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y1 = bn(x)
+        first = counting.calls
+        bn(x)
+    assert (first, counting.calls) == (3, 4), (first, counting.calls)  # check + 2, then 1
+    shards = comm.comm.allgather(x)
+    ref = reference_forward(shards)
+    bound = forward_bounds(ref, "float64")
+    assert_close_to_reference(y1, ref.ys[comm.rank], bound.y, axis=1, name="first step")
+    bad = x.copy()
+    if comm.rank == comm.size - 1:
+        bad[2, 1] = np.nan
+    before = to_numpy(bn.running_var).copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn(bad)
+    assert any(w.category is sbn.NonFiniteWarning and "[1]" in str(w.message) for w in caught)
+    assert to_numpy(bn.running_var)[1] == before[1] and to_numpy(bn.running_var)[0] != before[0]
+    y3 = bn(x)
+    assert_close_to_reference(y3, ref.ys[comm.rank], bound.y, axis=1, name="after the NaN")
+    states = comm.comm.allgather(to_numpy(bn.running_var).tobytes())
+    assert all(s == states[0] for s in states), "running statistics differ between ranks"
+    say_ok("exact")
+
+
+def _signature_steps(comm: sbn.MPICommunicator, what: str) -> None:
+    x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
+    odd = comm.rank == comm.size - 1
+    a, b = sbn.SyncBatchNorm(3, comm=comm), sbn.SyncBatchNorm(3, comm=comm)
+    if what == "swapped":
+        a(x), b(x)  # step 1 numbers A = 1, B = 2 on every rank
+        for layer in (b, a) if odd else (a, b):
+            layer(x)
+    elif what == "skipped":
+        y = a(x)
+        if not odd:
+            a.backward(y)
+        a(x)
+    elif what == "ahead":
+        if odd:
+            a(x)
+        a.backward(a(x))
+
+
+def case_signature(comm: sbn.MPICommunicator, what: str) -> None:
+    if what == "eval_alone":
+        x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
+        if comm.rank == 0:
+            sbn.SyncBatchNorm(3, comm=comm).eval()(x)  # an evaluation copy on rank 0 only
+        bn = sbn.SyncBatchNorm(3, comm=comm, dtype="float64")
+        for _ in range(3):
+            bn.backward(bn(x))
+            if comm.rank == 0:
+                bn.eval()(x)
+                bn.train()
+        states = comm.comm.allgather(to_numpy(bn.running_var).tobytes())
+        assert all(s == states[0] for s in states)
+        say_ok("signature[eval_alone]")
+        return
+    expected = {
+        "swapped": ("layer 2, call 2, forward", "layer 1, call 2, forward"),
+        "skipped": ("layer 1, call 1, backward", "layer 1, call 2, forward"),
+        "ahead": ("layer 1, call 1, backward", "layer 1, call 2, forward"),
+    }[what]
+    odd = comm.rank == comm.size - 1
+    mine, theirs = expected if (odd == (what == "swapped")) else expected[::-1]
+    try:
+        _signature_steps(comm, what)
+    except sbn.CollectiveMismatchError as exc:
+        message = str(exc)
+        assert f"rank {comm.rank} is in SyncBatchNorm {mine}" in message, message
+        if comm.size == 2:
+            assert f"the other rank is in SyncBatchNorm {theirs}" in message, message
+        say(f"mismatch seen: {message}")
+    else:
+        raise AssertionError(f"rank {comm.rank}: no CollectiveMismatchError")
+    say_ok(f"signature[{what}]")
+
+
 def case_raise(comm: sbn.MPICommunicator) -> None:
     bn = sbn.SyncBatchNorm(3, comm=comm)
     x = np.random.default_rng(comm.rank).standard_normal((4, 3, 2))
@@ -283,6 +389,8 @@ def main() -> None:
         "mismatch": case_mismatch,
         "mismatch_later": case_mismatch_later,
         "raise": case_raise,
+        "exact": case_exact,
+        "signature": case_signature,
         "skip": case_skip,
         "straggler": case_straggler,
         "transfer": case_transfer,

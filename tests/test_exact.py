@@ -1,0 +1,277 @@
+"""Exactness rules of issue 7 on every backend: squares in the accumulation
+dtype, an exact first step (a second statistics pass when the one-pass merge
+lost precision), non-finite batches that do not poison the layer."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import arraysyncbn as sbn
+from arraysyncbn.testing import (
+    assert_close_to_reference,
+    backward_bounds,
+    forward_bounds,
+    reference_backward,
+    reference_forward,
+    to_numpy,
+)
+
+
+def _two_ranks(fn):
+    return sbn.run_ranks(fn, sbn.thread_group(2, timeout=30))
+
+
+# -- squares in the accumulation dtype ----------------------------------------------------
+def test_float32_squares_beyond_float32_range_stay_exact(backend) -> None:
+    """|x − mean| = 2e19 in float32: its square (4e38) overflows float32 but
+    not the float64 sums, so y, dx and running_var must match the reference
+    (before: squares formed in float32 gave y = 0 and running_var = inf)."""
+    if "float32" not in backend.dtypes:
+        pytest.skip("needs float32")
+    if not backend.has_float64:
+        pytest.skip("accumulates in float32: float32 is the limit there (docs/numerics.md)")
+    rng = np.random.default_rng(5)
+    full = np.zeros((8, 2))
+    full[:, 0] = [-2e19, 2e19, 0, 0, 1e19, -1e19, 0, 0]
+    full[:, 1] = rng.normal(3.0, 2.0, 8)
+    dys_full = rng.normal(0.0, 1.0, (8, 2))
+    dys_full[:, 0] *= 1e20  # Σdy·(x − mean) ≈ 1e40: beyond float32 as well
+    cut = 3
+    shards = [backend.asarray(full[:cut], "float32"), backend.asarray(full[cut:], "float32")]
+    dys = [backend.asarray(dys_full[:cut], "float32"), backend.asarray(dys_full[cut:], "float32")]
+
+    def rank(comm):
+        bn = sbn.SyncBatchNorm(2, axis=1, comm=comm)
+        y = bn(shards[comm.rank])
+        return y, bn.backward(dys[comm.rank]), bn.running_var, bn.grad_weight
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PrecisionWarning, no NonFiniteWarning
+        results = _two_ranks(rank)
+    xs = [to_numpy(s) for s in shards]
+    ref = reference_forward(xs, None, None, np.zeros(2), np.ones(2))
+    grads = reference_backward(ref, [to_numpy(d) for d in dys])
+    fb = forward_bounds(ref, "float32", param_dtype="float32")
+    bb = backward_bounds(ref, grads, dys, "float32", param_dtype="float32")
+    for r, (y, dx, rv, dw) in enumerate(results):
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name="y")
+        assert_close_to_reference(dx, grads.dxs[r], bb.dx, axis=1, name="dx")
+        assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+        assert_close_to_reference(dw, grads.dweights[r], bb.dweight, name="dweight")
+
+
+# -- an exact first step: the second statistics pass --------------------------------------
+def _counting_layers(comms, channels: int, dtype: str = "float64"):
+    from comms import CountingComm
+
+    counting = [CountingComm(c) for c in comms]
+    layers = [sbn.SyncBatchNorm(channels, comm=c, dtype=dtype) for c in counting]
+    return counting, layers
+
+
+def _stat_calls(comm) -> int:
+    """Statistics and backward allreduces (op sum) so far; the check uses max."""
+    return sum(1 for op, _ in comm.calls if op == "sum")
+
+
+def test_first_step_far_from_zero_is_exact_with_one_more_allreduce(backend) -> None:
+    """float64 at mean 1e8, std 1 (and a channel near zero): the first merge
+    (center 0) cancels, so every rank merges again around the reduced mean;
+    y and the running statistics are within the bounds of a second pass, with
+    no warning. The next step (center: the last mean) takes one allreduce."""
+    if "float64" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float64")
+    rng = np.random.default_rng(11)
+    full = np.stack([1e8 + rng.normal(0, 1, 24), rng.normal(0, 1, 24)], 1)
+    shards = [backend.asarray(full[:10], "float64"), backend.asarray(full[10:], "float64")]
+    comms = sbn.thread_group(2, timeout=30)
+    counting, layers = _counting_layers(comms, 2)
+
+    def step(comm):
+        bn = layers[comm.rank]
+        y = bn(shards[comm.rank])
+        return y, bn.running_mean, bn.running_var, _stat_calls(counting[comm.rank])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = sbn.run_ranks(step, comms)
+        second = sbn.run_ranks(step, comms)
+    xs = [to_numpy(s) for s in shards]
+    ref = reference_forward(xs, None, None, np.zeros(2), np.ones(2))
+    fb = forward_bounds(ref, "float64", param_dtype="float64")
+    # A one-pass merge around 0 errs by ~1e-16·1e16 in the variance: the
+    # bound must be far below that, or this test could not fail.
+    one_pass = forward_bounds(ref, "float64", param_dtype="float64", second_pass=False)
+    assert fb.y[0] < 1e-6 < one_pass.y[0]
+    for r, (y, rm, rv, calls) in enumerate(first):
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name="y")
+        assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
+        assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+        assert calls == 2, "statistics, then the second pass around the reduced mean"
+    ref2 = reference_forward(
+        xs, None, None, to_numpy(first[0][1]), to_numpy(first[0][2])
+    )  # the second step starts from the first's running statistics
+    fb2 = forward_bounds(ref2, "float64", param_dtype="float64", center=ref.mean)
+    for r, (y, _, rv, calls) in enumerate(second):
+        assert calls == 3, "the steady state is one statistics allreduce per forward"
+        assert_close_to_reference(y, ref2.ys[r], fb2.y, axis=1, name="y, step 2")
+        assert_close_to_reference(rv, ref2.running_var, fb2.running_var, name="rv, step 2")
+
+
+def test_a_batch_after_an_outlier_batch_is_exact(backend) -> None:
+    """An outlier batch (mean 1e9) moves the layer's merge center; the next
+    ordinary batch sits 1e9 standard deviations from it and must still be
+    exact (before: y off by hundreds, with only a PrecisionWarning)."""
+    if "float64" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float64")
+    rng = np.random.default_rng(12)
+    normal = rng.normal(0.5, 1.0, (16, 3))
+    outlier = normal + 1e9
+    comms = sbn.thread_group(2, timeout=30)
+    counting, layers = _counting_layers(comms, 3)
+    batches = [normal, outlier, normal, normal]
+
+    def steps(comm):
+        out = []
+        for full in batches:
+            shard = backend.asarray(full[:5] if comm.rank == 0 else full[5:], "float64")
+            before = _stat_calls(counting[comm.rank])
+            out.append((layers[comm.rank](shard), _stat_calls(counting[comm.rank]) - before))
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = sbn.run_ranks(steps, comms)
+    passes = [[calls for _, calls in rank] for rank in results]
+    assert passes == [[1, 2, 2, 1]] * 2, passes  # near zero, far from 0, far from 1e9, steady
+    xs = [normal[:5], normal[5:]]
+    ref = reference_forward(xs)
+    fb = forward_bounds(ref, "float64", center=np.full(3, 1e9))
+    for r, rank in enumerate(results):
+        assert_close_to_reference(rank[2][0], ref.ys[r], fb.y, axis=1, name="after the outlier")
+        assert float(np.max(fb.y)) < 1e-10
+
+
+def test_planted_missing_second_pass_fails_the_first_step_test(backend, monkeypatch) -> None:
+    """Without the second pass, the first-step test above must fail."""
+    if backend.name not in ("numpy", "numpy-portable"):
+        pytest.skip("one host and one portable backend suffice")
+    from arraysyncbn import functional
+
+    monkeypatch.setattr(functional, "_tolerances", lambda *a: (np.inf, np.inf))
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        test_first_step_far_from_zero_is_exact_with_one_more_allreduce(backend)
+
+
+# -- a non-finite batch does not poison the layer -----------------------------------------
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_batch_does_not_poison_the_layer(backend, bad: float) -> None:
+    """One rank's batch holds NaN (or inf) in channels 1 and 2 on step 2:
+    that step may give non-finite y there, every rank warns naming channels
+    [1, 2], their running statistics keep their step-1 values (channel 0's
+    are updated); step 3's finite batch is normalized right on every rank."""
+    dtype = "float32" if "float32" in backend.dtypes else backend.dtypes[-1]
+    rng = np.random.default_rng(13)
+    batches = [rng.normal(3.0, 1.0, (12, 3, 2)) for _ in range(3)]
+    batches[1][7, 1, 0] = bad  # rank 1's shard (rows 5..)
+    batches[1][9, 2, 1] = -bad
+    comms = sbn.thread_group(2, timeout=30)
+    layers = [sbn.SyncBatchNorm(3, comm=c) for c in comms]
+
+    def steps(comm):
+        out = []
+        for full in batches:
+            shard = backend.asarray(full[:5] if comm.rank == 0 else full[5:], dtype)
+            bn = layers[comm.rank]
+            y = bn(shard)
+            out.append((y, to_numpy(bn.running_mean).copy(), to_numpy(bn.running_var).copy()))
+        return out
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = sbn.run_ranks(steps, comms)
+    messages = [str(w.message) for w in caught if issubclass(w.category, sbn.NonFiniteWarning)]
+    assert len(messages) == 2 and all("[1, 2]" in m for m in messages), messages
+    assert issubclass(sbn.NonFiniteWarning, RuntimeWarning)
+    # (numpy may add its own "invalid value" RuntimeWarning for inf − inf)
+    assert not [w for w in caught if issubclass(w.category, sbn.PrecisionWarning)]
+    for rank in results:
+        (_, rm1, rv1), (y2, rm2, rv2), (y3, rm3, rv3) = rank
+        assert np.array_equal(rm2[1:], rm1[1:]) and np.array_equal(rv2[1:], rv1[1:])
+        assert rm2[0] != rm1[0] and rv2[0] != rv1[0], "the finite channel is updated"
+        assert np.all(np.isfinite(to_numpy(y2)[:, 0])), "the finite channel's y is right"
+        for a in (rm3, rv3):
+            assert np.all(np.isfinite(a))
+    xs3 = [batches[2][:5], batches[2][5:]]
+    xs3 = [to_numpy(backend.asarray(x, dtype)) for x in xs3]
+    _, rm2, rv2 = results[0][1]
+    ref = reference_forward(xs3, None, None, rm2, rv2)
+    pdtype = backend.param_dtype(dtype)
+    fb = forward_bounds(ref, dtype, param_dtype=pdtype)
+    for r, rank in enumerate(results):
+        y3, rm3, rv3 = rank[2]
+        assert_close_to_reference(y3, ref.ys[r], fb.y, axis=1, name="y after the bad batch")
+        assert_close_to_reference(rm3, ref.running_mean, fb.running_mean, name="running_mean")
+        assert_close_to_reference(rv3, ref.running_var, fb.running_var, name="running_var")
+
+
+def test_functional_keeps_running_statistics_of_non_finite_channels(backend) -> None:
+    """The functional API alone: non-finite channels return their running
+    statistics unchanged and say so; the finite ones are updated; a float64
+    variance beyond float32 counts as non-finite for float32 buffers."""
+    dtype = "float32" if "float32" in backend.dtypes else backend.dtypes[-1]
+    x = np.random.default_rng(14).normal(0.0, 1.0, (6, 3))
+    x[2, 1] = np.nan
+    rm = backend.asarray(np.array([0.5, -0.5, 0.25]), backend.param_dtype(dtype))
+    rv = backend.asarray(np.array([2.0, 3.0, 4.0]), backend.param_dtype(dtype))
+    xs = backend.asarray(x, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, new_rm, new_rv, saved = sbn.sync_batch_norm_forward(xs, None, None, rm, rv)
+    assert [str(w.message) for w in caught if w.category is sbn.NonFiniteWarning]
+    assert "[1]" in str(caught[0].message)
+    got_m, got_v = to_numpy(new_rm), to_numpy(new_rv)
+    assert got_m[1] == -0.5 and got_v[1] == 3.0
+    assert got_m[0] != 0.5 and got_m[2] != 0.25 and np.all(np.isfinite(got_v))
+    assert np.isfinite(to_numpy(saved.center)).all()
+    # Variance 1e40: finite in float64, not once stored in float32 buffers.
+    big = np.zeros((4, 2))
+    big[:, 0] = [1e20, -1e20, 1e20, -1e20]
+    big[:, 1] = [1.0, 2.0, 3.0, 4.0]
+    rm32 = backend.asarray(np.zeros(2), "float32")
+    rv32 = backend.asarray(np.ones(2), "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, new_rm, new_rv, _ = sbn.sync_batch_norm_forward(
+            backend.asarray(big, "float32"), None, None, rm32, rv32
+        )
+    assert any(w.category is sbn.NonFiniteWarning and "[0]" in str(w.message) for w in caught)
+    assert to_numpy(new_rv)[0] == 1.0 and to_numpy(new_rm)[0] == 0.0
+    assert to_numpy(new_rv)[1] != 1.0
+    assert np.all(np.isfinite(to_numpy(y)[:, 1]))
+
+
+# -- subnormal inputs ----------------------------------------------------------------------
+def test_dweight_of_subnormal_float32_input_is_within_its_bound(backend) -> None:
+    """float32 data of 1e-44..1e-39: each centered value is a float32 number,
+    exact only to one subnormal spacing, which Σdy·x̂ scales by n·|dy|·invstd
+    (~1e-42); the bound's floor must allow that (it once allowed 6e-45)."""
+    if "float32" not in backend.dtypes:
+        pytest.skip("needs float32")
+    rng = np.random.default_rng(0)
+    w = np.array([1.5, -2.0])
+    for _ in range(40):
+        n = int(rng.integers(2, 9))
+        x = rng.uniform(-4, 4, (n, 2)) * 10.0 ** rng.integers(-44, -38)
+        xs = backend.asarray(x, "float32")
+        dy = backend.asarray(rng.uniform(-4, 4, (n, 2)), "float32")
+        weight = backend.asarray(w, "float32")
+        *_, saved = sbn.sync_batch_norm_forward(xs, weight, None, None, None)
+        _, dweight, _ = sbn.sync_batch_norm_backward(dy, saved)
+        ref = reference_forward([to_numpy(xs)], to_numpy(weight))
+        grads = reference_backward(ref, [to_numpy(dy)], to_numpy(weight))
+        bb = backward_bounds(ref, grads, [dy], "float32", weight=weight, param_dtype="float32")
+        assert_close_to_reference(dweight, grads.dweights[0], bb.dweight, name="dweight")
