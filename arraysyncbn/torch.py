@@ -43,6 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from .comm.base import Communicator, as_communicator
+from .comm.calls import CallLabel, next_layer
 
 __all__ = ["BatchNormXd", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -62,6 +63,7 @@ class _Call:
         "check",
         "comm",
         "eps",
+        "label",
         "momentum",
         "new_mean",
         "new_var",
@@ -103,6 +105,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             num_batches_tracked=call.num_batches_tracked,
             check=call.check,
             center=call.center,
+            label=call.label,
         )
         # x itself is kept by ``saved`` (as a view); saving it here too makes
         # autograd's version counter catch an in-place change before backward.
@@ -277,6 +280,12 @@ class SyncBatchNorm(_BatchNorm):
         came from) and whether the consistency check ran there."""
         self._center: torch.Tensor | None = None
         self._checked = False
+        # Layer number on the communicator, given at the first communicating
+        # call (not at construction: a copy built on one rank only must not
+        # shift the numbers), and the count of its calls: the signature that
+        # every collective of this layer carries.
+        self._layer: int | None = None
+        self._calls = 0
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
         """A copy that shares the communicator (a handle on a group of ranks, which
@@ -325,6 +334,12 @@ class SyncBatchNorm(_BatchNorm):
         if update and momentum is None:
             count = int(self.num_batches_tracked)  # type: ignore[arg-type]
         check = synchronized and (not self._checked or self._check_every_call)
+        label = None
+        if synchronized:
+            if self._layer is None:
+                self._layer = next_layer(self._comm)
+            self._calls += 1
+            label = CallLabel._trusted("forward", self._calls, self._layer)
         call = _Call(
             running_mean=self.running_mean if self.track_running_stats else None,
             running_var=self.running_var if self.track_running_stats else None,
@@ -335,6 +350,7 @@ class SyncBatchNorm(_BatchNorm):
             num_batches_tracked=count,
             check=check,
             center=center,
+            label=label,
         )
         y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, call)
         saved = call.saved
@@ -351,7 +367,9 @@ class SyncBatchNorm(_BatchNorm):
                             buf.copy_(new)  # type: ignore[union-attr]
                     self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
             if synchronized:
-                self._center = saved.mean  # type: ignore[union-attr]
+                # Not saved.mean: a channel whose batch was not finite keeps its
+                # last finite center, or one NaN batch would poison every merge.
+                self._center = saved.center  # type: ignore[union-attr]
         return y
 
     # Opaque to torch.compile (a graph break): the step runs numba kernels and

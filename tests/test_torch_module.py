@@ -325,7 +325,7 @@ def test_merge_center_follows_statistics_and_communicator() -> None:
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(4, C, 5, generator=gen, dtype=torch.float64) + 1e7
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", sbn.PrecisionWarning)
+        warnings.simplefilter("error", sbn.PrecisionWarning)  # the second pass repairs it
         bn(x)
     assert bn._center is not None
     _close(bn._center, x.mean(dim=(0, 2)), 1e-6, "center")
@@ -338,8 +338,12 @@ def test_merge_center_follows_statistics_and_communicator() -> None:
     assert bn._center is not None  # eval (running statistics) keeps it
     bn.load_state_dict(bn.state_dict())
     assert bn._center is None
-    with pytest.warns(sbn.PrecisionWarning):  # no center again: the first step's loss
-        bn.train()(x)
+    with warnings.catch_warnings():
+        # No center again: the first step's merge loses precision, which the
+        # second statistics pass repairs (no warning, y exact again).
+        warnings.simplefilter("error", sbn.PrecisionWarning)
+        y = bn.train()(x)
+    _close(y.mean(dim=(0, 2)), torch.zeros(C, dtype=torch.float64), 2e-8, "first-step mean")
     bn.comm = sbn.SelfCommunicator()
     assert bn._center is None and not bn._checked
 
@@ -572,3 +576,41 @@ def test_readme_pytorch_snippets_run_as_written() -> None:
     want = torch.nn.functional.batch_norm(x, None, None, training=True)
     _close(torch.cat(ys), want, 1e-5, "README thread ranks")
     assert type(namespace["model"][1]) is BatchNormXd
+
+
+def test_swapped_modules_raise_on_every_rank_instead_of_mixing_statistics() -> None:
+    """The module's collectives carry the layer/call signature: rank 1 runs
+    layer B before layer A on its second step."""
+    xs = [torch.randn(4, 3, 5), torch.randn(2, 3, 5)]
+
+    def rank(comm):
+        a, b = SyncBatchNorm(3, comm=comm), SyncBatchNorm(3, comm=comm)
+        a(xs[comm.rank]), b(xs[comm.rank])  # step 1 numbers A = 1, B = 2 on both
+        order = (a, b) if comm.rank == 0 else (b, a)
+        try:
+            for layer in order:
+                layer(xs[comm.rank])
+        except sbn.CollectiveMismatchError as exc:
+            return str(exc)
+        return "finished"
+
+    got = sbn.run_ranks(rank, sbn.thread_group(2, timeout=30))
+    assert "layer 1, call 2, forward" in got[0] and "layer 2, call 2, forward" in got[0], got
+    assert "layer 2, call 2, forward" in got[1], got
+
+
+def test_a_nan_batch_does_not_poison_the_module() -> None:
+    bn, ref = SyncBatchNorm(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2) + 5
+    bn(x), ref(x)
+    bad = x.clone()
+    bad[0, 1, 0, 0] = float("nan")
+    with pytest.warns(sbn.NonFiniteWarning, match="1"):
+        bn(bad)
+    # Channel 1 keeps its running statistics; the others update.
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    x2 = torch.randn(4, 3, 2, 2) + 5
+    y = bn(x2)
+    want = torch.nn.functional.batch_norm(x2, None, None, training=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
