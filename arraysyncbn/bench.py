@@ -12,9 +12,10 @@ NCHW float32 cases, the modules too (``row["torch_module"]``, forward plus
 backward through autograd): :class:`arraysyncbn.torch.SyncBatchNorm`
 (``comm=None``) against PyTorch's unsynchronized ``torch.nn.BatchNorm2d``.
 
-Also measured in the same run: the copy bandwidth, and each contender's
-fraction of the memory floor (a training forward must read x twice and write
-y: 3 × bytes(x); forward plus backward at least 8 ×); each contender's max
+Also measured in the same run: the copy bandwidth (a copy of x runs in each
+case's rotation, so it meets the caches the contenders meet), and each
+contender's fraction of the memory floor (a training forward must read x
+twice and write y: 3 × bytes(x); forward plus backward at least 8 ×); each contender's max
 error against a float64 reference on the same data (channel means are offset
 from zero, where precision differs); the peak extra memory our routes
 allocate per pass (tracemalloc), relative to bytes(y) or bytes(dx).
@@ -84,6 +85,7 @@ QUICK_CASES = (
     Case("(4,64,28,28) NCHW", (4, 64, 28, 28), 1),
     Case("(4,28,28,64) channels-last", (4, 28, 28, 64), 3, channels_last=True),
     Case("(4,8) tiny", (4, 8), 1),
+    Case("(4,16,8,8) float16", (4, 16, 8, 8), 1, "float16"),
 )
 
 
@@ -145,8 +147,29 @@ def _inner_loops(fns: dict[str, Callable[[], Any]]) -> dict[str, int]:
     return loops
 
 
+def _copier(x: np.ndarray, threads: int) -> Callable[[], Any]:
+    """A copy of x's bytes into a buffer of its size, at ``threads`` threads:
+    the floor's yardstick (each copy reads and writes bytes(x) once)."""
+    import numba
+
+    from ._fast.host_jit import copy_parallel
+
+    src = x.reshape(-1).view(np.uint8)  # bytes: numba has no float16
+    dst = np.empty_like(src)
+    if threads <= 1:
+        return lambda: np.copyto(dst, src)
+    parts = min(threads, numba.config.NUMBA_NUM_THREADS)
+
+    def run() -> None:
+        numba.set_num_threads(parts)
+        copy_parallel(src, dst, parts)
+
+    return run
+
+
 def _copy_gbps(nbytes: int, repeats: int, threads: int) -> float:
-    """Copy bandwidth (bytes read + written per second) on a buffer of nbytes."""
+    """Copy bandwidth (bytes read + written per second) on a buffer of nbytes,
+    timed alone (the header's figure; each row's floor uses its own copy)."""
     import numba
 
     from ._fast.host_jit import copy_parallel
@@ -324,17 +347,23 @@ def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
     if torch_c is not None:
         contenders["torch"] = torch_c
     row: dict[str, Any] = {"case": case.name, "shape": list(case.shape), "dtype": case.dtype}
+    copy = _copier(x, threads)
+    copy_times = []
     for what in ("fwd", "fwd_bwd"):
         fns = {n: c[what] for n, c in contenders.items() if c[what] is not None}
-        row[what] = _interleaved(fns, repeats)
+        # The copy runs in the same rotation: what the other contenders left
+        # in the caches it finds too, so the floor is measured alike.
+        row[what] = _interleaved({**fns, "copy": copy}, repeats)
+        copy_times.append(row[what].pop("copy"))
+    row["copy_gbps"] = 2 * x.nbytes / statistics.median(copy_times) / 1e9
     row["error"] = {n: _max_error(c["y"], ref) for n, c in contenders.items()}
     row["route"] = contenders["host"]["route"]
     nbytes = x.nbytes
     row["bytes"] = nbytes
     for what, passes in (("fwd", 3), ("fwd_bwd", 8)):
         row[f"{what}_floor_fraction"] = {
-            n: passes * nbytes / t / 1e9 for n, t in row[what].items()
-        }  # GB/s for now; divided by the copy bandwidth in main
+            n: passes * nbytes / t / 1e9 / row["copy_gbps"] for n, t in row[what].items()
+        }
         if "torch" in row[what]:
             row[f"{what}_ratio"] = {
                 n: row[what]["torch"] / t for n, t in row[what].items() if n != "torch"
@@ -405,9 +434,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     largest = max(math.prod(c.shape) * np.dtype(c.dtype).itemsize for c in cases)
     copy = _copy_gbps(largest, args.repeats, args.threads)
     rows = [run_case(c, args.repeats, args.threads) for c in cases]
-    for row in rows:
-        for key in ("fwd_floor_fraction", "fwd_bwd_floor_fraction"):
-            row[key] = {n: v / copy for n, v in row[key].items()}
     return {"copy_gbps": copy, "threads": args.threads, "rows": rows}
 
 

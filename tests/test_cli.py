@@ -168,7 +168,7 @@ def test_bench_quick_json_reports_every_contender() -> None:
     names = [r["case"] for r in run_["rows"]]
     assert any("tiny" in n for n in names) and any("channels-last" in n for n in names)
     for row in run_["rows"]:
-        assert row["route"] == "host"
+        assert row["route"] == ("portable" if row["dtype"] == "float16" else "host")
         for what in ("fwd", "fwd_bwd"):
             contenders = set(row[what])
             assert {"host", "portable"} <= contenders, (row["case"], what)
@@ -209,3 +209,13 @@ def test_without_numba_the_job_runs_the_portable_route_and_says_why() -> None:
     assert out.returncode == 0, out.stderr
     route = json.loads(out.stdout)["route"]
     assert route.startswith("portable (array API): numba cannot be imported"), route
+
+
+def test_bench_with_threads_runs_every_dtype() -> None:
+    """The copy floor and the threaded kernels on every case's dtype (float16
+    broke the threaded copy once: numba has no float16)."""
+    out = run("bench", "--quick", "--repeats", "3", "--default-allocator-only", "--json",
+              "--threads", "2")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["default"]["rows"]
+    assert all(r["copy_gbps"] > 0 for r in rows)
