@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from arraysyncbn import cli
@@ -173,8 +174,10 @@ def test_bench_quick_json_reports_every_contender() -> None:
             contenders = set(row[what])
             assert {"host", "portable"} <= contenders, (row["case"], what)
             assert all(t > 0 for t in row[what].values())
-        # Errors against float64 are measured, finite and small for our routes.
-        assert 0 <= row["error"]["host"] < 1e-4 and 0 <= row["error"]["portable"] < 1e-4
+        # Errors against float64 are measured, finite and small for our routes:
+        # a few dozen ulps of the output dtype (y is in units of std).
+        bound = 64 * float(np.finfo(row["dtype"]).eps)
+        assert 0 <= row["error"]["host"] < bound and 0 <= row["error"]["portable"] < bound
         if importlib.util.find_spec("torch") is not None:
             assert "torch" in row["fwd"] and row["fwd_ratio"]["host"] > 0
             # The modules (arraysyncbn.torch vs BatchNorm2d) on NCHW float32 only.
