@@ -99,7 +99,7 @@ def test_watchdog_ends_a_rank_waiting_for_a_skipped_call() -> None:
     job = torchrun("timeout", timeout=90)
     assert job.returncode != 0, job.stdout
     assert "waiting rank 0/2" in job.stdout and "NOT ENDED" not in job.stdout, job.stdout
-    assert "waited 2.0 s in SyncBN call 2, forward" in job.stderr, job.stderr[-4000:]
+    assert "waited 2.0 s in SyncBatchNorm layer 1, call 2, forward" in job.stderr, job.stderr[-4000:]
 
 
 @pytest.mark.mpi
