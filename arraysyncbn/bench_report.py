@@ -22,36 +22,46 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+_COLUMNS = (
+    "case",
+    "ratio fwd host / portable",
+    "ratio fwd+bwd host / portable",
+    "fwd host / torch",
+    "fwd+bwd host / torch",
+    "floor host fwd / fwd+bwd",
+    "max error host / portable / torch",
+    "peak host fwd / bwd",
+)
+
+
+def _row_cells(r: dict[str, Any]) -> list[str]:
+    """One case's cells, in the order of :data:`_COLUMNS`."""
+    fwd, fb = r["fwd"], r["fwd_bwd"]
+    fr, fbr = r.get("fwd_ratio", {}), r.get("fwd_bwd_ratio", {})
+    err = r["error"]
+    peak = r.get("peak_memory", {}).get("host")
+    return [
+        r["case"] + ("" if r["route"] == "host" else f" ({r['route']} route)"),
+        f"{_fmt(fr.get('host'))} / {_fmt(fr.get('portable'))}",
+        f"{_fmt(fbr.get('host'))} / {_fmt(fbr.get('portable'))}",
+        f"{_fmt_time(fwd.get('host'))} / {_fmt_time(fwd.get('torch'))}",
+        f"{_fmt_time(fb.get('host'))} / {_fmt_time(fb.get('torch'))}",
+        f"{_fmt(r['fwd_floor_fraction'].get('host'))} / "
+        f"{_fmt(r['fwd_bwd_floor_fraction'].get('host'))}",
+        " / ".join(_fmt(err.get(n), ".1e") for n in ("host", "portable", "torch")),
+        "–" if peak is None else f"{peak['fwd']:.2f} / {peak['bwd']:.2f}",
+    ]
+
+
 def rows_table(run: dict[str, Any], title: str) -> Table:
     """One table: per case, torch/ours ratios, times, floor fractions, errors, memory."""
     t = Table(title=title, title_justify="left")
-    for col in (
-        "case",
-        "ratio fwd\nhost / portable",
-        "ratio fwd+bwd\nhost / portable",
-        "fwd\nhost / torch",
-        "fwd+bwd\nhost / torch",
-        "floor host\nfwd / fwd+bwd",
-        "max error\nhost / portable / torch",
-        "peak mem host\nfwd / bwd",
-    ):
-        t.add_column(col, justify="left" if col == "case" else "right")
+    for col in _COLUMNS:
+        # Two lines a header: what, then which contenders.
+        head = col.replace(" host", "\nhost", 1)
+        t.add_column(head, justify="left" if col == "case" else "right")
     for r in run["rows"]:
-        fwd, fb = r["fwd"], r["fwd_bwd"]
-        fr, fbr = r.get("fwd_ratio", {}), r.get("fwd_bwd_ratio", {})
-        err = r["error"]
-        peak = r.get("peak_memory", {}).get("host")
-        t.add_row(
-            r["case"] + ("" if r["route"] == "host" else f" [{r['route']} route]"),
-            f"{_fmt(fr.get('host'))} / {_fmt(fr.get('portable'))}",
-            f"{_fmt(fbr.get('host'))} / {_fmt(fbr.get('portable'))}",
-            f"{_fmt_time(fwd.get('host'))} / {_fmt_time(fwd.get('torch'))}",
-            f"{_fmt_time(fb.get('host'))} / {_fmt_time(fb.get('torch'))}",
-            f"{_fmt(r['fwd_floor_fraction'].get('host'))} / "
-            f"{_fmt(r['fwd_bwd_floor_fraction'].get('host'))}",
-            " / ".join(_fmt(err.get(n), ".1e") for n in ("host", "portable", "torch")),
-            "–" if peak is None else f"{peak['fwd']:.2f} / {peak['bwd']:.2f}",
-        )
+        t.add_row(*_row_cells(r))
     return t
 
 
@@ -172,28 +182,11 @@ def markdown(result: dict[str, Any]) -> str:
             "at the bandwidth of a copy of x timed in the case's own rotation); peak = extra "
             "memory traced per pass over bytes(y) / bytes(dx).",
             "",
-            "| case | ratio fwd host / portable | ratio fwd+bwd host / portable "
-            "| fwd host / torch | fwd+bwd host / torch | floor host fwd / fwd+bwd "
-            "| max error host / portable / torch | peak host fwd / bwd |",
-            "|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join(_COLUMNS) + " |",
+            "|" + "---|" * len(_COLUMNS),
         ]
         for r in run["rows"]:
-            fwd, fb = r["fwd"], r["fwd_bwd"]
-            fr, fbr = r.get("fwd_ratio", {}), r.get("fwd_bwd_ratio", {})
-            err = r["error"]
-            peak = r.get("peak_memory", {}).get("host")
-            cells = [
-                r["case"] + ("" if r["route"] == "host" else f" ({r['route']} route)"),
-                f"{_fmt(fr.get('host'))} / {_fmt(fr.get('portable'))}",
-                f"{_fmt(fbr.get('host'))} / {_fmt(fbr.get('portable'))}",
-                f"{_fmt_time(fwd.get('host'))} / {_fmt_time(fwd.get('torch'))}",
-                f"{_fmt_time(fb.get('host'))} / {_fmt_time(fb.get('torch'))}",
-                f"{_fmt(r['fwd_floor_fraction'].get('host'))} / "
-                f"{_fmt(r['fwd_bwd_floor_fraction'].get('host'))}",
-                " / ".join(_fmt(err.get(n), ".1e") for n in ("host", "portable", "torch")),
-                "–" if peak is None else f"{peak['fwd']:.2f} / {peak['bwd']:.2f}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_row_cells(r)) + " |")
         lines.append("")
     mpi = result.get("mpi")
     if mpi is not None:

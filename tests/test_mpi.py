@@ -17,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from backends import BACKENDS, cupy_usable
+from jobs import run_job
 
 pytest.importorskip("mpi4py")
 
@@ -73,23 +72,8 @@ def mpirun(
     full_env.update(PYTHONPATH=path, **(env or {}))
     launcher = [sys.executable, "-m", "mpi4py"] if mpi4py else [sys.executable]
     cmd = [MPIEXEC, "-n", str(k), *launcher, *args]
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung: killed after {timeout} s\n{out}\n{err}")
-    return Job(proc.returncode, out, err, time.monotonic() - start, time.time())
+    done = run_job(cmd, timeout=timeout, env=full_env, cwd=ROOT)
+    return Job(done.returncode, done.stdout, done.stderr, done.seconds, time.time())  # type: ignore[attr-defined]
 
 
 def script(name: str) -> str:

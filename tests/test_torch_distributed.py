@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from jobs import run_job
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
@@ -36,22 +37,7 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung: killed after {timeout} s\n{out}\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_job(cmd, timeout=timeout, env=env, cwd=ROOT)
 
 
 _torchrun_ok: bool | None = None
@@ -99,7 +85,9 @@ def test_watchdog_ends_a_rank_waiting_for_a_skipped_call() -> None:
     job = torchrun("timeout", timeout=90)
     assert job.returncode != 0, job.stdout
     assert "waiting rank 0/2" in job.stdout and "NOT ENDED" not in job.stdout, job.stdout
-    assert "waited 2.0 s in SyncBatchNorm layer 1, call 2, forward" in job.stderr, job.stderr[-4000:]
+    assert "waited 2.0 s in SyncBatchNorm layer 1, call 2, forward" in job.stderr, job.stderr[
+        -4000:
+    ]
 
 
 @pytest.mark.mpi

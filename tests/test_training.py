@@ -18,14 +18,14 @@ import csv
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from jobs import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -88,25 +88,7 @@ def _env() -> dict[str, str]:
 
 def launch(cmd: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``cmd``; kill its whole process group and fail if it outlasts ``timeout``."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung: killed after {timeout} s\n{out}\n{err}")
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    result.seconds = time.monotonic() - start  # type: ignore[attr-defined]
-    return result
+    return run_job(cmd, timeout=timeout, env=_env(), cwd=cwd)
 
 
 def mpiexec(script: str, *args: str, ranks: int = 4, cwd: Path, timeout: float = 90):
