@@ -109,4 +109,5 @@ def route_info() -> str:
         return f"portable (array API): {FAST_ENV}=0"
     if _load_host() is None:
         return f"portable (array API): {_numba_error}"
-    return f"host (numba, {_host_module.thread_count()} threads per rank)"
+    n = _host_module.thread_count()
+    return f"host (numba, {n} thread{'' if n == 1 else 's'} per rank)"
