@@ -163,6 +163,7 @@ class FakeTime:
     def __init__(self) -> None:
         self.now = 0.0
         self.sleeps: list[float] = []
+        self.yields = 0
 
     def clock(self) -> float:
         self.now += 1e-6  # every look at the clock costs a microsecond
@@ -172,6 +173,10 @@ class FakeTime:
         self.sleeps.append(seconds)
         self.now += seconds
 
+    def yield_(self) -> None:
+        self.yields += 1
+        self.now += 1e-4  # another process ran for a while
+
 
 def test_a_quick_completion_never_sleeps() -> None:
     fake = FakeTime()
@@ -180,28 +185,64 @@ def test_a_quick_completion_never_sleeps() -> None:
     assert fake.sleeps == []
 
 
+def test_every_poll_yields_the_core_from_the_start() -> None:
+    """No pure spin: with more ranks than cores it starved the late ranks
+    (4 ranks on 2 cores: 5 ms per allreduce instead of 15 µs)."""
+    fake = FakeTime()
+    results = iter([False, False, False, True])
+    assert (
+        wait_for(
+            lambda: next(results), 10.0, clock=fake.clock, sleep=fake.sleep, yield_=fake.yield_
+        )
+        is None
+    )
+    assert fake.yields == 3 and fake.sleeps == []
+
+
+def test_a_wait_of_milliseconds_yields_the_core_but_never_sleeps() -> None:
+    """More ranks than cores: the late rank needs this core; sleeping through
+    the wait would add a whole sleep to every step."""
+    fake = FakeTime()
+    done_at = 0.05
+    got = wait_for(
+        lambda: fake.now >= done_at, 10.0, clock=fake.clock, sleep=fake.sleep, yield_=fake.yield_
+    )
+    assert got is None and fake.sleeps == [] and fake.yields > 0
+    assert fake.now - done_at <= 2e-4
+
+
 def test_a_long_wait_spins_then_sleeps_more_and_more_up_to_the_cap() -> None:
     fake = FakeTime()
-    done_at = 1.0
+    done_at = 3.0
 
-    assert wait_for(lambda: fake.now >= done_at, 10.0, clock=fake.clock, sleep=fake.sleep) is None
+    got = wait_for(
+        lambda: fake.now >= done_at, 10.0, clock=fake.clock, sleep=fake.sleep, yield_=fake.yield_
+    )
+    assert got is None
     sleeps = fake.sleeps
-    assert sleeps, "a one-second wait must not spin all along"
+    assert sleeps, "a long wait must not spin or yield all along"
+    assert fake.yields > 0, "it yields before it sleeps"
     assert sleeps == sorted(sleeps) and max(sleeps) == watchdog.MAX_SLEEP_SECONDS
-    assert sleeps[0] == pytest.approx(watchdog.SPIN_SECONDS * watchdog.SLEEP_FRACTION, rel=0.01)
+    first = min(watchdog.MAX_SLEEP_SECONDS, watchdog.YIELD_SECONDS * watchdog.SLEEP_FRACTION)
+    assert sleeps[0] == pytest.approx(first, rel=0.01)
     # Completion is seen within one (capped) sleep of the moment it happened.
     assert fake.now - done_at <= watchdog.MAX_SLEEP_SECONDS + 1e-5
 
 
 def test_an_expired_wait_returns_the_seconds_waited() -> None:
     fake = FakeTime()
-    waited = wait_for(lambda: False, 2.0, clock=fake.clock, sleep=fake.sleep)
+    waited = wait_for(lambda: False, 2.0, clock=fake.clock, sleep=fake.sleep, yield_=fake.yield_)
     assert waited is not None and 2.0 <= waited < 2.0 + 2 * watchdog.MAX_SLEEP_SECONDS
 
 
 def test_no_timeout_waits_as_long_as_it_takes() -> None:
     fake = FakeTime()
-    assert wait_for(lambda: fake.now > 5000.0, None, clock=fake.clock, sleep=fake.sleep) is None
+    assert (
+        wait_for(
+            lambda: fake.now > 5000.0, None, clock=fake.clock, sleep=fake.sleep, yield_=fake.yield_
+        )
+        is None
+    )
 
 
 # -- thread groups ------------------------------------------------------------------------

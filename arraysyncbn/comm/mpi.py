@@ -29,7 +29,7 @@ rank calls. (SyncBN makes one per forward and one per backward, plus the
 first forward's consistency check.)
 
 Every wait has a deadline (:mod:`~arraysyncbn.comm.watchdog`): the allreduce
-is a nonblocking ``Iallreduce`` whose request is polled, spinning first, so a
+is a nonblocking ``Iallreduce`` whose request is polled (yielding the core between tests), so a
 healthy wait costs no more than a blocking ``Allreduce``. When
 ``ARRAYSYNCBN_TIMEOUT`` seconds (default 600) pass, the rank prints which
 SyncBN call it waited in (:mod:`~arraysyncbn.comm.calls`) and how long, and

@@ -27,7 +27,7 @@ Deadlines: every wait goes through the same watchdog as
 :class:`~arraysyncbn.MPICommunicator` (:mod:`~arraysyncbn.comm.watchdog`,
 ``ARRAYSYNCBN_TIMEOUT`` seconds, default 600, or ``timeout=``): the
 allreduce is started with ``async_op=True`` and its ``Work`` is polled
-(``is_completed``), spinning first. When the deadline passes, the rank
+(``is_completed``), yielding the core between tests at first. When the deadline passes, the rank
 prints which SyncBN call it waited in and ends its process with exit status
 1 (``os._exit``: the pending collective cannot be cancelled, and a clean
 interpreter exit would wait on it); ``torchrun`` then stops the other
