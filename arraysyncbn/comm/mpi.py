@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Literal, NoReturn
 
 import array_api_compat
@@ -250,6 +251,10 @@ def _dtype_name(dtype: Any) -> str:
     )
 
 
+_ABORT_GRACE_SECONDS = 0.3
+"""Pause between the abort message and ``Abort`` (negligible after a timeout)."""
+
+
 class MPICommunicator:
     """A :class:`~arraysyncbn.Communicator` over an mpi4py communicator.
 
@@ -423,6 +428,9 @@ class MPICommunicator:
             f"{timeout_advice(self._timeout)}\n"
         )
         sys.stderr.flush()
+        # Give the launcher's output forwarding a moment: Abort kills every
+        # process at once, and the line above was seen lost under load.
+        time.sleep(_ABORT_GRACE_SECONDS)
         world.Abort(1)
         raise SystemExit(1)  # Abort does not return; this keeps the type checker honest
 
