@@ -34,7 +34,10 @@ _host_module: Any = None
 
 
 def _disabled() -> bool:
-    return os.environ.get(FAST_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    value = os.environ.get(FAST_ENV)
+    if value is None or value == "1":  # the common cases, checked first: every call asks
+        return False
+    return value.strip().lower() in ("0", "false", "no", "off")
 
 
 def _load_host() -> Any:

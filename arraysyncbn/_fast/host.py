@@ -302,19 +302,14 @@ class HostKernels:
 
 
 class _Types:
-    """functional's result types, imported on first use (functional imports us)."""
+    """functional's result types, imported on first use (functional imports
+    this module) and kept: an import statement per call costs microseconds."""
 
-    @property
-    def Factors(self) -> Any:
-        from ..functional import _Factors
+    def __getattr__(self, name: str) -> Any:
+        from .. import functional
 
-        return _Factors
-
-    @property
-    def Step(self) -> Any:
-        from ..functional import _Step
-
-        return _Step
+        self.Factors, self.Step = functional._Factors, functional._Step
+        return getattr(self, name)
 
 
 _types = _Types()
