@@ -306,6 +306,9 @@ class _Types:
     this module) and kept: an import statement per call costs microseconds."""
 
     def __getattr__(self, name: str) -> Any:
+        # Only for the two names (doctest and other tools probe attributes).
+        if name not in ("Factors", "Step"):
+            raise AttributeError(name)
         from .. import functional
 
         self.Factors, self.Step = functional._Factors, functional._Step
