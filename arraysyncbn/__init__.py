@@ -2,8 +2,11 @@
 
 SyncBN normalizes each channel with the statistics of the global batch, the
 union of every rank's local batch. The kernels are written once against the
-Python array API standard (numpy, cupy, torch, array-api-strict, ...); ranks
-communicate through one packed allreduce per pass.
+Python array API standard (numpy, cupy, torch, array-api-strict, ...), with
+fused numba kernels for host memory; ranks communicate through one packed
+allreduce per pass in the steady state (a second statistics allreduce on a
+step whose reduced values show the merge lost precision, and a small
+consistency check on a layer's first call).
 
 Public API
 ----------

@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=15, help="timed repeats per contender (15, at least 3)"
     )
-    p.add_argument("--quick", action="store_true", help="three small shapes (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="four small cases (a smoke run)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -513,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads < 1 or args.repeats < 3:
         _parser().error("--threads must be at least 1 and --repeats at least 3")
+    _set_threads(args.threads)  # before machine(): its route line names the threads
     world = _mpi_world()
     if world is not None:
         result = {"machine": machine(), "mpi": measure_sync(args, world)}

@@ -128,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
             "its documented bound, 1 when the check fails, 2 for a setup error. "
             "Environment: ARRAYSYNCBN_CUDA_AWARE=auto|0|1 (cupy buffers straight to MPI "
             "or staged through the host), ARRAYSYNCBN_CHECK=1 (cross-rank consistency "
-            "check on every call)."
+            "check on every call), ARRAYSYNCBN_TIMEOUT=seconds (a rank waiting longer in "
+            "a SyncBN collective aborts the job; default 600, 0 waits forever), "
+            "ARRAYSYNCBN_FAST=0 (portable array-API kernels instead of numba's), "
+            "ARRAYSYNCBN_THREADS=n (numba threads per rank)."
         ),
     )
     parser.add_argument(

@@ -75,8 +75,8 @@ class SavedForBackward:
         Whether the forward normalized with batch statistics (and its
         backward therefore communicates).
     mean, invstd : per-channel float64 statistics (float32 where the
-        namespace has no float64 device) on the statistics device, in the
-        caller's library.
+        namespace has no float64 device) on the statistics device. On the
+        host route they may be numpy arrays even for torch input.
     route : str
         ``"portable"`` (array API) or ``"host"`` (fused numba kernels), the
         route the forward ran and the backward will run.
@@ -737,15 +737,20 @@ def sync_batch_norm_forward(
     center : array of shape ``(C,)`` or None
         A per-channel value near the batch mean, **bitwise identical on every
         rank** (a previous step's reduced mean, as ``SyncBatchNorm`` passes).
-        Statistics are merged around it: the float64 merge loses about
-        ``1e-16·(|mean − center|/std)²`` of the variance, so data far from
-        zero (|mean|/std ≳ 1e3 in float64 input, 1e5 in float32) wants a
-        center. None centers at zero. A :class:`PrecisionWarning` says when
-        the loss reached half the work precision.
+        Statistics are merged around it. Precision does not depend on it:
+        when the reduced values show that the merge lost precision (data
+        far from the center in units of its spread: |mean − center|/std
+        beyond ~4 for float64 input, ~7e3 for float32), every rank runs a
+        second statistics allreduce centered on the reduced mean. A good
+        center saves that extra collective. None centers at zero. A
+        :class:`PrecisionWarning` remains only for a loss that even the
+        second pass could not repair.
     out : array like x, or None
-        Where to write y (same shape, dtype, library and device as x); a
-        training loop that passes the same buffer each step saves the cost
-        of a fresh x-sized allocation.
+        Where to write y (same shape, dtype, library and device as x). On
+        the host route it is written in place, so a training loop that
+        passes the same buffer each step saves a fresh x-sized allocation;
+        on the portable route y is computed, then copied into it. An ``out``
+        laid out differently from x sends the call to the portable route.
     label : CallLabel or None
         The call's signature (``SyncBatchNorm`` passes its layer number and
         call number). None: the next call of the functional API on ``comm``
@@ -927,9 +932,10 @@ def sync_batch_norm_backward(
         This rank's contribution only, *not* reduced across ranks (as in
         PyTorch, data-parallel gradient averaging reduces them).
 
-    When the forward used batch statistics this communicates once: one
-    allreduce of the packed per-channel ``Σdy`` and ``Σdy·x̂`` (2·C values).
-    It runs the route its forward ran.
+    When the forward used batch statistics over a global batch of N > 0
+    elements this communicates once: one allreduce of the packed
+    per-channel ``Σdy`` and ``Σdy·x̂`` (2·C values, plus the call signature
+    when there is more than one rank). It runs the route its forward ran.
     """
     if not isinstance(saved, SavedForBackward):
         raise TypeError(

@@ -113,4 +113,7 @@ def route_info() -> str:
     if _load_host() is None:
         return f"portable (array API): {_numba_error}"
     n = _host_module.thread_count()
-    return f"host (numba, {n} thread{'' if n == 1 else 's'} per rank)"
+    if n == 1:
+        return "host (numba, 1 thread per rank)"
+    kib = _host_module.PARALLEL_MIN_BYTES // 1024
+    return f"host (numba, up to {n} threads per rank; inputs under {kib} KiB: 1)"

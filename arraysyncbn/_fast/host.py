@@ -8,9 +8,10 @@ per call when x lives in host memory and can be viewed as a C-contiguous
 ``(P, C, Q)`` block without a copy (numpy arrays; torch CPU tensors through
 zero-copy views, see :mod:`arraysyncbn._fast`).
 
-Threads: numba's thread count, divided among the MPI ranks that share the
-node (``MPI_LOCALNRANKS``/``OMPI_COMM_WORLD_LOCAL_SIZE``), or
-``ARRAYSYNCBN_THREADS``; inputs below :data:`PARALLEL_MIN_BYTES` run serially,
+Threads: numba's pool size, divided among the MPI ranks that share the
+node (``MPI_LOCALNRANKS``, ``OMPI_COMM_WORLD_LOCAL_SIZE`` or
+``MV2_COMM_WORLD_LOCAL_SIZE``), or ``ARRAYSYNCBN_THREADS`` (at most the
+pool's size); inputs below :data:`PARALLEL_MIN_BYTES` run serially,
 because waking idle pool threads costs more than they save.
 """
 

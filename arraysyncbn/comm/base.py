@@ -1,11 +1,12 @@
 """The :class:`Communicator` protocol and the world of one.
 
 A communicator sums (or takes the maximum of) one 1-D array across the ranks
-of a group. SyncBN calls it once per pass with everything packed into that
-array, which is why the protocol has a single method. The array lives in the
-caller's namespace and on the caller's device; a communicator returns the
-result there too, moving bytes however it must (a thread group adds arrays in
-place, MPI passes device buffers or stages through the host).
+of a group. SyncBN calls it once per pass (in the steady state) with
+everything packed into that array, which is why the protocol has a single
+method. The array lives in the caller's namespace and on the caller's
+device; a communicator returns the result there too, moving bytes however it
+must (a thread group adds arrays in place, MPI passes device buffers or
+stages through the host).
 
 Contract every implementation must keep: the reduced array is **bitwise
 identical on every rank**. SyncBN takes decisions (skip an empty batch, raise

@@ -26,15 +26,18 @@ Both paths start exactly one allreduce per :meth:`MPICommunicator.allreduce`,
 so the choice (which may differ between ranks, e.g. a forced
 ``ARRAYSYNCBN_CUDA_AWARE`` on one node) never changes which collectives a
 rank calls. (SyncBN makes one per forward and one per backward, plus the
-first forward's consistency check.)
+first forward's consistency check, or one on every call with
+``ARRAYSYNCBN_CHECK=1``, and a second statistics allreduce on a step whose
+merge lost precision.)
 
 Every wait has a deadline (:mod:`~arraysyncbn.comm.watchdog`): the allreduce
-is a nonblocking ``Iallreduce`` whose request is polled (yielding the core between tests), so a
-healthy wait costs no more than a blocking ``Allreduce``. When
+is a nonblocking ``Iallreduce`` whose request is polled (yielding the
+core between tests), so a healthy wait costs no more than a blocking
+``Allreduce``. When
 ``ARRAYSYNCBN_TIMEOUT`` seconds (default 600) pass, the rank prints which
 SyncBN call it waited in (:mod:`~arraysyncbn.comm.calls`) and how long, and
 calls ``MPI.COMM_WORLD.Abort(1)``: a rank that skipped the call would
-otherwise leave this one spinning forever. ``ARRAYSYNCBN_TIMEOUT=0`` waits
+otherwise leave this one waiting forever. ``ARRAYSYNCBN_TIMEOUT=0`` waits
 forever in a blocking ``Allreduce``, as before the watchdog.
 
 CUDA-awareness is detected from the MPI-4.1 info key
