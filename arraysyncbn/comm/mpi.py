@@ -288,7 +288,8 @@ class MPICommunicator:
     TypeError
         ``comm`` is not an mpi4py intracommunicator, or is ``COMM_NULL``.
     ValueError
-        ``ARRAYSYNCBN_CUDA_AWARE`` has a value other than auto, 0 or 1;
+        ``ARRAYSYNCBN_CUDA_AWARE`` has a value other than auto, 1/true/yes
+        or 0/false/no;
         ``timeout`` or ``ARRAYSYNCBN_TIMEOUT`` is not a non-negative number.
 
     Examples
