@@ -129,7 +129,7 @@ def empty_in_layout(x: np.ndarray, axis: int, mode: str) -> np.ndarray:
 
 
 class HostKernels:
-    """The four per-rank steps on host memory, as fused numba kernels.
+    """The per-rank steps on host memory, as fused numba kernels.
 
     :meth:`bind` fixes one forward's x (and its backward's) and the number
     of threads: methods then take and return full-shape numpy arrays like
@@ -146,6 +146,9 @@ class HostKernels:
         self.mode = "c"
         self.xb: np.ndarray = np.empty((0, 0, 0))
         self.parts = 1
+        # The last dy and its block view: the backward's two kernels read the
+        # same dy, which may need one copy into x's layout, not two.
+        self._dy: tuple[np.ndarray, np.ndarray] | None = None
 
     def bind(self, x: np.ndarray, axis: int, out: np.ndarray | None) -> HostKernels | None:
         """Fix x; None if x (or ``out``) needs a copy to be viewed as (P, C, Q)."""
@@ -171,11 +174,15 @@ class HostKernels:
         return a, block_view(a, self.axis, self.mode)  # type: ignore[return-value]
 
     def _like_x(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """``a`` (dy) as a block in x's layout and dtype, copied only if needed."""
+        """``a`` (dy) as a block in x's layout and dtype, copied only if needed
+        (and then once for the backward's two kernels)."""
+        if self._dy is not None and self._dy[0] is a:
+            return self._dy[1]
         view = self._view(a, x)
         if view is None:
             copy, view = self._new(x)
             copy[...] = a
+        self._dy = (a, view)
         return view
 
     def pack_statistics(
@@ -256,6 +263,7 @@ class HostKernels:
         self, dy: np.ndarray, x: np.ndarray, f: Any, invstd: Any, tail: tuple[float, ...]
     ) -> np.ndarray:
         """``[Σdy, Σdy·x̂, *tail]`` per channel, float64."""
+        self._dy = None  # a backward starts here: never reuse an earlier call's dy
         dyb = self._like_x(dy, x)
         channels = self.xb.shape[1]
         part = np.empty((self.parts, 2, channels))
@@ -292,6 +300,7 @@ class HostKernels:
             mean_dy = k = np.zeros_like(f.hi)
         dyb = self._like_x(dy, x)
         dx, dxb = self._new(x) if out is None else (out, self._view(out, x))
+        self._dy = None  # the last use: do not keep dy (or its copy) alive
         args = (dyb, self.xb, f.hi, f.lo, f.scale, mean_dy, k, dxb)
         if self.parts == 1:
             hk.backward_input_serial(*args)
