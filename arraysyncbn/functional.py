@@ -33,7 +33,7 @@ import array_api_compat
 import numpy as np
 
 from . import _fast, kernels
-from .comm.base import Communicator, as_communicator
+from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, current_call, next_call, signature_mismatch, signature_values
 from .errors import CollectiveMismatchError
 
@@ -543,7 +543,7 @@ def _batch_statistics(
 def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
     """Sum ``packed`` across ranks under ``label`` (named if the wait times out)."""
     with current_call(label):
-        if io is None:
+        if io is None or type(comm) is SelfCommunicator:  # the latter returns its input
             return comm.allreduce(packed)
         return io.to_numpy(comm.allreduce(io.from_numpy(packed)))
 
@@ -663,6 +663,15 @@ def _numpy_args_valid(
     if momentum is not None and (type(momentum) is not float or not 0.0 <= momentum <= 1.0):
         return False
     return type(num_batches_tracked) is int and num_batches_tracked >= 0
+
+
+def _host_grads_valid(x: np.ndarray, dy: Any, out: Any) -> bool:
+    """True when ``dy`` and ``out`` (numpy views) plainly fit the host forward's x."""
+    if type(dy) is not np.ndarray or dy.shape != x.shape or dy.dtype.kind != "f":
+        return False
+    if out is None:
+        return True
+    return type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype
 
 
 def _validate_center(xp: Any, x: Array, ax: int, center: Array) -> None:
@@ -798,12 +807,14 @@ def sync_batch_norm_forward(
     """
     params = caller_params = (weight, bias, running_mean, running_var)
     caller_center = center
+    xk, outk = x, out
     io = _fast.host_io(x)
-    if (
-        io is not None
-        and io.library == "numpy"
-        and _numpy_args_valid(x, params, axis, eps, momentum, num_batches_tracked, center, out)
+    views = None if io is None else io.views((x, *params, center, out))
+    if views is not None and _numpy_args_valid(
+        views[0], views[1:5], axis, eps, momentum, num_batches_tracked, views[5], views[6]
     ):
+        # Lean path: plain host arrays, checked as numpy views in one go.
+        xk, params, center, outk = views[0], views[1:5], views[5], views[6]
         xp, ax = np, axis % x.ndim
     else:
         xp, ax = _validate_forward(x, *params, axis, eps, momentum, num_batches_tracked)
@@ -812,16 +823,14 @@ def sync_batch_norm_forward(
         if out is not None:
             _validate_out(xp, x, out)
         if io is not None:
+            xk, outk = io.to_numpy(x), io.to_numpy(out)
             params = tuple(io.to_numpy(a) for a in params)
             center = io.to_numpy(center)
             xp = np
     communicator = as_communicator(comm)
     channels = x.shape[ax]
     kern: Any = None
-    xk, outk = x, out
     if io is not None:
-        xk = io.to_numpy(x)
-        outk = io.to_numpy(out)
         kern = _fast.host_kernels().bind(xk, ax, outk)
     if kern is None:
         io = None
@@ -943,7 +952,10 @@ def sync_batch_norm_backward(
         )
     xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
     x = saved.x
-    if io is None or type(dy) is not np.ndarray or dy.shape != x.shape or dy.dtype.kind != "f":
+    views = None if io is None else io.views((dy, out))
+    if views is not None and _host_grads_valid(x, *views):
+        dy, out = views  # lean path: plain host arrays
+    else:
         if not array_api_compat.is_array_api_obj(dy):
             raise TypeError(f"dy must be an array, got {type(dy).__name__}")
         caller_x = x if io is None else io.from_numpy(x)
@@ -961,10 +973,6 @@ def sync_batch_norm_backward(
             _validate_out(cxp, caller_x, out)
         if io is not None:
             dy, out = io.to_numpy(dy), io.to_numpy(out)
-    elif out is not None and (
-        type(out) is not np.ndarray or out.shape != x.shape or out.dtype != x.dtype
-    ):
-        _validate_out(np, x, out)
     wdtype = kernels.work_dtype(xp, x.dtype)
     channels = x.shape[saved.axis]
     communicates = saved.batch_stats and saved.count != 0 and saved.label is not None

@@ -74,10 +74,45 @@ class _Call:
         "training",
     )
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        momentum: float | None,
+        eps: float,
+        comm: Communicator | None,
+        num_batches_tracked: int,
+        check: bool,
+        center: torch.Tensor | None,
+        label: CallLabel | None,
+    ) -> None:
+        self.running_mean, self.running_var = running_mean, running_var
+        self.training, self.momentum, self.eps = training, momentum, eps
+        self.comm, self.num_batches_tracked, self.check = comm, num_batches_tracked, check
+        self.center, self.label = center, label
         self.new_mean = self.new_var = self.saved = None
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+
+
+class _SyncState:
+    """What a layer derives from its past synchronized calls (see
+    ``SyncBatchNorm._forget``). A plain object, not module attributes:
+    ``torch.nn.Module.__setattr__`` costs microseconds, and these change
+    on every call."""
+
+    __slots__ = ("calls", "center", "checked", "layer")
+
+    def __init__(self) -> None:
+        # The merge center: the last reduced mean, the same bits on every
+        # rank of the communicator it came from.
+        self.center: torch.Tensor | None = None
+        self.checked = False  # whether the consistency check ran there
+        # Layer number on the communicator, given at the first communicating
+        # call (not at construction: a copy built on one rank only must not
+        # shift the numbers), and the count of its calls: the signature that
+        # every collective of this layer carries.
+        self.layer: int | None = None
+        self.calls = 0
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -275,17 +310,16 @@ class SyncBatchNorm(_BatchNorm):
         self._forget()
 
     def _forget(self) -> None:
-        """Drop what was derived from past statistics or another communicator:
-        the merge center (the same bits on every rank of the communicator it
-        came from) and whether the consistency check ran there."""
-        self._center: torch.Tensor | None = None
-        self._checked = False
-        # Layer number on the communicator, given at the first communicating
-        # call (not at construction: a copy built on one rank only must not
-        # shift the numbers), and the count of its calls: the signature that
-        # every collective of this layer carries.
-        self._layer: int | None = None
-        self._calls = 0
+        """Drop what was derived from past statistics or another communicator."""
+        self._sync = _SyncState()
+
+    @property
+    def _center(self) -> torch.Tensor | None:
+        return self._sync.center
+
+    @property
+    def _checked(self) -> bool:
+        return self._sync.checked
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
         """A copy that shares the communicator (a handle on a group of ranks, which
@@ -299,7 +333,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
-        self._center = None
+        self._sync.center = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -321,43 +355,43 @@ class SyncBatchNorm(_BatchNorm):
         return self._step(input)
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.training and self.track_running_stats
-        batch_stats = self.training or not self.track_running_stats
-        # Like torch.nn.SyncBatchNorm, only training mode communicates.
-        synchronized = batch_stats and self.training
-        comm = self._comm if synchronized else None
-        center = self._center if synchronized else None
-        if center is not None and center.device != x.device:
-            center = None  # the module moved; the next reduced mean replaces it
+        training, tracking = self.training, self.track_running_stats
+        # Like torch.nn.SyncBatchNorm, only training mode communicates (and
+        # uses batch statistics then, whatever track_running_stats says).
+        state = self._sync
+        center = label = None
+        check = False
+        if training:
+            center = state.center
+            if center is not None and center.device != x.device:
+                center = None  # the module moved; the next reduced mean replaces it
+            check = not state.checked or self._check_every_call
+            if state.layer is None:
+                state.layer = next_layer(self._comm)
+            state.calls += 1
+            label = CallLabel._trusted("forward", state.calls, state.layer)
         momentum = self.momentum
         count = 0
-        if update and momentum is None:
+        if training and tracking and momentum is None:
             count = int(self.num_batches_tracked)  # type: ignore[arg-type]
-        check = synchronized and (not self._checked or self._check_every_call)
-        label = None
-        if synchronized:
-            if self._layer is None:
-                self._layer = next_layer(self._comm)
-            self._calls += 1
-            label = CallLabel._trusted("forward", self._calls, self._layer)
         call = _Call(
-            running_mean=self.running_mean if self.track_running_stats else None,
-            running_var=self.running_var if self.track_running_stats else None,
-            training=self.training,
-            momentum=momentum,
-            eps=self.eps,
-            comm=comm,
-            num_batches_tracked=count,
-            check=check,
-            center=center,
-            label=label,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            training,
+            momentum,
+            self.eps,
+            self._comm if training else None,
+            count,
+            check,
+            center,
+            label,
         )
         y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, call)
         saved = call.saved
         if check:
-            self._checked = True
-        if saved.count:  # type: ignore[union-attr]
-            if update:
+            state.checked = True
+        if training and saved.count:  # type: ignore[union-attr]
+            if tracking:
                 with torch.no_grad():
                     for buf, new in (
                         (self.running_mean, call.new_mean),
@@ -366,10 +400,9 @@ class SyncBatchNorm(_BatchNorm):
                         if new is not buf:
                             buf.copy_(new)  # type: ignore[union-attr]
                     self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-            if synchronized:
-                # Not saved.mean: a channel whose batch was not finite keeps its
-                # last finite center, or one NaN batch would poison every merge.
-                self._center = saved.center  # type: ignore[union-attr]
+            # Not saved.mean: a channel whose batch was not finite keeps its
+            # last finite center, or one NaN batch would poison every merge.
+            state.center = saved.center  # type: ignore[union-attr]
         return y
 
     # Opaque to torch.compile (a graph break): the step runs numba kernels and

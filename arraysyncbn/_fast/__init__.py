@@ -75,6 +75,26 @@ class HostIO:
 
         return torch.from_numpy(a)
 
+    def views(self, arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """numpy views of a call's arrays (None entries kept), or None unless
+        each is a plain host array of this library (the lean path's test;
+        anything else goes through the full validation, which names it)."""
+        if self.library == "numpy":
+            return arrays
+        tensor = sys.modules["torch"].Tensor
+        out = []
+        for a in arrays:
+            if a is None:
+                out.append(None)
+                continue
+            if not (isinstance(a, tensor) and a.is_cpu):
+                return None
+            try:  # refuses what numpy cannot view: bfloat16, conj or neg bits
+                out.append(a.detach().numpy())
+            except (RuntimeError, TypeError):
+                return None
+        return tuple(out)
+
 
 _NUMPY_IO = HostIO("numpy")
 _TORCH_IO = HostIO("torch")

@@ -73,14 +73,22 @@ def as_communicator(comm: Any) -> Communicator:
     """Return ``comm``, or the world of one for None; reject anything else."""
     if comm is None:
         return _WORLD_OF_ONE
+    if type(comm) in _CHECKED:
+        return comm  # type: ignore[no-any-return]
     if not isinstance(comm, Communicator):
         raise TypeError(
             "comm must provide rank, size and allreduce(buf, op) "
             f"(the arraysyncbn.Communicator protocol), got {type(comm).__name__}; "
             "wrap an mpi4py communicator with arraysyncbn.MPICommunicator"
         )
+    _CHECKED.add(type(comm))
     return comm
 
+
+# Classes whose instances passed the protocol check: isinstance against a
+# runtime-checkable Protocol inspects every member (~10 µs), and layers ask
+# on every call.
+_CHECKED: set[type] = {SelfCommunicator}
 
 _WORLD_OF_ONE = SelfCommunicator()
 """The one world of one (stateless): a fresh one per call would cost the
