@@ -7,15 +7,18 @@
 # arraysyncbn's dependencies, mpi4py, an mpiexec and cupy (this script installs
 # nothing; set WHEELS=dir to pip-install the wheels found there, offline, first).
 # It records, under $OUT (a temporary folder when unset):
-#   env.txt             GPU, Python, cupy, MPI library, mpi_memory_alloc_kinds
-#   pytest_gpu.txt      the cupy subset of the test suite (pytest -m gpu)
+#   env.txt             GPU, Python, torch, cupy, MPI library, mpi_memory_alloc_kinds
+#   pytest_gpu.txt      the GPU subset of the test suite (pytest -m gpu): cupy arrays,
+#                       arraysyncbn.torch on CUDA tensors, and DDP under torchrun over
+#                       NCCL, cpu:gloo,cuda:nccl and gloo with CUDA tensors
 #   mpi_props_*.txt     hypothesis properties over MPI with cupy (staged / direct)
 #   check_*.json        mpiexec -n 2 python -m arraysyncbn --backend cupy --json
 #   bench_*.txt         the benchmark table on a larger workload
 #   summary.txt         one line per step with its exit status
 # "direct" runs only when the MPI library reports CUDA-awareness; otherwise the
-# summary says so. Exit status: 0 when every step that ran passed, 2 when cupy
-# or a GPU is missing, 1 otherwise.
+# summary says so. Without cupy (or without MPI) only pytest -m gpu runs. Exit
+# status: 0 when every step that ran passed, 2 when no GPU is visible to torch
+# or cupy, 1 otherwise.
 #
 # The whole script stays within BUDGET seconds (default 420, so that a device
 # session's 10-minute command limit leaves room for start-up and a rerun):
@@ -72,19 +75,32 @@ fi
         echo "nvidia-smi: not available"
     fi
     "$PY" --version 2>&1
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
     "$PY" -c "import cupy; print('cupy', cupy.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())" 2>&1
     "$PY" -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" 2>&1
     echo "mpiexec: ${MPIEXEC:-not found}"
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
 
-if ! "$PY" -c "import cupy, sys; sys.exit(cupy.cuda.runtime.getDeviceCount() < 1)" >/dev/null 2>&1; then
-    note "cupy with a CUDA GPU is not available here: nothing to check (see env.txt)"
+HAS_CUPY=0
+"$PY" -c "import cupy, sys; sys.exit(cupy.cuda.runtime.getDeviceCount() < 1)" >/dev/null 2>&1 &&
+    HAS_CUPY=1
+HAS_TORCH_CUDA=0
+"$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 &&
+    HAS_TORCH_CUDA=1
+if [ $HAS_CUPY = 0 ] && [ $HAS_TORCH_CUDA = 0 ]; then
+    note "no CUDA GPU visible to cupy or torch here: nothing to check (see env.txt)"
     exit 2
 fi
+
+step "pytest -m gpu" "$OUT/pytest_gpu.txt" 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs
+
+if [ $HAS_CUPY = 0 ]; then
+    note "cupy with a CUDA GPU is not available: the cupy MPI steps do not run"
+    exit 1
+fi
 if [ -z "$MPIEXEC" ] || ! "$PY" -c "import mpi4py" >/dev/null 2>&1; then
-    note "mpi4py or mpiexec is missing: pip install '.[mpi]'; only the single-process GPU tests run"
-    step "pytest -m gpu" "$OUT/pytest_gpu.txt" 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+    note "mpi4py or mpiexec is missing (pip install '.[mpi]', or carry the mpich wheel): the MPI steps do not run"
     exit 1
 fi
 
@@ -94,8 +110,6 @@ print("mpi_memory_alloc_kinds =", info.Get("mpi_memory_alloc_kinds")); info.Free
 "$MPIEXEC" -n 1 "$PY" -c "$DETECT" >>"$OUT/env.txt" 2>&1
 AWARE=$(sed -n 's/^detected=//p' "$OUT/env.txt")
 note "MPI library CUDA-aware (mpi_memory_alloc_kinds lists cuda): ${AWARE:-unknown}"
-
-step "pytest -m gpu" "$OUT/pytest_gpu.txt" 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider
 
 PATHS="0"
 if [ "${AWARE:-0}" = "1" ]; then

@@ -70,7 +70,8 @@ def run_script(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
     full_env.pop("RANKS", None)
     # PYTHON=false: had the fake .venv been missed, creating a real one fails.
-    full_env.update(FAKE_LOG=str(log), ARRAYSYNCBN_TORCH="0", PYTHON="false", **env)
+    full_env.update(FAKE_LOG=str(log), ARRAYSYNCBN_TORCH="0", PYTHON="false")
+    full_env.update(env)
     result = subprocess.run(
         [BASH, str(checkout / "scripts" / name)],
         cwd=checkout,
@@ -152,3 +153,43 @@ def test_thread_ranks_rejects_bad_arguments_clearly(args: list[str], match: str)
     )
     assert out.returncode == 2, out
     assert match in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# -- scripts/gpu_check.sh ---------------------------------------------------------------
+FAKE_GPU_PYTHON = r"""#!/usr/bin/env bash
+# A python whose torch sees a GPU when FAKE_TORCH_CUDA=1 and that has no cupy.
+echo "python $*" >>"$FAKE_LOG"
+if [ "$1" = -c ]; then
+    case "$2" in
+        *"import cupy"*) exit 1 ;;
+        *"sys.exit(not torch.cuda.is_available())"*) [ "${FAKE_TORCH_CUDA:-0}" = 1 ]; exit ;;
+    esac
+fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("torch_cuda", ["1", "0"])
+def test_gpu_check_runs_the_torch_gpu_tests_without_cupy(checkout, torch_cuda: str) -> None:
+    """Without cupy, a GPU that torch sees still gets ``pytest -m gpu`` (the
+    CUDA tensor and NCCL tests); with no GPU at all nothing runs (exit 2)."""
+    fake = checkout / ".venv" / "bin" / "python"
+    fake.write_text(FAKE_GPU_PYTHON)
+    out_dir = checkout / "out"
+    out, calls = run_script(
+        checkout,
+        "gpu_check.sh",
+        PYTHON=str(fake),
+        OUT=str(out_dir),
+        FAKE_TORCH_CUDA=torch_cuda,
+        MPIEXEC=str(checkout / ".venv" / "bin" / "mpiexec"),
+    )
+    pytest_calls = [c for c in calls if c.startswith("python -m pytest")]
+    summary = (out_dir / "summary.txt").read_text()
+    if torch_cuda == "1":
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert pytest_calls == ["python -m pytest -q -m gpu -p no:cacheprovider -rs"], calls
+        assert "pytest -m gpu: exit 0" in summary and "cupy MPI steps do not run" in summary
+    else:
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert pytest_calls == [] and "no CUDA GPU visible" in summary

@@ -43,7 +43,7 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 _torchrun_ok: bool | None = None
 
 
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 120, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 torch_jobs.py args``; skip if it cannot start."""
     global _torchrun_ok
     exe = _tool("torchrun")
@@ -58,7 +58,7 @@ def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
             return probe
     elif not _torchrun_ok:
         pytest.skip("torchrun cannot start a gloo job here")
-    return _run([exe, "--standalone", "--nproc-per-node", "2", SCRIPT, *args], timeout)
+    return _run([exe, "--standalone", "--nproc-per-node", str(nproc), SCRIPT, *args], timeout)
 
 
 def _ok(job: subprocess.CompletedProcess, what: str, k: int = 2) -> None:
@@ -98,3 +98,17 @@ def test_ddp_with_mpi_communicator_under_mpiexec() -> None:
         pytest.skip("mpiexec not found (pip install '.[mpi]' brings one)")
     job = _run([exe, "-n", "2", sys.executable, "-m", "mpi4py", SCRIPT, "ddp", "mpi"], 120)
     _ok(job, "ddp[mpi]")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("backend", "nproc"),
+    # NCCL refuses two processes on one GPU: NCCL groups get one per GPU.
+    [("nccl", None), ("mixed", None), ("gloo", 2)],
+)
+def test_ddp_on_cuda_tensors_over_each_backend(backend: str, nproc: int | None) -> None:
+    k = nproc or torch.cuda.device_count()
+    job = torchrun("cuda", backend, nproc=k, timeout=240)
+    _ok(job, f"cuda[{backend}]", k)
+    _ok(job, f"cuda[{backend}] channels_last", k)

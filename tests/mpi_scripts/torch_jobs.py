@@ -19,6 +19,11 @@ Cases:
     op max, numpy buffers.
 ``timeout``
     Rank 0 waits in a forward that rank 1 skips: the watchdog must end it.
+``cuda nccl|gloo|mixed``
+    The ``ddp torch`` comparison on CUDA tensors (float64 and channels_last
+    float32, TF32 off), over a process group of that backend (``mixed`` is
+    ``cpu:gloo,cuda:nccl``); NCCL wants one process per GPU. Also checks
+    that a CUDA buffer's sum comes back on its device.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def init() -> tuple[int, int]:
-    """Initialize the gloo process group under torchrun or mpiexec; return (rank, size)."""
+BACKENDS = {"nccl": "nccl", "gloo": "gloo", "mixed": "cpu:gloo,cuda:nccl"}
+
+
+def init(backend: str = "gloo") -> tuple[int, int]:
+    """Initialize the process group under torchrun or mpiexec; return (rank, size)."""
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
-        dist.init_process_group("gloo")
+        if torch.cuda.is_available():  # one GPU per local rank, shared if too few
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        dist.init_process_group(backend)
     else:
         from mpi4py import MPI
 
@@ -77,15 +88,39 @@ def model() -> torch.nn.Module:
 def case_ddp(rank: int, size: int, which: str) -> None:
     comms = {"torch": sbn.TorchDistributedCommunicator, "mpi": sbn.MPICommunicator}
     comm = comms[which]() if which in comms else None  # "none": the test must fail
-    ours = torch.nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model(), comm=comm))
-    ref = model()
+    _train_and_compare(rank, size, comm, torch.device("cpu"), torch.float64, f"ddp[{which}]")
+
+
+def _train_and_compare(
+    rank: int,
+    size: int,
+    comm: sbn.Communicator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    what: str,
+    channels_last: bool = False,
+) -> None:
+    """DDP with converted layers on uneven shards against one process on the whole batch."""
+    net = model().to(device, dtype)
+    ref = model().to(device, dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        ref = ref.to(memory_format=torch.channels_last)
+    ids = [device.index] if device.type == "cuda" else None
+    ours = torch.nn.parallel.DistributedDataParallel(
+        convert_sync_batchnorm(net, comm=comm), device_ids=ids
+    )
     opt = torch.optim.SGD(ours.parameters(), lr=0.1)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
     sizes = [3 + 2 * r for r in range(size)]  # uneven shards
     total = sum(sizes)
     gen = torch.Generator().manual_seed(1)
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
     for _ in range(3):
         x = torch.randn(total, 3, 5, 5, generator=gen, dtype=torch.float64) * 2 + 1
+        x = x.to(device, dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         mine = torch.split(x, sizes)[rank]
         # DDP averages gradients over ranks; scaled so the average is the
         # gradient of the whole batch's mean loss.
@@ -100,12 +135,27 @@ def case_ddp(rank: int, size: int, which: str) -> None:
     state, state_ref = ours.module.state_dict(), ref.state_dict()
     assert sorted(state) == sorted(state_ref)
     for key, value in state_ref.items():
+        assert state[key].device == value.device, key
         err = float((state[key].double() - value.double()).abs().max())
-        assert err < 1e-10, f"{key}: {err}"
+        assert err < tol, f"{key}: {err}"
     gathered: list = [None] * size
-    dist.all_gather_object(gathered, {k: v.numpy().tobytes() for k, v in state.items()})
+    dist.all_gather_object(gathered, {k: v.cpu().numpy().tobytes() for k, v in state.items()})
     assert all(g == gathered[0] for g in gathered), "ranks differ"
-    say(f"OK ddp[{which}] rank {rank}/{size}")
+    say(f"OK {what} rank {rank}/{size}")
+
+
+def case_cuda(rank: int, size: int, backend: str) -> None:
+    # TF32 convolutions would differ between a shard and the whole batch.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device("cuda", torch.cuda.current_device())
+    comm = sbn.TorchDistributedCommunicator()
+    buf = torch.arange(5, dtype=torch.float64, device=device)
+    out = comm.allreduce(buf)
+    assert out.device == device and torch.equal(out.cpu(), torch.arange(5.0) * size), out
+    _train_and_compare(rank, size, comm, device, torch.float64, f"cuda[{backend}]")
+    _train_and_compare(
+        rank, size, comm, device, torch.float32, f"cuda[{backend}] channels_last", True
+    )
 
 
 def case_comm(rank: int, size: int) -> None:
@@ -144,9 +194,10 @@ def case_timeout(rank: int, size: int) -> None:
 
 
 def main() -> None:
-    rank, size = init()
     case, *args = sys.argv[1:]
-    {"ddp": case_ddp, "comm": case_comm, "timeout": case_timeout}[case](rank, size, *args)
+    rank, size = init(BACKENDS[args[0]] if case == "cuda" else "gloo")
+    cases = {"ddp": case_ddp, "comm": case_comm, "timeout": case_timeout, "cuda": case_cuda}
+    cases[case](rank, size, *args)
     dist.barrier()
     dist.destroy_process_group()
 
