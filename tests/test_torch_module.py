@@ -37,6 +37,19 @@ TOL = {torch.float32: 5e-6, torch.float64: 1e-12}
 SUM_TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
 
 
+# CPU always; CUDA where a GPU is (marked gpu, so scripts/gpu_check.sh runs it).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=(
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ),
+]
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
     got, want = got.detach(), want.detach()
     assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
@@ -197,17 +210,18 @@ def _call(module, x, w, b):
     return torch.func.functional_call(module, {"weight": w, "bias": b}, (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradcheck_one_rank(training, channels_last) -> None:
+def test_gradcheck_one_rank(training, channels_last, device) -> None:
     gen = torch.Generator().manual_seed(4)
-    bn = SyncBatchNorm(C, dtype=torch.float64).train(training)
+    bn = SyncBatchNorm(C, dtype=torch.float64, device=device).train(training)
     bn.running_var.fill_(0.7)
-    x = torch.randn(3, C, 2, 3, generator=gen, dtype=torch.float64) * 2 + 1
+    x = (torch.randn(3, C, 2, 3, generator=gen, dtype=torch.float64) * 2 + 1).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
-    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b = torch.randn(C, generator=gen, dtype=torch.float64).to(device)
     inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w, b: _call(bn, x, w, b), inputs)
 
@@ -245,13 +259,14 @@ class _ThreadRanks(torch.autograd.Function):
         return dx, sum(g[1] for g in grads), sum(g[2] for g in grads), None, None
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sizes", [[2, 3, 0], [1, 1, 3]])
-def test_gradcheck_three_thread_ranks_uneven_shards(sizes) -> None:
+def test_gradcheck_three_thread_ranks_uneven_shards(sizes, device) -> None:
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(sum(sizes), C, 2, generator=gen, dtype=torch.float64) + 1
-    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
-    b = torch.randn(C, generator=gen, dtype=torch.float64)
-    modules = [SyncBatchNorm(C, dtype=torch.float64) for _ in sizes]
+    x = (torch.randn(sum(sizes), C, 2, generator=gen, dtype=torch.float64) + 1).to(device)
+    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b = torch.randn(C, generator=gen, dtype=torch.float64).to(device)
+    modules = [SyncBatchNorm(C, dtype=torch.float64, device=device) for _ in sizes]
     inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
     assert torch.autograd.gradcheck(
         lambda x, w, b: _ThreadRanks.apply(x, w, b, modules, sizes), inputs
@@ -545,16 +560,19 @@ def test_importing_arraysyncbn_does_not_import_torch() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_cuda_tensors_match_batchnorm2d(dtype) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_tensors_match_batchnorm2d(dtype, channels_last) -> None:
     ours, ref = _pair(torch.float32)
     ours, ref = ours.cuda(), ref.cuda()
-    x = torch.randn(4, C, 5, 5, device="cuda").to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, C, 5, 5, device="cuda").to(dtype).contiguous(memory_format=fmt)
     dy = torch.randn(x.shape, device="cuda").to(dtype)
     y, g = _grads(ours, x, dy)
     y_ref, g_ref = _grads(ref, x, dy)
-    tol = 1e-2 if dtype == torch.float16 else 1e-5
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
     assert y.device == x.device and y.dtype == dtype
+    assert y.is_contiguous(memory_format=fmt)
     _close(y.float(), y_ref.float(), tol, "y")
     _close(g[0].float(), g_ref[0].float(), tol, "dx")
     _close(ours.running_mean, ref.running_mean, 1e-5, "running_mean")
