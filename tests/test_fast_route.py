@@ -8,6 +8,7 @@ memory layouts, ``out=``, threads, its switches and its memory use.
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 import warnings
 
@@ -327,3 +328,32 @@ def test_dy_in_another_layout_is_copied_once_per_backward(monkeypatch) -> None:
     _close(dx2, 2.0 * dx1)
     monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
     _close(dx1, _step(x, dy, *params)["dx"])
+
+
+def test_threaded_kernels_leave_torch_thread_count_alone() -> None:
+    """Starting numba's OpenMP pool used to set torch's thread count to numba's
+    (torch and numba can share one OpenMP runtime). A fresh process, since
+    the pool starts once."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = (
+        "import torch, numpy as np, arraysyncbn as s\n"
+        "from arraysyncbn._fast import host\n"
+        "torch.set_num_threads(1); torch.get_num_threads()\n"
+        "host.PARALLEL_MIN_BYTES = 0\n"
+        "x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)\n"
+        "y, _, _, saved = s.sync_batch_norm_forward(x, None, None, None, None)\n"
+        "s.sync_batch_norm_backward(y, saved)\n"
+        "assert saved.kern.parts == 2, saved.kern.parts\n"
+        "import numba; print(numba.threading_layer(), torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
+    env.update(NUMBA_NUM_THREADS="2", ARRAYSYNCBN_THREADS="2")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    layer, threads = done.stdout.split()
+    assert threads == "1", (layer, threads)
