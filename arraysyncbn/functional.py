@@ -1,6 +1,6 @@
 """One SyncBN step: validate, compute local moments, allreduce once, normalize.
 
-This module owns the path of a training step (``DESIGN.md``, ``docs/numerics.md``)::
+This module owns the path of a training step (``docs/numerics.md`` gives the numerics)::
 
     x ─validate─> local moments ─pack─> allreduce ─unpack─> mean, var, N ─> y
 
