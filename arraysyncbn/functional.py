@@ -510,26 +510,32 @@ def _batch_statistics(
     center: Array | None,
     shape: tuple[int, ...],
     label: CallLabel,
-) -> tuple[int, Array]:
-    """Return the global N and the reduced buffer ``[N, Σ(x − K), Σ(x − K)²]``.
+) -> tuple[int, Array, bool]:
+    """Return the global N, the reduced buffer ``[N, Σ(x − K), Σ(x − K)²]``
+    and whether every rank merged around a center or none did.
 
-    Exactly one allreduce, with the center K every rank shares and the
-    call's signature appended (and checked, then dropped). ``io`` (host
-    route) hands the buffer to the communicator as an array of the caller's
-    library. The decisions on N are taken from the reduced buffer, which is
-    the same on every rank.
+    Exactly one allreduce, with the center K every rank shares and, beyond
+    one rank, whether this rank has one and the call's signature appended
+    (and checked, then dropped). ``io`` (host route) hands the buffer to the
+    communicator as an array of the caller's library. The decisions are
+    taken from the reduced buffer, which is the same on every rank.
     """
     bits = 53 if exact_count else 24
     # A world of one is always in step with itself: no signature to carry.
-    tail = signature_values(label, "sum", bits, comm.size) if comm.size > 1 else ()
+    tail: tuple[float, ...] = ()
+    if comm.size > 1:
+        tail = (float(center is not None), *signature_values(label, "sum", bits, comm.size))
     buf = _allreduce_signed(kern.pack_statistics(x, center, tail), comm, io, label)
     base = 1 + 2 * channels
     if tuple(buf.shape) != (base + len(tail),):
         raise CollectiveMismatchError(
             f"the reduced buffer has shape {tuple(buf.shape)}, expected ({base + len(tail)},)"
         )
+    agreed = True
     if tail:
-        _check_signature(buf, base, label, "sum", bits, comm)
+        _check_signature(buf, base + 1, label, "sum", bits, comm)
+        centered = buf.item(base) if type(buf) is np.ndarray else float(buf[base])
+        agreed = centered in (0.0, float(comm.size))
         buf = buf[:base]
     count = _global_count(buf, exact_count)
     if count == 1:
@@ -537,7 +543,33 @@ def _batch_statistics(
             "expected more than 1 value per channel when using batch statistics, got a "
             f"global batch of 1 (input shape {shape} on rank {comm.rank})"
         )
-    return count, buf
+    return count, buf, agreed
+
+
+def _second_pass(
+    kern: Any,
+    x: Array,
+    channels: int,
+    comm: Communicator,
+    io: Any,
+    exact_count: bool,
+    center: Array | None,
+    caller_x: Array,
+    label: CallLabel,
+    count: int,
+) -> tuple[int, Array]:
+    """The statistics allreduce again, around ``center`` (every rank alike);
+    ``(N, reduced buffer)``. Raises if N differs from the first pass's."""
+    again, buf, _ = _batch_statistics(
+        kern, x, channels, comm, io=io, exact_count=exact_count, center=center,
+        shape=tuple(caller_x.shape), label=label.with_pass("recenter"),
+    )  # fmt: skip
+    if again != count:
+        raise CollectiveMismatchError(
+            f"the second statistics pass counted {again} elements per channel, "
+            f"the first {count}: ranks passed different batches"
+        )
+    return again, buf
 
 
 def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
@@ -865,10 +897,19 @@ def sync_batch_norm_forward(
             affine=weight is not None or bias is not None,
             track_running_stats=running_mean is not None, label=label.with_pass("check"),
         )  # fmt: skip
-    count, buf = _batch_statistics(
+    count, buf, agreed = _batch_statistics(
         kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
         center=center, shape=tuple(x.shape), label=label,
     )  # fmt: skip
+    if not agreed:
+        # Some ranks merged around a center and some around zero (a layer's
+        # state loaded, or its comm set, on some ranks only): the sums mix
+        # centers, so every rank merges again around zero, and they share
+        # the next center again.
+        center = None
+        count, buf = _second_pass(
+            kern, xk, channels, communicator, io, sdt == xp.float64, None, x, label, count
+        )
     if count == 0:
         zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
         mean = var = zeros
@@ -889,15 +930,9 @@ def sync_batch_norm_forward(
             # every rank) show the one-pass merge cancelled, so every rank
             # merges again around the reduced mean.
             center = st.center
-            again, buf = _batch_statistics(
-                kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
-                center=center, shape=tuple(x.shape), label=label.with_pass("recenter"),
-            )  # fmt: skip
-            if again != count:
-                raise CollectiveMismatchError(
-                    f"the second statistics pass counted {again} elements per channel, "
-                    f"the first {count}: ranks passed different batches"
-                )
+            buf = _second_pass(
+                kern, xk, channels, communicator, io, sdt == xp.float64, center, x, label, count
+            )[1]
             st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
         _warn_if_imprecise(st.loss, warn)
         if st.nonfinite:
@@ -981,10 +1016,11 @@ def sync_batch_norm_backward(
         label = saved.label.with_pass("backward")  # type: ignore[union-attr]
     if signed:
         bits = 53 if saved.invstd.dtype == xp.float64 else 24
-        # One padding value: as long as the forward's buffer, so that a rank
-        # in a forward and one in a backward fail on the signature, not on
-        # mismatched lengths (which MPI does not promise to detect).
-        tail = (0.0, *signature_values(label, "sum", bits, saved.comm.size))
+        # Two padding values (the forward's count and center flag): as long
+        # as the forward's buffer, so that a rank in a forward and one in a
+        # backward fail on the signature, not on mismatched lengths (which
+        # MPI does not promise to detect).
+        tail = (0.0, 0.0, *signature_values(label, "sum", bits, saved.comm.size))
         packed = kern.pack_backward(dy, x, f, saved.invstd, tail)
     else:
         packed = kern.pack_backward(dy, x, f, saved.invstd, ())
@@ -999,7 +1035,7 @@ def sync_batch_norm_backward(
                 f"the reduced buffer has shape {tuple(buf.shape)}, expected {tuple(packed.shape)}"
             )
         if signed:
-            _check_signature(buf, 2 * channels + 1, label, "sum", bits, saved.comm)
+            _check_signature(buf, 2 * channels + 2, label, "sum", bits, saved.comm)
             buf = buf[: 2 * channels]
         mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)

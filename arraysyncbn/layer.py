@@ -306,8 +306,10 @@ class SyncBatchNorm:
         is atomic: every entry is checked and converted before any is
         assigned, so a bad entry leaves the layer as it was. It also forgets
         the last forward (``backward`` needs a new one) and the merge center
-        the next forward would have used; call it on every rank alike, as the
-        center must be the same on every rank.
+        the next forward would have used. Load on every rank alike: a load
+        on some ranks only leaves them with other running statistics, and
+        costs the next forward a second statistics allreduce (the ranks'
+        centers differ, which the reduced buffer shows every rank).
 
         Raises
         ------

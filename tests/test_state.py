@@ -259,3 +259,62 @@ def test_state_dict_count_is_a_0d_int64_array_of_the_layer_namespace(backend) ->
     count = bn.state_dict()["num_batches_tracked"]
     assert_like(count, backend.xp.zeros((), dtype=backend.xp.int64, device=backend.device))
     assert int(count) == 1 and isinstance(bn.num_batches_tracked, int)
+
+
+@pytest.mark.parametrize("module", ["array", "torch"])
+def test_a_load_on_some_ranks_only_still_gives_the_global_statistics(module) -> None:
+    """Each layer merges around its last reduced mean. Loading a state on
+    rank 0 only clears rank 0's center while rank 1 keeps its own; the
+    sums then mix centers. Every rank must notice (from the reduced buffer)
+    and merge again, giving the whole batch's statistics, now and at later
+    steps."""
+    rng = np.random.default_rng(11)
+    batches = [rng.normal(50.0, 2.0, size=(6, 3, 4)) for _ in range(3)]
+    # Identity affine parameters, so that only the state behind them differs.
+    state = {**_state(), "weight": np.ones(3), "bias": np.zeros(3)}
+    sizes = (2, 4)
+    comms = sbn.thread_group(2)
+    if module == "torch":
+        torch = pytest.importorskip("torch")
+        from arraysyncbn.torch import SyncBatchNorm
+
+        layers = [SyncBatchNorm(3, dtype=torch.float64, comm=k) for k in comms]
+
+        def step(layer, x):
+            return layer(torch.from_numpy(x)).detach().numpy()
+
+        def load(layer):
+            layer.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+
+        def running(layer):
+            return layer.running_mean.numpy().copy()
+    else:
+        layers = [sbn.SyncBatchNorm(3, xp=np, dtype="float64", comm=k) for k in comms]
+
+        def step(layer, x):
+            return to_numpy(layer(x))
+
+        def load(layer):
+            layer.load_state_dict(state)
+
+        def running(layer):
+            return to_numpy(layer.running_mean).copy()
+
+    def rank(comm):
+        out = []
+        for i, x in enumerate(batches):
+            if i == 1 and comm.rank == 0:
+                load(layers[0])  # rank 0 only
+            shard = np.split(x, np.cumsum(sizes)[:-1])[comm.rank]
+            out.append((step(layers[comm.rank], shard), running(layers[comm.rank])))
+        return out
+
+    got = sbn.run_ranks(rank, comms)
+    for i, x in enumerate(batches):
+        mean, std = x.mean(axis=(0, 2)), x.std(axis=(0, 2))
+        whole = (x - mean[:, None]) / np.sqrt(std[:, None] ** 2 + 1e-5)
+        y = np.concatenate([got[r][i][0] for r in range(2)])
+        np.testing.assert_allclose(y, whole, rtol=0, atol=1e-9, err_msg=f"step {i}")
+    # Before the load the ranks hold the same running statistics (after it,
+    # rank 0's started from the loaded ones).
+    assert np.array_equal(got[0][0][1], got[1][0][1])
