@@ -100,12 +100,15 @@ class _SyncState:
     ``torch.nn.Module.__setattr__`` costs microseconds, and these change
     on every call."""
 
-    __slots__ = ("calls", "center", "checked", "layer")
+    __slots__ = ("calls", "center", "checked", "device", "layer")
 
     def __init__(self) -> None:
         # The merge center: the last reduced mean, the same bits on every
-        # rank of the communicator it came from.
+        # rank of the communicator it came from, and the device of the input
+        # it came from (the center itself lives where statistics are merged,
+        # the host for a device without float64).
         self.center: torch.Tensor | None = None
+        self.device: torch.device | None = None
         self.checked = False  # whether the consistency check ran there
         # Layer number on the communicator, given at the first communicating
         # call (not at construction: a copy built on one rank only must not
@@ -362,9 +365,8 @@ class SyncBatchNorm(_BatchNorm):
         center = label = None
         check = False
         if training:
-            center = state.center
-            if center is not None and center.device != x.device:
-                center = None  # the module moved; the next reduced mean replaces it
+            # A module moved to another device: the next reduced mean replaces it.
+            center = state.center if state.device == x.device else None
             check = not state.checked or self._check_every_call
             if state.layer is None:
                 state.layer = next_layer(self._comm)
@@ -402,7 +404,7 @@ class SyncBatchNorm(_BatchNorm):
                     self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
             # Not saved.mean: a channel whose batch was not finite keeps its
             # last finite center, or one NaN batch would poison every merge.
-            state.center = saved.center  # type: ignore[union-attr]
+            state.center, state.device = saved.center, x.device  # type: ignore[union-attr]
         return y
 
     # Opaque to torch.compile (a graph break): the step runs numba kernels and
