@@ -203,12 +203,39 @@ def _check_hyper(eps: Any, momentum: Any) -> None:
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
 
 
-def _check_count(num_batches_tracked: Any) -> None:
-    """TypeError unless an int (numpy integers too), ValueError if negative."""
-    if as_int(num_batches_tracked, "num_batches_tracked") < 0:
+def _check_count(num_batches_tracked: Any) -> int:
+    """``num_batches_tracked`` as an int; TypeError unless an integer (numpy
+    integers and 0-d integer tensors too), ValueError if negative."""
+    count = as_int(num_batches_tracked, "num_batches_tracked")
+    if count < 0:
         raise ValueError(
             f"num_batches_tracked must be a non-negative int, got {num_batches_tracked!r}"
         )
+    return count
+
+
+def _check_training(training: Any) -> None:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+
+
+def _shares_memory(a: Array, b: Array) -> bool:
+    """Whether ``a`` and ``b`` may overlap in memory (False where that cannot be told)."""
+    if a is b:
+        return True
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    lib = type(a).__module__.split(".")[0]
+    if lib == "torch":
+        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    if lib == "cupy":
+        import cupy
+
+        return bool(cupy.may_share_memory(a, b))
+    try:  # host memory of other libraries: zero-copy numpy views
+        return bool(np.may_share_memory(np.from_dlpack(a), np.from_dlpack(b)))
+    except Exception:  # no DLPack, or not host memory
+        return False
 
 
 def _validate_forward(
@@ -221,8 +248,8 @@ def _validate_forward(
     eps: Any,
     momentum: Any,
     num_batches_tracked: Any,
-) -> tuple[Any, int]:
-    """Check every argument of a forward; return ``(xp, axis)``."""
+) -> tuple[Any, int, int]:
+    """Check every argument of a forward; return ``(xp, axis, num_batches_tracked)``."""
     xp = _namespace(
         x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
@@ -246,8 +273,7 @@ def _validate_forward(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     _check_hyper(eps, momentum)
-    _check_count(num_batches_tracked)
-    return xp, ax
+    return xp, ax, _check_count(num_batches_tracked)
 
 
 def statistics_device(xp: Any, device: Any) -> tuple[Any, Any]:
@@ -687,8 +713,14 @@ def _numpy_args_valid(
     if (params[2] is None) != (params[3] is None):
         return False
     if out is not None and (
-        type(out) is not np.ndarray or out.shape != x.shape or out.dtype != x.dtype
+        type(out) is not np.ndarray
+        or out.shape != x.shape
+        or out.dtype != x.dtype
+        or not out.flags.writeable
+        or np.may_share_memory(out, x)
     ):
+        return False
+    if center is not None and not np.isfinite(center).all():
         return False
     if type(eps) is not float or not 0.0 < eps < math.inf:
         return False
@@ -703,7 +735,12 @@ def _host_grads_valid(x: np.ndarray, dy: Any, out: Any) -> bool:
         return False
     if out is None:
         return True
-    return type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype
+    return (
+        type(out) is np.ndarray
+        and out.shape == x.shape
+        and out.dtype == x.dtype
+        and out.flags.writeable
+    )
 
 
 def _validate_center(xp: Any, x: Array, ax: int, center: Array) -> None:
@@ -712,9 +749,13 @@ def _validate_center(xp: Any, x: Array, ax: int, center: Array) -> None:
     _check_floating(xp, "center", center)
     if tuple(center.shape) != (x.shape[ax],):
         raise ValueError(f"center must have shape ({x.shape[ax]},), got {tuple(center.shape)}")
+    if not bool(xp.all(xp.isfinite(center))):
+        raise ValueError("center must be finite")
 
 
-def _validate_out(xp: Any, x: Array, out: Array, name: str = "out") -> None:
+def _validate_out(xp: Any, x: Array, out: Array, name: str = "out", *, kept: bool = False) -> None:
+    """Check ``out`` against x; ``kept``: x is kept for the backward, so
+    ``out`` must not overlap it."""
     if _namespace(x=x, **{name: out}) is not xp:
         raise TypeError(f"{name} comes from a different array library than x")
     _check_devices(x=x, **{name: out})
@@ -722,6 +763,13 @@ def _validate_out(xp: Any, x: Array, out: Array, name: str = "out") -> None:
         raise ValueError(
             f"{name} must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
             f"{tuple(out.shape)} and {out.dtype}"
+        )
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if kept and _shares_memory(out, x):
+        raise ValueError(
+            f"{name} shares memory with x, which the backward reads: y cannot be "
+            "written over x (use a separate output array)"
         )
 
 
@@ -787,7 +835,8 @@ def sync_batch_norm_forward(
         :class:`PrecisionWarning` remains only for a loss that even the
         second pass could not repair.
     out : array like x, or None
-        Where to write y (same shape, dtype, library and device as x). On
+        Where to write y (same shape, dtype, library and device as x; not
+        overlapping x, which the backward reads; writeable). On
         the host route it is written in place, so a training loop that
         passes the same buffer each step saves a fresh x-sized allocation;
         on the portable route y is computed, then copied into it. An ``out``
@@ -808,7 +857,9 @@ def sync_batch_norm_forward(
         when nothing was updated (eval, or global N = 0).
     saved : SavedForBackward
         Pass to :func:`sync_batch_norm_backward`; ``saved.count`` is the
-        global N (0: statistics were not updated).
+        global N (0: statistics were not updated). It holds x itself (a
+        view, not a copy): x must not change before the backward, which
+        would otherwise differentiate the new values silently.
 
     Raises
     ------
@@ -842,18 +893,25 @@ def sync_batch_norm_forward(
     xk, outk = x, out
     io = _fast.host_io(x)
     views = None if io is None else io.views((x, *params, center, out))
-    if views is not None and _numpy_args_valid(
-        views[0], views[1:5], axis, eps, momentum, num_batches_tracked, views[5], views[6]
+    if (
+        views is not None
+        and type(training) is bool
+        and _numpy_args_valid(
+            views[0], views[1:5], axis, eps, momentum, num_batches_tracked, views[5], views[6]
+        )
     ):
         # Lean path: plain host arrays, checked as numpy views in one go.
         xk, params, center, outk = views[0], views[1:5], views[5], views[6]
         xp, ax = np, axis % x.ndim
     else:
-        xp, ax = _validate_forward(x, *params, axis, eps, momentum, num_batches_tracked)
+        xp, ax, num_batches_tracked = _validate_forward(
+            x, *params, axis, eps, momentum, num_batches_tracked
+        )
+        _check_training(training)
         if center is not None:
             _validate_center(xp, x, ax, center)
         if out is not None:
-            _validate_out(xp, x, out)
+            _validate_out(xp, x, out, kept=True)
         if io is not None:
             xk, outk = io.to_numpy(x), io.to_numpy(out)
             params = tuple(io.to_numpy(a) for a in params)
@@ -892,10 +950,14 @@ def sync_batch_norm_forward(
     elif not isinstance(label, CallLabel):
         raise TypeError(f"label must be a CallLabel or None, got {type(label).__name__}")
     if check:
+        affine_param = next((a for a in caller_params[:2] if a is not None), None)
         check_consistency(
             communicator, x, num_features=channels, axis=ax, eps=eps, momentum=momentum,
             affine=weight is not None or bias is not None,
             track_running_stats=running_mean is not None, label=label.with_pass("check"),
+            parameter_dtype=None if affine_param is None else affine_param.dtype,
+            statistics_dtype=None if running_mean is None else caller_params[2].dtype,
+            num_batches_tracked=num_batches_tracked,
         )  # fmt: skip
     count, buf, agreed = _batch_statistics(
         kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
@@ -1098,12 +1160,27 @@ def _show_bool(v: float) -> str:
     return str(bool(v))
 
 
+def _dtype_code(dtype: Any) -> float:
+    """``dtype``'s code in the check (0 for None: no such arrays)."""
+    return 0.0 if dtype is None else _DTYPE_CODES.get(_dtype_name(dtype), 99.0)
+
+
 def _show_dtype(v: float) -> str:
+    if v == 0.0:
+        return "None"
     return {code: name for name, code in _DTYPE_CODES.items()}.get(v, "other")
 
 
 def _show_momentum(v: float) -> str:
     return "None" if v == _MOMENTUM_NONE else repr(v)
+
+
+_UNUSED = -1.0
+"""A compared count that does not matter (``num_batches_tracked`` with a momentum)."""
+
+
+def _show_count(v: float) -> str:
+    return "unused (a momentum is set)" if v == _UNUSED else str(int(v))
 
 
 def _show_float(v: float) -> str:
@@ -1121,6 +1198,9 @@ def check_consistency(
     affine: bool = True,
     track_running_stats: bool = True,
     label: CallLabel | None = None,
+    parameter_dtype: Any = None,
+    statistics_dtype: Any = None,
+    num_batches_tracked: int = 0,
 ) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
@@ -1128,9 +1208,11 @@ def check_consistency(
     across ranks the channel count, the input dtype, the channel axis, the
     number of dimensions, the ``ARRAYSYNCBN_CHECK`` setting (which decides
     whether later calls check again, so it must agree too), ``eps`` and
-    ``momentum`` (bit for bit; ``None`` included), and whether the layer is
-    ``affine`` and tracks running statistics. Ranks that differ in any of
-    these would otherwise drift apart silently (different running
+    ``momentum`` (bit for bit; ``None`` included), whether the layer is
+    ``affine`` and tracks running statistics, the dtypes of its parameters
+    and running statistics (None: it has none), and, with ``momentum=None``
+    (a cumulative average), ``num_batches_tracked``. Ranks that differ in any
+    of these would otherwise drift apart silently (different running
     statistics) or, for ``track_running_stats``, take different collectives
     in eval mode. Call it with arguments that passed validation, on every
     rank, at the same point of the program. The defaults of the keyword
@@ -1157,7 +1239,13 @@ def check_consistency(
         _Field("momentum", [m, *_bits16(m)], _show_momentum),
         _Field("affine", [float(bool(affine))], _show_bool),
         _Field("track_running_stats", [float(bool(track_running_stats))], _show_bool),
+        _Field("parameter dtype", [_dtype_code(parameter_dtype)], _show_dtype),
+        _Field("running statistics dtype", [_dtype_code(statistics_dtype)], _show_dtype),
     ]
+    # The cumulative average's weight (momentum=None) depends on the count;
+    # always present, so that every rank's buffer has the same length.
+    n = float(num_batches_tracked) if momentum is None else _UNUSED
+    fields.append(_Field("num_batches_tracked", [n, *_bits16(n)], _show_count))
     values = [v for f in fields for v in f.values]
     # On the statistics device in its dtype, like the statistics buffer, so
     # ranks whose x sits on different kinds of device still pass the same MPI type.

@@ -426,7 +426,9 @@ class SyncBatchNorm:
 
         ``grad_weight``/``grad_bias`` are this rank's contributions (None
         without ``affine``), not reduced across ranks. A ``dy`` that is not
-        an array is a TypeError.
+        an array is a TypeError. The forward kept its x itself (not a copy):
+        x must not have changed since, or the gradients belong to the new
+        values (numpy has no version counter to catch it, unlike autograd).
         """
         if not array_api_compat.is_array_api_obj(dy):
             raise TypeError(f"dy must be an array, got {type(dy).__name__}")

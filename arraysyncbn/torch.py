@@ -42,7 +42,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
-from .comm.base import Communicator, as_communicator
+from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, next_layer
 
 __all__ = ["BatchNormXd", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -247,7 +247,8 @@ class SyncBatchNorm(_BatchNorm):
     The running statistics are updated in place from the global batch, with
     Bessel's correction by the global element count; every rank gets the
     same bits. The first training forward checks that all ranks agree on C,
-    dtype, eps, momentum, affine and track_running_stats
+    dtype, eps, momentum, affine, track_running_stats, the parameters' and
+    buffers' dtypes and, with ``momentum=None``, ``num_batches_tracked``
     (:class:`~arraysyncbn.CollectiveMismatchError` on every rank if not).
     Statistics are merged around the last reduced batch mean (kept per
     module, forgotten on ``load_state_dict`` and when ``comm`` changes), so
@@ -355,7 +356,20 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if torch.compiler.is_compiling():
             return self._opaque_step(input)
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            raise RuntimeError(_NO_JIT)
+        if input.is_meta:  # shapes only (no data, nothing to synchronize)
+            return _local_batch_norm(self, input)
         return self._step(input)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if not isinstance(self._comm, SelfCommunicator):
+            raise TypeError(
+                f"a SyncBatchNorm synchronized over {self._comm!r} cannot be pickled (its "
+                "communicator is a handle on other processes or threads): save "
+                "model.state_dict() instead, or set comm=None first"
+            )
+        return super().__getstate__()  # type: ignore[no-any-return]
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         training, tracking = self.training, self.track_running_stats
@@ -416,6 +430,28 @@ class SyncBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, comm={self._comm!r}"
 
 
+_NO_JIT = (
+    "arraysyncbn.torch.SyncBatchNorm cannot be traced or scripted by torch.jit (its step "
+    "runs compiled kernels and collectives outside TorchScript); use torch.compile, or "
+    "revert_sync_batchnorm(model) for export"
+)
+
+
+def _local_batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Plain torch batch norm of ``x`` with ``module``'s parameters and buffers."""
+    tracking = module.track_running_stats
+    return torch.nn.functional.batch_norm(
+        x,
+        module.running_mean if tracking else None,
+        module.running_var if tracking else None,
+        module.weight,
+        module.bias,
+        module.training or not tracking,
+        0.0 if module.momentum is None else module.momentum,
+        module.eps,
+    )
+
+
 class BatchNormXd(_BatchNorm):
     """Plain torch batch norm (``torch.nn.functional.batch_norm``) for input of any rank ≥ 2.
 
@@ -429,15 +465,6 @@ class BatchNormXd(_BatchNorm):
             raise ValueError(
                 f"expected input of at least 2 dimensions (N, C, *), got shape {tuple(input.shape)}"
             )
-
-
-_CONVERTIBLE = (
-    torch.nn.BatchNorm1d,
-    torch.nn.BatchNorm2d,
-    torch.nn.BatchNorm3d,
-    torch.nn.SyncBatchNorm,
-    SyncBatchNorm,
-)
 
 
 def _moved(old: _BatchNorm, new: _BatchNorm) -> _BatchNorm:
@@ -464,10 +491,12 @@ def convert_sync_batchnorm(
     """Replace every batch-norm layer of ``module`` with :class:`SyncBatchNorm`.
 
     Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: every
-    ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (and this
-    package's own :class:`SyncBatchNorm`, which gets the new ``comm``) is
-    replaced by a :class:`SyncBatchNorm` over ``comm`` that holds the *same*
-    parameter and buffer tensors (an optimizer built earlier keeps working;
+    batch-norm layer (a ``torch.nn.modules.batchnorm._BatchNorm``:
+    ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, lazy ones
+    that have seen an input, :class:`BatchNormXd`, and this package's own
+    :class:`SyncBatchNorm`, which gets the new ``comm``) is replaced by a
+    :class:`SyncBatchNorm` over ``comm`` that holds the *same* parameter
+    and buffer tensors (an optimizer built earlier keeps working;
     ``requires_grad``, device and dtype are kept) in the same training mode.
 
     Parameters
@@ -482,9 +511,22 @@ def convert_sync_batchnorm(
     torch.nn.Module
         ``module`` with its children replaced, or the new layer if
         ``module`` itself is a batch-norm layer.
+
+    Raises
+    ------
+    ValueError
+        A lazy batch-norm layer (``torch.nn.LazyBatchNorm2d``, ...) that has
+        not seen an input yet: its number of features is unknown.
     """
     out = module
-    if isinstance(module, _CONVERTIBLE):
+    if isinstance(module, _BatchNorm):
+        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and (
+            module.has_uninitialized_params()
+        ):
+            raise ValueError(
+                f"{type(module).__name__} has not seen an input yet, so its number of "
+                "features is unknown: run one forward before convert_sync_batchnorm"
+            )
         out = _moved(
             module,
             SyncBatchNorm(

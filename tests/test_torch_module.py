@@ -632,3 +632,61 @@ def test_a_nan_batch_does_not_poison_the_module() -> None:
     want = torch.nn.functional.batch_norm(x2, None, None, training=True)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+# -- found by an adversarial review ---------------------------------------------------
+def test_convert_refuses_an_uninitialized_lazy_layer_and_converts_an_initialized_one() -> None:
+    """A LazyBatchNorm2d was skipped (it is no BatchNorm2d until its first
+    input), so it trained without synchronization, silently."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="run one forward before convert_sync_batchnorm"):
+        convert_sync_batchnorm(model)
+    model(torch.randn(2, 3, 5, 5))
+    assert type(convert_sync_batchnorm(model)[1]) is SyncBatchNorm
+
+
+def test_torch_jit_refuses_clearly() -> None:
+    bn = SyncBatchNorm(3)
+    with pytest.raises(RuntimeError, match=r"cannot be traced or scripted by torch\.jit"):
+        torch.jit.trace(bn, torch.randn(4, 3, 2))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_meta_tensors_give_shapes(training) -> None:
+    bn = SyncBatchNorm(3, device="meta").train(training)
+    y = bn(torch.empty(4, 3, 5, device="meta"))
+    assert y.is_meta and y.shape == (4, 3, 5)
+
+
+def test_pickling_refuses_a_communicator_and_works_without() -> None:
+    import pickle
+
+    bn = SyncBatchNorm(3, comm=sbn.thread_group(2)[0])
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(bn)
+    bn.comm = None
+    bn(torch.randn(4, 3))
+    back = pickle.loads(pickle.dumps(bn))
+    assert torch.equal(back.running_mean, bn.running_mean)
+    x = torch.randn(4, 3)
+    assert torch.equal(back(x), bn(x))
+
+
+@pytest.mark.parametrize("differ", ["num_batches_tracked", "parameter dtype"])
+def test_ranks_with_different_counts_or_parameter_dtypes_raise(differ) -> None:
+    """Both made the running statistics differ between ranks, silently."""
+    comms = sbn.thread_group(2, timeout=30)
+
+    def rank(comm):
+        dtype = torch.float64 if differ == "parameter dtype" and comm.rank else torch.float32
+        bn = SyncBatchNorm(3, momentum=None, comm=comm, dtype=dtype)
+        if differ == "num_batches_tracked" and comm.rank:
+            bn.num_batches_tracked.fill_(10)
+        try:
+            bn(torch.randn(4, 3))
+        except sbn.CollectiveMismatchError as exc:
+            return str(exc)
+        return "no error"
+
+    for msg in sbn.run_ranks(rank, comms):
+        assert f"{differ} differs" in msg, msg

@@ -215,3 +215,58 @@ def test_backward_of_none_is_a_type_error(backend) -> None:
         sbn.sync_batch_norm_backward(None, saved)
     with pytest.raises(TypeError, match="dy must be an array, got list"):
         sbn.sync_batch_norm_backward([[1.0]], saved)
+
+
+# -- found by an adversarial review ---------------------------------------------------
+def test_out_overlapping_x_is_rejected(backend) -> None:
+    """y written over x would leave the backward reading y as x: silently wrong
+    gradients (found: dx off by 0.5)."""
+    x = _x(backend)
+    for out in (x, x[...]):
+        with pytest.raises(ValueError, match="shares memory with x"):
+            sbn.sync_batch_norm_forward(x, None, None, None, None, out=out, comm=ForbiddenComm())
+
+
+def test_read_only_out_is_a_value_error() -> None:
+    x = np.arange(24.0).reshape(4, 3, 2)
+    out = np.empty_like(x)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        sbn.sync_batch_norm_forward(x, None, None, None, None, out=out)
+    *_, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
+    with pytest.raises(ValueError, match="read-only"):
+        sbn.sync_batch_norm_backward(np.ones_like(x), saved, out=out)
+
+
+def test_a_zero_d_integer_count_is_taken_as_its_value() -> None:
+    """``num_batches_tracked`` straight from a module's buffer (a 0-d tensor) used
+    to reach the compiled kernels unconverted (a numba TypingError)."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    got = sbn.sync_batch_norm_forward(
+        x, None, None, rm, rv, momentum=None, num_batches_tracked=torch.tensor(3)
+    )
+    want = sbn.sync_batch_norm_forward(x, None, None, rm, rv, momentum=None, num_batches_tracked=3)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_a_non_finite_center_is_a_value_error(backend) -> None:
+    x = _x(backend)
+    center = backend.asarray(np.array([0.0, np.nan, 1.0]), "float32")
+    with pytest.raises(ValueError, match="center must be finite"):
+        sbn.sync_batch_norm_forward(x, None, None, None, None, center=center, comm=ForbiddenComm())
+
+
+def test_training_must_be_a_bool(backend) -> None:
+    with pytest.raises(TypeError, match="training must be a bool"):
+        sbn.sync_batch_norm_forward(_x(backend), None, None, None, None, training="no")
+
+
+def test_run_ranks_needs_every_rank_of_the_group() -> None:
+    """A rank left out would leave the others waiting until the timeout."""
+    comms = sbn.thread_group(2, timeout=30)
+    with pytest.raises(ValueError, match="every rank of one thread_group"):
+        sbn.run_ranks(lambda c: c.allreduce(np.ones(2)), comms[:1])
+    with pytest.raises(ValueError, match="every rank of one thread_group"):
+        sbn.run_ranks(lambda c: None, [comms[0], sbn.thread_group(2)[1]])

@@ -208,6 +208,14 @@ def run_ranks(
     if not comms:
         raise ValueError("run_ranks needs at least one communicator")
     group = comms[0].group
+    if sorted(c.rank for c in comms) != list(range(comms[0].size)) or any(
+        c.group is not group for c in comms
+    ):
+        # A rank left out would leave the others waiting for it until the timeout.
+        raise ValueError(
+            "run_ranks needs every rank of one thread_group, each once, got ranks "
+            f"{[c.rank for c in comms]} of a group of {comms[0].size}"
+        )
     results: list[Any] = [None] * len(comms)
     errors: list[tuple[int, BaseException]] = []
     lock = threading.Lock()
