@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import Phase, settings
+from hypothesis import Phase, seed, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,9 @@ def code_blocks(path: Path, section: str) -> list[str]:
 
 def _readme_test(namespace: dict, examples: int):
     """The README's hypothesis test, with a fixed search: the verdict must not
-    depend on the profile or on luck; no shrinking, only the verdict matters."""
+    depend on the profile or on luck; no shrinking, only the verdict matters.
+    A fixed seed too: derandomize alone seeds from the function's source,
+    which for code exec'd from README.md depends on the working directory."""
     fixed = settings(
         max_examples=examples,
         derandomize=True,
@@ -39,7 +41,7 @@ def _readme_test(namespace: dict, examples: int):
         phases=[Phase.generate],
         report_multiple_bugs=False,
     )
-    return fixed(namespace["test_my_syncbn"])
+    return seed(20261127)(fixed(namespace["test_my_syncbn"]))
 
 
 def _readme_namespace() -> dict:
