@@ -210,12 +210,18 @@ def test_fast_switch_and_missing_numba_fall_back_to_portable(monkeypatch) -> Non
     assert "numba cannot be imported" in _fast.route_info()
 
 
-@pytest.mark.parametrize("dtype", ["float16"])
-def test_half_precision_runs_portable(dtype, monkeypatch) -> None:
-    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+@pytest.mark.parametrize("fast, route", [("1", "host"), ("0", "portable")])
+def test_half_precision_runs_the_host_route(fast, route, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
     x, dy, params = _data((4, 3, 10), 1, dtype=np.float32)
-    got = _step(x.astype(dtype), dy.astype(dtype), *params)
-    assert got["route"] == "portable" and got["y"].dtype == np.float16
+    got = _step(x.astype(np.float16), dy.astype(np.float16), *params)
+    assert got["route"] == route and got["y"].dtype == np.float16
+    assert got["dx"].dtype == np.float16 and got["rm"].dtype == np.float32
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float16, torch.bfloat16):
+        xt, dyt = torch.from_numpy(x).to(dtype), torch.from_numpy(dy).to(dtype)
+        got = _step(xt, dyt, *(torch.from_numpy(p) for p in params))
+        assert got["route"] == route and got["y"].dtype == dtype and got["dx"].dtype == dtype
 
 
 def test_thread_count_divides_the_pool_among_node_ranks(monkeypatch) -> None:
