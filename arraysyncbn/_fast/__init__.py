@@ -53,8 +53,7 @@ signed, to tell it from float16's, and what torch's zero-copy ``torch.int16``
 view of a bfloat16 tensor gives."""
 
 _F16 = np.dtype(np.float16)
-_WIDE = (np.dtype(np.float32), np.dtype(np.float64))
-_HOST_DTYPES = (_F16, *_WIDE)
+_HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), _F16)
 _TORCH_HOST_DTYPES: tuple[Any, ...] = ()
 _numba_error: str | None = None
 _host_module: Any = None
@@ -132,7 +131,7 @@ class HostIO:
         """Per-channel float ``v`` in ``dtype`` (a dtype of :meth:`to_numpy`'s
         arrays), rounded as the caller's library rounds: torch casts float64 to
         float16 and bfloat16 through float32 (two roundings), numpy directly."""
-        if self.library == "numpy" or dtype in _WIDE:
+        if self.library == "numpy" or not (dtype is BF16_BITS or dtype is _F16):
             return v.astype(dtype, copy=False)
         torch = _torch()
         target = torch.bfloat16 if dtype is BF16_BITS else torch.float16

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from . import F16_BITS, HostIO, values
+from . import BF16_BITS, F16_BITS, HostIO, values
 from . import host_jit as hk
 
 __all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
@@ -138,7 +138,7 @@ def empty_in_layout(x: np.ndarray, axis: int, mode: str, dtype: Any = None) -> n
 
 
 _F16 = np.dtype(np.float16)
-_WIDE = (np.dtype(np.float32), np.dtype(np.float64))
+_F32 = np.dtype(np.float32)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -147,9 +147,18 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(F16_BITS) if a.dtype is _F16 else a
 
 
-def _numbers(v: np.ndarray | None, default: np.ndarray) -> np.ndarray:
-    """A per-channel vector as the kernels take it: float32 or float64 numbers."""
-    return default if v is None else values(v)
+def _half(a: np.ndarray) -> bool:
+    """Whether a host-route array holds float16 or bfloat16 (by identity: the
+    dtypes numpy and torch give are numpy's own instances, and this is asked
+    on every call)."""
+    return a.dtype is _F16 or a.dtype is BF16_BITS
+
+
+def _any_half(vectors: tuple[Any, ...]) -> bool:
+    for a in vectors:
+        if a is not None and (a.dtype is _F16 or a.dtype is BF16_BITS):
+            return True
+    return False
 
 
 class HostKernels:
@@ -209,7 +218,7 @@ class HostKernels:
             return self._dy[1]
         view = self._view(a, x)
         if view is None:
-            work = x.dtype if x.dtype in _WIDE else np.dtype(np.float32)
+            work = _F32 if _half(x) else x.dtype
             copy = empty_in_layout(x, self.axis, self.mode, work)
             copy[...] = values(a)
             view = block_view(copy, self.axis, self.mode)
@@ -242,7 +251,7 @@ class HostKernels:
             _set_threads(self.parts)
             with _LAUNCH:
                 hk.stats_parallel(xb, k, part)
-        zero = _zeros(channels) if center is None else values(center).astype(np.float64)
+        zero = _zeros(channels) if center is None else values(center).astype(np.float64, copy=False)
         hk.pack_statistics(_merged(part), k, zero, float(n), buf)
         return buf
 
@@ -261,37 +270,60 @@ class HostKernels:
         channels = self.xb.shape[1]
         weight, bias, rm, rv = params
         update = momentum is not None and rm is not None
+        half = _any_half(params)
+        if half:  # the kernel takes numbers: half vectors as float32
+            weight, bias, rm, rv = (None if a is None else values(a) for a in params)
         stats = np.empty((5, channels))
         hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
         center = _zeros(channels) if center is None else values(center)
-        old = (_DUMMY, _DUMMY)
-        new = (_DUMMY, _DUMMY)
+        new_rm = new_rv = _DUMMY
         if update:
-            old = (values(rm), values(rv))
-            # Stored in float64 where the caller's dtype is not one the kernel
-            # can write; rounded and judged below.
-            new = tuple(
-                np.empty_like(a) if a.dtype in _WIDE else _zeros(channels) for a in (rm, rv)
-            )
+            # The kernel writes float32/float64 running statistics as stored and
+            # judges them; half ones it writes in float64, rounded and judged below.
+            new_rm, new_rv = np.empty_like(rm), np.empty_like(rv)
+            if half:
+                new_rm, new_rv = _zeros(channels), _zeros(channels)
         loss, bad = hk.finalize_forward(
-            buf, float(count), center, float(eps), _numbers(weight, _ones(channels)),
-            _numbers(bias, _zeros(channels)), *old, momentum if update else -1.0, size,
-            stats, hi, lo, scale, shift, *new,
+            buf, float(count), center, float(eps),
+            _ones(channels) if weight is None else weight,
+            _zeros(channels) if bias is None else bias,
+            rm if update else _DUMMY, rv if update else _DUMMY,
+            momentum if update else -1.0, size, stats, hi, lo, scale, shift, new_rm, new_rv,
         )  # fmt: skip
-        new_rm, new_rv = rm, rv
-        if update:
-            new_rm, new_rv = (self._stored(n, a) for n, a in zip(new, (rm, rv), strict=True))
-            bad += _keep_nonfinite(new_rm, new_rv, rm, rv, stats, center)
+        if not update:
+            new_rm, new_rv = params[2], params[3]
+        elif half:
+            new_rm, new_rv, lost = self._stored(new_rm, new_rv, params[2], params[3], stats, center)
+            bad += lost
         f = _types.Factors(hi, lo, scale, shift)
         return _types.Step(
             stats[0], stats[1], stats[2], f, new_rm, new_rv, loss, stats[3],
             tuple(np.flatnonzero(stats[4]).tolist()) if bad else (),
         )  # fmt: skip
 
-    def _stored(self, new: np.ndarray, like: np.ndarray) -> np.ndarray:
-        """A new running statistic in ``like``'s dtype (the kernel wrote float32
-        and float64 ones itself)."""
-        return new if new.dtype == like.dtype else self.io.cast(new, like.dtype)
+    def _stored(
+        self,
+        new_rm: np.ndarray,
+        new_rv: np.ndarray,
+        rm: np.ndarray,
+        rv: np.ndarray,
+        stats: np.ndarray,
+        center: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """float64 running statistics in rm's and rv's dtypes, rounded as the
+        caller's library rounds, and judged finite as stored: the channels
+        that are not keep their old statistics and their center. Returns both
+        and how many channels were lost.
+
+        Writes the kernel's ``stats`` rows 3 and 4 (next center, non-finite flag).
+        """
+        new_rm, new_rv = self.io.cast(new_rm, rm.dtype), self.io.cast(new_rv, rv.dtype)
+        lost = ~(np.isfinite(values(new_rm)) & np.isfinite(values(new_rv))) & (stats[4] == 0.0)
+        if not lost.any():
+            return new_rm, new_rv, 0
+        new_rm[lost], new_rv[lost] = rm[lost], rv[lost]
+        stats[3][lost], stats[4][lost] = center[lost], 1.0
+        return new_rm, new_rv, int(lost.sum())
 
     def cast(self, v: np.ndarray, dtype: Any) -> np.ndarray:
         """Per-channel float64 ``v`` (dweight, dbias) in ``dtype``, rounded as the
@@ -376,31 +408,6 @@ class _Types:
 
 
 _types = _Types()
-
-
-def _keep_nonfinite(
-    new_rm: np.ndarray,
-    new_rv: np.ndarray,
-    rm: np.ndarray,
-    rv: np.ndarray,
-    stats: np.ndarray,
-    center: np.ndarray,
-) -> int:
-    """Flag the channels whose new running statistics are not finite once
-    rounded to a half dtype, keep their old ones and their center; return
-    how many (the kernel judged the float32 and float64 ones itself).
-
-    In place: ``new_rm``, ``new_rv`` and the kernel's ``stats`` (rows 3 and 4:
-    the next center and the non-finite flag).
-    """
-    if new_rm.dtype in _WIDE and new_rv.dtype in _WIDE:
-        return 0
-    lost = ~(np.isfinite(values(new_rm)) & np.isfinite(values(new_rv))) & (stats[4] == 0.0)
-    if not lost.any():
-        return 0
-    new_rm[lost], new_rv[lost] = rm[lost], rv[lost]
-    stats[3][lost], stats[4][lost] = center[lost], 1.0
-    return int(lost.sum())
 
 
 def _merged(part: np.ndarray) -> np.ndarray:
