@@ -7,10 +7,13 @@ a shared machine hits every contender alike. Contenders, at the same thread
 count: the host route (fused numba kernels), the portable array-API route,
 and ``torch.nn.functional.batch_norm`` (training mode; autograd for the
 backward) when torch is installed. Each goes through its public API with
-weight, bias and running statistics, and fresh outputs (no ``out=``). For
-NCHW float32 cases, the modules too (``row["torch_module"]``, forward plus
-backward through autograd): :class:`arraysyncbn.torch.SyncBatchNorm`
-(``comm=None``) against PyTorch's unsynchronized ``torch.nn.BatchNorm2d``.
+weight, bias and running statistics, and fresh outputs (no ``out=``).
+Half-precision cases take float32 parameters, as mixed-precision models do;
+ours gets numpy float16 arrays, and torch bfloat16 tensors (numpy has no
+bfloat16; those cases need torch). For NCHW float32 and half-precision
+cases, the modules too (``row["torch_module"]``, forward plus backward
+through autograd): :class:`arraysyncbn.torch.SyncBatchNorm` (``comm=None``)
+against PyTorch's unsynchronized ``torch.nn.BatchNorm2d``.
 
 Also measured in the same run: the copy bandwidth (a copy of x runs in each
 case's rotation, so it meets the caches the contenders meet), and each
@@ -78,15 +81,32 @@ FULL_CASES = (
     Case("(64,2048)", (64, 2048), 1),
     Case("(64,128,1024)", (64, 128, 1024), 1),
     Case("(8,64,56,56) float64", (8, 64, 56, 56), 1, "float64"),
-    Case("(8,64,56,56) float16", (8, 64, 56, 56), 1, "float16"),
+    Case("(32,64,56,56) NCHW bfloat16", (32, 64, 56, 56), 1, "bfloat16"),
+    Case("(32,64,56,56) NCHW float16", (32, 64, 56, 56), 1, "float16"),
+    Case("(8,256,14,14) NCHW bfloat16", (8, 256, 14, 14), 1, "bfloat16"),
+    Case("(8,256,14,14) NCHW float16", (8, 256, 14, 14), 1, "float16"),
     Case("(4,8) tiny", (4, 8), 1),
 )
 QUICK_CASES = (
     Case("(4,64,28,28) NCHW", (4, 64, 28, 28), 1),
     Case("(4,28,28,64) channels-last", (4, 28, 28, 64), 3, channels_last=True),
     Case("(4,8) tiny", (4, 8), 1),
-    Case("(4,16,8,8) float16", (4, 16, 8, 8), 1, "float16"),
+    Case("(4,16,8,8) NCHW float16", (4, 16, 8, 8), 1, "float16"),
+    Case("(4,16,8,8) NCHW bfloat16", (4, 16, 8, 8), 1, "bfloat16"),
 )
+HALF = ("float16", "bfloat16")
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype in HALF else np.dtype(dtype).itemsize
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,14 +167,23 @@ def _inner_loops(fns: dict[str, Callable[[], Any]]) -> dict[str, int]:
     return loops
 
 
-def _copier(x: np.ndarray, threads: int) -> Callable[[], Any]:
+def _raw_bytes(a: Any) -> np.ndarray:
+    """The bytes of a contiguous numpy array or torch tensor, as uint8 (no copy)."""
+    if isinstance(a, np.ndarray):
+        return a.reshape(-1).view(np.uint8)  # bytes: numba has no float16
+    import torch
+
+    return a.reshape(-1).view(torch.uint8).numpy()
+
+
+def _copier(x: Any, threads: int) -> Callable[[], Any]:
     """A copy of x's bytes into a buffer of its size, at ``threads`` threads:
     the floor's yardstick (each copy reads and writes bytes(x) once)."""
     import numba
 
     from ._fast.host_jit import copy_parallel
 
-    src = x.reshape(-1).view(np.uint8)  # bytes: numba has no float16
+    src = _raw_bytes(x)
     dst = np.empty_like(src)
     if threads <= 1:
         return lambda: np.copyto(dst, src)
@@ -191,7 +220,30 @@ def _data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     offsets = (np.linspace(-1.0, 1.0, channels) * 1e3).reshape(view)
     x = rng.standard_normal(case.shape) + offsets
     dy = rng.standard_normal(case.shape)
+    if case.dtype == "bfloat16":  # float32 arrays holding bfloat16 numbers
+        return _bfloat16_values(x), _bfloat16_values(dy)
     return x.astype(case.dtype), dy.astype(case.dtype)
+
+
+def _bfloat16_values(a: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.from_numpy(a.astype(np.float32)).bfloat16().float().numpy()
+
+
+def _api_inputs(case: Case, x: np.ndarray, dy: np.ndarray) -> tuple[Any, Any]:
+    """x and dy as our API gets them: numpy arrays, torch tensors for bfloat16."""
+    if case.dtype != "bfloat16":
+        return x, dy
+    import torch
+
+    return torch.from_numpy(x).bfloat16(), torch.from_numpy(dy).bfloat16()
+
+
+def _f64(a: Any) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a.astype(np.float64)
+    return a.detach().double().numpy()  # type: ignore[no-any-return]
 
 
 def _reference_y(x: np.ndarray, axis: int, eps: float) -> np.ndarray:
@@ -202,11 +254,15 @@ def _reference_y(x: np.ndarray, axis: int, eps: float) -> np.ndarray:
     return (x64 - mean) / np.sqrt(var + eps)
 
 
-def _ours(case: Case, x: np.ndarray, dy: np.ndarray, route: str) -> dict[str, Any]:
+def _ours(case: Case, x: Any, dy: Any, route: str) -> dict[str, Any]:
     channels = case.shape[case.axis]
     pdt = np.float32 if case.dtype != "float64" else np.float64
     w, b = np.ones(channels, pdt), np.zeros(channels, pdt)
     rm, rv = np.zeros(channels, pdt), np.ones(channels, pdt)
+    if not isinstance(x, np.ndarray):  # torch input: torch parameters
+        import torch
+
+        w, b, rm, rv = (torch.from_numpy(a) for a in (w, b, rm, rv))
 
     def forward() -> Any:
         return F.sync_batch_norm_forward(x, w, b, rm, rv, axis=case.axis)
@@ -220,7 +276,7 @@ def _ours(case: Case, x: np.ndarray, dy: np.ndarray, route: str) -> dict[str, An
     else:
         fwd, fwd_bwd = _portable(forward), _portable(step)
     y, _, _, saved = fwd()
-    if saved.route != route and case.dtype != "float16":
+    if saved.route != route:
         raise RuntimeError(f"the {route} route did not run for {case.name} ({saved.route} did)")
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "y": y, "route": saved.route, "forward": forward}
 
@@ -238,7 +294,7 @@ def _portable(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _peak_ratios(ours: dict[str, Any], dy: np.ndarray) -> tuple[float, float]:
+def _peak_ratios(ours: dict[str, Any], dy: Any) -> tuple[float, float]:
     """Peak traced allocation of one forward (one backward) over bytes(y) (bytes(dx))."""
     forward = ours["fwd"]
     tracemalloc.start()
@@ -266,41 +322,39 @@ def _torch(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
         import torch
     except ImportError:
         return None
+    tdt = getattr(torch, case.dtype)
     if case.channels_last:
         xt = torch.from_numpy(np.moveaxis(x, -1, 1)).contiguous(memory_format=torch.channels_last)
         dyt = torch.from_numpy(np.moveaxis(dy, -1, 1)).contiguous(memory_format=torch.channels_last)
     else:
         xt, dyt = torch.from_numpy(x.copy()), torch.from_numpy(dy.copy())
+    xt, dyt = xt.to(tdt), dyt.to(tdt)
     channels = case.shape[case.axis]
     pdt = torch.float64 if case.dtype == "float64" else torch.float32
     rm, rv = torch.zeros(channels, dtype=pdt), torch.ones(channels, dtype=pdt)
     w = torch.ones(channels, dtype=pdt, requires_grad=True)
     b = torch.zeros(channels, dtype=pdt, requires_grad=True)
     fn = torch.nn.functional.batch_norm
-    if case.dtype == "float16":
-        w16, b16 = w.detach(), b.detach()
+    xg = xt.detach().requires_grad_(True)
 
-        def fwd() -> Any:
-            return fn(xt, rm, rv, w16, b16, training=True)
+    def fwd() -> Any:
+        with torch.no_grad():
+            return fn(xt, rm, rv, w, b, training=True)
 
-        fwd_bwd = None
-    else:
-        xg = xt.detach().requires_grad_(True)
-
-        def fwd() -> Any:
-            with torch.no_grad():
-                return fn(xt, rm, rv, w, b, training=True)
-
-        def fwd_bwd() -> Any:
-            y = fn(xg, rm, rv, w, b, training=True)
-            y.backward(dyt)
-            xg.grad = w.grad = b.grad = None
-            return y
+    def fwd_bwd() -> Any:
+        y = fn(xg, rm, rv, w, b, training=True)
+        y.backward(dyt)
+        xg.grad = w.grad = b.grad = None
+        return y
 
     try:
         y = fwd().float()
-    except RuntimeError:  # e.g. no float16 batch norm on this CPU build
+    except RuntimeError:  # e.g. no half-precision batch norm on this CPU build
         return None
+    try:
+        fwd_bwd()
+    except RuntimeError:  # no backward for this dtype on this build
+        fwd_bwd = None  # type: ignore[assignment]
     y_np = y.numpy()
     if case.channels_last:
         y_np = np.moveaxis(y_np, 1, -1)
@@ -309,8 +363,9 @@ def _torch(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
 
 def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
     """The module contender: ``arraysyncbn.torch.SyncBatchNorm`` (comm=None) against
-    ``torch.nn.BatchNorm2d``, forward + backward through autograd, NCHW float32 only."""
-    if case.dtype != "float32" or case.channels_last or len(case.shape) != 4 or case.axis != 1:
+    ``torch.nn.BatchNorm2d``, forward + backward through autograd, NCHW float32 and half
+    precision (float32 parameters) only."""
+    if case.dtype not in ("float32", *HALF) or case.channels_last or len(case.shape) != 4:
         return None
     try:
         import torch
@@ -319,8 +374,9 @@ def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] 
     except ImportError:
         return None
     channels = case.shape[1]
-    xt = torch.from_numpy(x.copy()).requires_grad_(True)
-    dyt = torch.from_numpy(dy.copy())
+    tdt = getattr(torch, case.dtype)
+    xt = torch.from_numpy(x.copy()).to(tdt).requires_grad_(True)
+    dyt = torch.from_numpy(dy.copy()).to(tdt)
 
     def step(module: Any) -> Callable[[], Any]:
         def fn() -> Any:
@@ -335,19 +391,24 @@ def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] 
 
 
 def _max_error(y: Any, ref: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(y, dtype=np.float64) - ref))) if ref.size else 0.0
+    return float(np.max(np.abs(_f64(y) - ref))) if ref.size else 0.0
 
 
 def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
     """Every contender on one case; times in seconds, ratios torch/ours."""
     x, dy = _data(case)
     ref = _reference_y(x, case.axis, 1e-5)
-    contenders = {"host": _ours(case, x, dy, "host"), "portable": _ours(case, x, dy, "portable")}
+    xa, dya = _api_inputs(case, x, dy)
+    contenders = {
+        "host": _ours(case, xa, dya, "host"),
+        "portable": _ours(case, xa, dya, "portable"),
+    }
     torch_c = _torch(case, x, dy)
     if torch_c is not None:
         contenders["torch"] = torch_c
     row: dict[str, Any] = {"case": case.name, "shape": list(case.shape), "dtype": case.dtype}
-    copy = _copier(x, threads)
+    copy = _copier(xa, threads)
+    nbytes = math.prod(case.shape) * _itemsize(case.dtype)
     copy_times = []
     for what in ("fwd", "fwd_bwd"):
         fns = {n: c[what] for n, c in contenders.items() if c[what] is not None}
@@ -355,10 +416,9 @@ def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
         # in the caches it finds too, so the floor is measured alike.
         row[what] = _interleaved({**fns, "copy": copy}, repeats)
         copy_times.append(row[what].pop("copy"))
-    row["copy_gbps"] = 2 * x.nbytes / statistics.median(copy_times) / 1e9
+    row["copy_gbps"] = 2 * nbytes / statistics.median(copy_times) / 1e9
     row["error"] = {n: _max_error(c["y"], ref) for n, c in contenders.items()}
     row["route"] = contenders["host"]["route"]
-    nbytes = x.nbytes
     row["bytes"] = nbytes
     for what, passes in (("fwd", 3), ("fwd_bwd", 8)):
         row[f"{what}_floor_fraction"] = {
@@ -372,10 +432,13 @@ def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
     if modules is not None:
         seconds = _interleaved(modules, repeats)
         row["torch_module"] = {"fwd_bwd": seconds, "ratio": seconds["torch"] / seconds["ours"]}
-    if case.dtype != "float16" and math.prod(case.shape) > 4096:
+    if math.prod(case.shape) > 4096:
+        # tracemalloc sees numpy's allocations, not torch's (the portable route's
+        # on torch tensors): those would read as nothing.
+        routes = ("host", "portable") if isinstance(xa, np.ndarray) else ("host",)
         row["peak_memory"] = {
-            route: dict(zip(("fwd", "bwd"), _peak_ratios(contenders[route], dy), strict=True))
-            for route in ("host", "portable")
+            route: dict(zip(("fwd", "bwd"), _peak_ratios(contenders[route], dya), strict=True))
+            for route in routes
         }
     return row
 
@@ -431,7 +494,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """All cases in this process (whatever its allocator settings)."""
     _set_threads(args.threads)
     cases = QUICK_CASES if args.quick else FULL_CASES
-    largest = max(math.prod(c.shape) * np.dtype(c.dtype).itemsize for c in cases)
+    if not _has_torch():  # numpy has no bfloat16
+        cases = tuple(c for c in cases if c.dtype != "bfloat16")
+    largest = max(math.prod(c.shape) * _itemsize(c.dtype) for c in cases)
     copy = _copy_gbps(largest, args.repeats, args.threads)
     rows = [run_case(c, args.repeats, args.threads) for c in cases]
     return {"copy_gbps": copy, "threads": args.threads, "rows": rows}

@@ -66,7 +66,7 @@ def rows_table(run: dict[str, Any], title: str) -> Table:
 
 
 def modules_table(run: dict[str, Any], title: str) -> Table | None:
-    """The module contender (NCHW float32 rows only), or None where none ran."""
+    """The module contender (NCHW float32 and half-precision rows), or None where none ran."""
     rows = [r for r in run["rows"] if "torch_module" in r]
     if not rows:
         return None

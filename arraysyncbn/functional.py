@@ -300,6 +300,8 @@ def statistics_device(xp: Any, device: Any) -> tuple[Any, Any]:
 def _to(v: Array, xp: Any, device: Any, dtype: Any) -> Array:
     """Return per-channel ``v`` on ``device`` in ``dtype`` (cast where both exist)."""
     if type(v) is np.ndarray:  # host memory: the only device; skip the lookups
+        if v.dtype.kind != "f":  # the host route's view of a bfloat16 vector: its bits
+            v = _fast.values(v)
         return v.astype(dtype, copy=False)
     if array_api_compat.device(v) == device:
         return xp.astype(v, dtype, copy=False)
@@ -429,6 +431,10 @@ class PortableKernels:
         return _Step(
             mean, var, invstd, f, new_mean, new_var, loss, xp.where(ok, mean, previous), bad
         )
+
+    def cast(self, v: Array, dtype: Any) -> Array:
+        """Per-channel ``v`` (dweight, dbias) in ``dtype`` on x's device."""
+        return _to(v, self.xp, self.device, dtype)
 
     def normalize(self, x: Array, f: _Factors, out: Array | None) -> Array:
         y = kernels.normalize(x, f.hi, f.lo, f.scale, f.offset, self.axis, xp=self.xp)
@@ -874,10 +880,11 @@ def sync_batch_norm_forward(
 
     Notes
     -----
-    float32 and float64 numpy arrays and torch CPU tensors run fused
-    compiled kernels (the host route, :mod:`arraysyncbn._fast`); everything
-    else, and everything when ``ARRAYSYNCBN_FAST=0``, runs the portable
-    array-API route. Both give results within the same documented bounds.
+    numpy arrays and torch CPU tensors (float16, bfloat16 for torch, float32,
+    float64) run fused compiled kernels (the host route,
+    :mod:`arraysyncbn._fast`); everything else, and everything when
+    ``ARRAYSYNCBN_FAST=0``, runs the portable array-API route. Both give
+    results within the same documented bounds.
 
     Examples
     --------
@@ -921,7 +928,7 @@ def sync_batch_norm_forward(
     channels = x.shape[ax]
     kern: Any = None
     if io is not None:
-        kern = _fast.host_kernels().bind(xk, ax, outk)
+        kern = _fast.host_kernels(io).bind(xk, ax, outk)
     if kern is None:
         io = None
         xk, outk, params, center = x, out, caller_params, caller_center
@@ -1103,9 +1110,9 @@ def sync_batch_norm_backward(
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
     dweight = dbias = None
     if saved.weight is not None:
-        dweight = _to(packed[channels : 2 * channels], xp, kern.device, saved.weight.dtype)
+        dweight = kern.cast(packed[channels : 2 * channels], saved.weight.dtype)
     if saved.bias is not None:
-        dbias = _to(packed[:channels], xp, kern.device, saved.bias.dtype)
+        dbias = kern.cast(packed[:channels], saved.bias.dtype)
     return _back(io, dx), _back(io, dweight), _back(io, dbias)
 
 

@@ -5,9 +5,9 @@ that finds batch-norm layers by type keeps working) with the same parameters,
 buffers and state dict as ``torch.nn.BatchNorm2d``. Its forward and backward
 are one :class:`torch.autograd.Function` over
 :func:`~arraysyncbn.sync_batch_norm_forward` and
-:func:`~arraysyncbn.sync_batch_norm_backward`: torch CPU float32/float64
-tensors run the fused host kernels on zero-copy views, everything else (CUDA
-tensors, float16, bfloat16) the portable array-API route on the tensors
+:func:`~arraysyncbn.sync_batch_norm_backward`: torch CPU tensors (float16,
+bfloat16, float32, float64) run the fused host kernels on zero-copy views,
+everything else (CUDA tensors) the portable array-API route on the tensors
 themselves. Ranks are any arraysyncbn communicator: ``None`` (a world of
 one), :func:`~arraysyncbn.thread_group`, :class:`~arraysyncbn.MPICommunicator`
 or :class:`~arraysyncbn.TorchDistributedCommunicator` (``torch.distributed``,

@@ -27,14 +27,15 @@ class Backend:
     convert: Callable[[np.ndarray, str], Any]
     has_float64: bool = True
     marks: tuple[Any, ...] = field(default_factory=tuple)
-    # The route float32/float64 input must take ("host": fused numba
-    # kernels; "portable": the array-API kernels), and what forces it.
+    # The route every dtype of the backend must take ("host": fused numba
+    # kernels, half precision included; "portable": the array-API kernels),
+    # and what forces it.
     route: str = "portable"
     env: tuple[tuple[str, str], ...] = (("ARRAYSYNCBN_FAST", "1"),)
     parallel: bool = False
 
     def expected_route(self, dtype: str) -> str:
-        return self.route if dtype in ("float32", "float64") else "portable"
+        return self.route
 
     def asarray(self, a: np.ndarray | None, dtype: str) -> Any:
         return None if a is None else self.convert(np.asarray(a), dtype)

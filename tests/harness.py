@@ -3,11 +3,13 @@ compare every rank's results with the float64 reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from hypothesis import strategies as st
 
 import arraysyncbn as sbn
 from arraysyncbn.testing import (
@@ -19,7 +21,7 @@ from arraysyncbn.testing import (
     reference_forward,
     to_numpy,
 )
-from arraysyncbn.testing.strategies import ShardedBatch
+from arraysyncbn.testing.strategies import ShardedBatch, sharded_batches
 
 F32_EPS = float(np.finfo(np.float32).eps)
 F64_EPS = float(np.finfo(np.float64).eps)
@@ -176,3 +178,80 @@ def check_functional(
         assert np.array_equal(to_numpy(res.running_var), to_numpy(first.running_var)), (
             "running_var differs between ranks"
         )
+
+
+# -- half precision on the host route --------------------------------------------------
+HALF = ("float16", "bfloat16")
+
+
+@st.composite
+def half_batches(draw: st.DrawFn, dtypes: st.SearchStrategy[str]) -> ShardedBatch:
+    """One rank's half-precision problem, scaled by a drawn power of two so that
+    some draws sit in float16's subnormal range (below 2⁻¹⁴) or in
+    bfloat16's (float32's, below 2⁻¹²⁶)."""
+    batch = draw(sharded_batches(ranks=st.just(1), dtypes=dtypes))
+    scale = draw(st.sampled_from([1.0, 2.0**-16, 2.0**-22, 2.0**-128]))
+    return dataclasses.replace(batch, shards=[s * scale for s in batch.shards])
+
+
+def _same_values(got: Any, want: Any, name: str) -> None:
+    a, b = to_numpy(got).astype(np.float64), to_numpy(want).astype(np.float64)
+    differ = ~((a == b) | (np.isnan(a) & np.isnan(b)))
+    assert not differ.any(), (
+        f"{name}: {int(differ.sum())} of {a.size} elements differ, e.g. {a[differ][:4]} "
+        f"instead of {b[differ][:4]}"
+    )
+
+
+def check_host_elementwise(
+    backend: Any, batch: ShardedBatch, *, half_params: bool = False, training: bool = True
+) -> None:
+    """One rank on the host route: y and dx are, bit for bit, what the portable
+    kernels compute from the host route's own per-channel factors and backward
+    coefficients.
+
+    Exact, no bound: both do the same work-dtype operations in the same order
+    and round once to x's dtype, to nearest even. This is the property that a
+    store which truncates, or a load that mishandles subnormals, breaks; the
+    reference bounds allow a whole half-precision ulp and cannot tell.
+    """
+    from arraysyncbn import kernels
+
+    from backends import routed
+
+    pd = batch.dtype if half_params else backend.param_dtype(batch.dtype)
+    x, dy = (backend.asarray(a[0], batch.dtype) for a in (batch.shards, batch.dys))
+    w, b, rm, rv = (
+        backend.asarray(a, pd)
+        for a in (batch.weight, batch.bias, batch.running_mean, batch.running_var)
+    )
+    with routed(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore", sbn.PrecisionWarning)
+        y, _, _, saved = sbn.sync_batch_norm_forward(
+            x, w, b, rm, rv, training=training, momentum=batch.momentum, eps=batch.eps,
+            axis=batch.axis,
+        )  # fmt: skip
+        dx, _, _ = sbn.sync_batch_norm_backward(dy, saved)
+        assert saved.route == "host", saved.route
+        mean_dy = k = None
+        if saved.batch_stats:
+            kern = saved.kern
+            packed = kern.pack_backward(
+                saved.io.to_numpy(dy), saved.x, saved.factors, saved.invstd, ()
+            )
+            mean_dy, k = kern.backward_coefficients(
+                packed, saved.count or 1, saved.invstd, np.float32
+            )
+    f = saved.factors
+    xp = backend.xp
+
+    def lib(a: Any) -> Any:
+        return None if a is None else xp.asarray(a)
+
+    hi, lo, scale = lib(f.hi), lib(f.lo), lib(f.scale)
+    _same_values(y, kernels.normalize(x, hi, lo, scale, lib(f.offset), saved.axis, xp=xp), "y")
+    if saved.count == 0:  # nothing to differentiate: dx is zeros
+        _same_values(dx, xp.zeros_like(x), "dx")
+        return
+    want = kernels.backward_input(dy, x, hi, lo, scale, lib(mean_dy), lib(k), saved.axis, xp=xp)
+    _same_values(dx, want, "dx")

@@ -25,6 +25,7 @@ from arraysyncbn.testing import (
     channel_bound,
     forward_bounds,
     reference_backward,
+    to_numpy,
 )
 from arraysyncbn.testing import reference_forward as ref_forward
 from arraysyncbn.testing.strategies import sharded_batches
@@ -43,37 +44,55 @@ def _step(x, dy, w, b, rm, rv, *, axis=1, out=None, dx_out=None, training=True, 
     return {"y": y, "rm": nrm, "rv": nrv, "dx": dx, "dw": dw, "db": db, "route": saved.route}
 
 
-@given(batch=sharded_batches(ranks=st.just(1), dtypes=st.sampled_from(["float32", "float64"])))
-def test_host_and_portable_routes_agree_within_the_reference_bounds(batch) -> None:
+_NAMED = {b.name: b for b in BACKENDS}
+ROUTE_PAIRS = [
+    pytest.param(_NAMED[name], _NAMED[f"{name}-portable"], id=name)
+    for name in ("numpy", "torch")
+    if name in _NAMED
+]
+
+
+@pytest.mark.parametrize("fast_backend, slow_backend", ROUTE_PAIRS)
+@given(data=st.data())
+def test_host_and_portable_routes_agree_within_the_reference_bounds(
+    fast_backend, slow_backend, data
+) -> None:
     """Both routes on the same draw: each within its bound of float64, so within
-    twice the bound of each other (per channel)."""
-    x, dy = batch.shards[0], batch.dys[0]
-    pd = "float32" if batch.dtype == "float32" else "float64"
+    twice the bound of each other (per channel). Half-precision input comes
+    with float32 parameters or parameters of its own dtype."""
+    batch = data.draw(
+        sharded_batches(ranks=st.just(1), dtypes=st.sampled_from(fast_backend.dtypes)),
+        label="batch",
+    )
+    pd = fast_backend.param_dtype(batch.dtype)
+    if pd != batch.dtype and data.draw(st.booleans(), label="half parameters"):
+        pd = batch.dtype
 
-    def p(a):
-        return None if a is None else a.astype(pd)
+    def p(a, dtype=pd):
+        return fast_backend.asarray(a, dtype)
 
+    x, dy = p(batch.shards[0], batch.dtype), p(batch.dys[0], batch.dtype)
     args = (x, dy, p(batch.weight), p(batch.bias), p(batch.running_mean), p(batch.running_var))
     with warnings.catch_warnings():
         warnings.simplefilter("error", sbn.PrecisionWarning)  # second pass: exact
-        with routed(HOST):
+        with routed(fast_backend):
             fast = _step(*args, axis=batch.axis, eps=batch.eps, momentum=batch.momentum)
-        with routed(PORTABLE):
+        with routed(slow_backend):
             slow = _step(*args, axis=batch.axis, eps=batch.eps, momentum=batch.momentum)
     assert fast["route"] == "host" and slow["route"] == "portable"
+    w, b = p(batch.weight), p(batch.bias)
     ref = ref_forward(
-        [x], p(batch.weight), p(batch.bias), p(batch.running_mean), p(batch.running_var),
+        [to_numpy(x)], to_numpy(w), to_numpy(b), to_numpy(args[4]), to_numpy(args[5]),
         momentum=batch.momentum, eps=batch.eps, axis=batch.axis,
     )  # fmt: skip
     fb = forward_bounds(
-        ref, batch.dtype, weight=p(batch.weight), bias=p(batch.bias), param_dtype=pd,
-        momentum=batch.momentum,
+        ref, batch.dtype, weight=w, bias=b, param_dtype=pd, momentum=batch.momentum
     )  # fmt: skip
-    grads = reference_backward(ref, [dy], p(batch.weight))
-    bb = backward_bounds(ref, grads, [dy], batch.dtype, weight=p(batch.weight), param_dtype=pd)
+    grads = reference_backward(ref, [to_numpy(dy)], to_numpy(w))
+    bb = backward_bounds(ref, grads, [dy], batch.dtype, weight=w, param_dtype=pd)
     for key, bound in (("y", fb.y), ("dx", bb.dx)):
         limit = 2 * channel_bound(np.asarray(bound, dtype=np.float64), x.ndim, batch.axis)
-        diff = np.abs(fast[key].astype(np.float64) - slow[key].astype(np.float64))
+        diff = np.abs(to_numpy(fast[key]).astype(np.float64) - to_numpy(slow[key]))
         assert np.all(diff <= limit), f"{key}: routes differ by {diff.max():.3e}"
     per_channel = (
         ("dw", bb.dweight), ("db", bb.dbias), ("rm", fb.running_mean), ("rv", fb.running_var),
@@ -83,7 +102,7 @@ def test_host_and_portable_routes_agree_within_the_reference_bounds(batch) -> No
             assert slow[key] is None, key
             continue
         assert fast[key].dtype == slow[key].dtype, key
-        diff = np.abs(fast[key].astype(np.float64) - slow[key].astype(np.float64))
+        diff = np.abs(to_numpy(fast[key]).astype(np.float64) - to_numpy(slow[key]))
         limit = 2 * np.asarray(bound, dtype=np.float64)
         assert np.all(diff <= limit), f"{key}: routes differ by {diff.max():.3e}"  # NaN fails
 
@@ -211,12 +230,18 @@ def test_fast_switch_and_missing_numba_fall_back_to_portable(monkeypatch) -> Non
     assert "numba cannot be imported" in _fast.route_info()
 
 
-@pytest.mark.parametrize("dtype", ["float16"])
-def test_half_precision_runs_portable(dtype, monkeypatch) -> None:
-    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+@pytest.mark.parametrize("fast, route", [("1", "host"), ("0", "portable")])
+def test_half_precision_runs_the_host_route(fast, route, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
     x, dy, params = _data((4, 3, 10), 1, dtype=np.float32)
-    got = _step(x.astype(dtype), dy.astype(dtype), *params)
-    assert got["route"] == "portable" and got["y"].dtype == np.float16
+    got = _step(x.astype(np.float16), dy.astype(np.float16), *params)
+    assert got["route"] == route and got["y"].dtype == np.float16
+    assert got["dx"].dtype == np.float16 and got["rm"].dtype == np.float32
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float16, torch.bfloat16):
+        xt, dyt = torch.from_numpy(x).to(dtype), torch.from_numpy(dy).to(dtype)
+        got = _step(xt, dyt, *(torch.from_numpy(p) for p in params))
+        assert got["route"] == route and got["y"].dtype == dtype and got["dx"].dtype == dtype
 
 
 def test_thread_count_divides_the_pool_among_node_ranks(monkeypatch) -> None:

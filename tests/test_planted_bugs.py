@@ -19,11 +19,20 @@ from arraysyncbn import kernels
 from arraysyncbn.testing.strategies import sharded_batches
 
 from backends import BACKENDS
-from harness import check_functional, rank_step
+from harness import check_functional, check_host_elementwise, half_batches, rank_step
 
 NUMPY = next(b for b in BACKENDS if b.name == "numpy-portable")
 NUMPY_HOST = next(b for b in BACKENDS if b.name == "numpy")
 NUMPY_THREADS = next(b for b in BACKENDS if b.name == "numpy-threads")
+
+
+def _real_normalize():
+    from arraysyncbn._fast import host
+
+    return host.hk.normalize_serial
+
+
+REAL_NORMALIZE = _real_normalize()
 
 # A fixed, generate-only search: the planted bug must be found by it.
 HUNT = settings(
@@ -181,6 +190,53 @@ def test_property_finds_planted_bug_in_host_route(bug: str, monkeypatch) -> None
         check_functional(backend, batch)
 
     with routed(backend), pytest.raises(AssertionError):
+        prop()
+
+
+# -- half precision on the host route -----------------------------------------------------
+# The real normalize kernel computes in float32; the plant decodes x or stores y
+# (float16 bit patterns) with a plausible mistake. The reference bounds allow
+# a whole float16 ulp and cannot see these: the exact elementwise property can.
+def _normalize_f32(x, hi, lo, scale, shift) -> np.ndarray:
+    y = np.empty(x.shape, np.float32)
+    REAL_NORMALIZE(x, hi, lo, scale, shift, y)  # float32 out: stored() is the identity
+    return y
+
+
+def _truncating_store(x, hi, lo, scale, shift, y):
+    """Rounds y toward zero instead of to nearest even."""
+    v = _normalize_f32(x, hi, lo, scale, shift)
+    nearest = v.astype(np.float16)
+    away = np.abs(nearest.astype(np.float32)) > np.abs(v)  # rounded up in magnitude
+    y[...] = nearest.view(np.uint16) - away.astype(np.uint16)
+
+
+def _subnormals_flushed_on_load(x, hi, lo, scale, shift, y):
+    """Reads float16 subnormals as zero (a decoder that relies on float arithmetic
+    with denormals flushed)."""
+    xs = x.view(np.float16).astype(np.float32)
+    xs[np.abs(xs) < 2.0**-14] = 0.0
+    y[...] = _normalize_f32(xs, hi, lo, scale, shift).astype(np.float16).view(np.uint16)
+
+
+HALF_PLANTED = {
+    "host float16: y truncated instead of rounded to nearest even": _truncating_store,
+    "host float16: subnormal inputs read as zero": _subnormals_flushed_on_load,
+}
+
+
+@pytest.mark.parametrize("bug", list(HALF_PLANTED))
+def test_exact_half_property_finds_planted_bug_in_host_route(bug: str, monkeypatch) -> None:
+    from arraysyncbn._fast import host
+
+    monkeypatch.setattr(host.hk, "normalize_serial", HALF_PLANTED[bug])
+
+    @HUNT
+    @given(batch=half_batches(st.just("float16")))
+    def prop(batch) -> None:
+        check_host_elementwise(NUMPY_HOST, batch)
+
+    with pytest.raises(AssertionError, match="y: "):
         prop()
 
 

@@ -6,12 +6,20 @@ computes the same four steps (statistics, normalize, backward sums, backward
 input) with the same numerics; the property tests compare both with the
 float64 reference and with each other.
 
-Today there is one: host memory (:mod:`.host`, numba). It takes float32 and
-float64 arrays of numpy, and torch CPU tensors through zero-copy numpy views.
-Every other library, dtype or device runs the portable route; so does
-everything when ``ARRAYSYNCBN_FAST=0`` or when numba cannot be imported
-(:func:`route_info` says which). A CUDA route (cupy kernels) will sit beside
-this one.
+Today there is one: host memory (:mod:`.host`, numba). It takes float16,
+float32 and float64 arrays of numpy, and float16, bfloat16, float32 and
+float64 torch CPU tensors through zero-copy numpy views. Every other library,
+dtype or device runs the portable route; so does everything when
+``ARRAYSYNCBN_FAST=0`` or when numba cannot be imported (:func:`route_info`
+says which). A CUDA route (cupy kernels) will sit beside this one.
+
+numpy has no bfloat16: the host route sees a torch bfloat16 tensor as an
+array of its bit patterns, of dtype :data:`BF16_BITS` (int16), which
+:class:`HostIO` turns back into bfloat16 tensors and :func:`values` into
+numbers. Per-channel results go back to the caller's dtype through
+:meth:`HostIO.cast`, which rounds as the caller's library does (torch rounds
+float64 to a half dtype through float32, numpy directly), so that they come
+out as the portable route's.
 """
 
 from __future__ import annotations
@@ -23,12 +31,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FAST_ENV", "HostIO", "host_io", "host_kernels", "route_info"]
+__all__ = [
+    "BF16_BITS",
+    "F16_BITS",
+    "FAST_ENV",
+    "HostIO",
+    "host_io",
+    "host_kernels",
+    "route_info",
+    "values",
+]
 
 FAST_ENV = "ARRAYSYNCBN_FAST"
 """Set to 0 to force the portable route everywhere."""
 
-_HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+F16_BITS = np.dtype(np.uint16)
+"""The dtype through which the host kernels see float16 data (its bit patterns)."""
+BF16_BITS = np.dtype(np.int16)
+"""The dtype through which the host route sees bfloat16 data (its bit patterns):
+signed, to tell it from float16's, and what torch's zero-copy ``torch.int16``
+view of a bfloat16 tensor gives."""
+
+_F16 = np.dtype(np.float16)
+_HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), _F16)
+_TORCH_HOST_DTYPES: tuple[Any, ...] = ()
 _numba_error: str | None = None
 _host_module: Any = None
 
@@ -53,12 +79,36 @@ def _load_host() -> Any:
     return _host_module
 
 
+def _torch() -> Any:
+    """torch, once the caller has imported it (never imported here)."""
+    return sys.modules["torch"]
+
+
+def values(a: np.ndarray) -> np.ndarray:
+    """A host-route array by value, as float32 or float64.
+
+    16-bit patterns (:data:`BF16_BITS`, :data:`F16_BITS`) and float16 become
+    float32 (exactly); float32 and float64 arrays are returned as they are.
+    Meant for per-channel vectors: it copies.
+    """
+    dtype = a.dtype
+    if dtype is BF16_BITS:
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype is F16_BITS:
+        return a.view(np.float16).astype(np.float32)
+    if dtype is _F16:
+        return a.astype(np.float32)
+    return a
+
+
 @dataclass(frozen=True)
 class HostIO:
-    """How one caller's arrays become numpy views and results go back.
+    """How one caller's arrays become numpy arrays and results go back.
 
-    ``to_numpy`` returns a zero-copy view; ``from_numpy`` wraps a numpy
-    result as an array of the caller's library without copying.
+    ``to_numpy`` returns a zero-copy view (of the bit patterns for a torch
+    bfloat16 tensor, see :data:`BF16_BITS`); ``from_numpy`` wraps a numpy
+    result as an array of the caller's library without copying; ``cast``
+    rounds a per-channel result to a dtype as the caller's library would.
     """
 
     library: str
@@ -66,14 +116,26 @@ class HostIO:
     def to_numpy(self, a: Any) -> Any:
         if a is None or self.library == "numpy":
             return a
-        return a.detach().numpy()
+        a = a.detach()
+        if a.dtype is _torch().bfloat16:
+            return a.view(_torch().int16).numpy()
+        return a.numpy()
 
     def from_numpy(self, a: Any) -> Any:
         if a is None or self.library == "numpy":
             return a
-        import torch
+        t = _torch().from_numpy(a)
+        return t.view(_torch().bfloat16) if a.dtype is BF16_BITS else t
 
-        return torch.from_numpy(a)
+    def cast(self, v: np.ndarray, dtype: Any) -> np.ndarray:
+        """Per-channel float ``v`` in ``dtype`` (a dtype of :meth:`to_numpy`'s
+        arrays), rounded as the caller's library rounds: torch casts float64 to
+        float16 and bfloat16 through float32 (two roundings), numpy directly."""
+        if self.library == "numpy" or not (dtype is BF16_BITS or dtype is _F16):
+            return v.astype(dtype, copy=False)
+        torch = _torch()
+        target = torch.bfloat16 if dtype is BF16_BITS else torch.float16
+        return self.to_numpy(torch.from_numpy(np.ascontiguousarray(v)).to(target))
 
     def views(self, arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """numpy views of a call's arrays (None entries kept), or None unless
@@ -111,7 +173,7 @@ def host_io(x: Any) -> HostIO | None:
         return None
     if (
         x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
+        or x.dtype not in _torch_host_dtypes(torch)
         or x.is_conj()
         or x.is_neg()
         or _disabled()
@@ -121,9 +183,17 @@ def host_io(x: Any) -> HostIO | None:
     return _TORCH_IO
 
 
-def host_kernels() -> Any:
-    """A fresh :class:`.host.HostKernels` (one per forward, kept for its backward)."""
-    return _load_host().HostKernels()
+def _torch_host_dtypes(torch: Any) -> tuple[Any, ...]:
+    global _TORCH_HOST_DTYPES
+    if not _TORCH_HOST_DTYPES:
+        _TORCH_HOST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    return _TORCH_HOST_DTYPES
+
+
+def host_kernels(io: HostIO) -> Any:
+    """A fresh :class:`.host.HostKernels` for ``io``'s arrays (one per forward,
+    kept for its backward)."""
+    return _load_host().HostKernels(io)
 
 
 def route_info() -> str:

@@ -8,6 +8,13 @@ per call when x lives in host memory and can be viewed as a C-contiguous
 ``(P, C, Q)`` block without a copy (numpy arrays; torch CPU tensors through
 zero-copy views, see :mod:`arraysyncbn._fast`).
 
+float16 and bfloat16 x run the same kernels on x's bit patterns (see
+:mod:`.host_jit`), in float32 like the portable route. Per-channel vectors
+in a half dtype (weight, bias, running statistics, center) are turned into
+float32 numbers first (C values); new running statistics in a half dtype are
+rounded by the caller's library (:meth:`arraysyncbn._fast.HostIO.cast`) and
+judged finite as stored, as the portable route judges them.
+
 Threads: numba's pool size, divided among the MPI ranks that share the
 node (``MPI_LOCALNRANKS``, ``OMPI_COMM_WORLD_LOCAL_SIZE`` or
 ``MV2_COMM_WORLD_LOCAL_SIZE``), or ``ARRAYSYNCBN_THREADS`` (at most the
@@ -24,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import BF16_BITS, F16_BITS, HostIO, values
 from . import host_jit as hk
 
 __all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
@@ -141,16 +149,41 @@ def block_view(a: np.ndarray, axis: int, mode: str | None = None) -> np.ndarray 
     return None
 
 
-def empty_in_layout(x: np.ndarray, axis: int, mode: str) -> np.ndarray:
-    """A new array of x's shape and dtype whose memory is walked as ``mode``.
+def empty_in_layout(x: np.ndarray, axis: int, mode: str, dtype: Any = None) -> np.ndarray:
+    """A new array of x's shape and dtype (or ``dtype``) whose memory is walked as ``mode``.
 
     Not ``np.empty_like``: for size-1 and zero-size axes its strides need not
     match x's, and the kernels compare layouts, not strides.
     """
+    dtype = x.dtype if dtype is None else dtype
     if mode == "c":
-        return np.empty(x.shape, dtype=x.dtype)
-    moved = np.empty(np.moveaxis(x, axis, -1).shape, dtype=x.dtype)
+        return np.empty(x.shape, dtype=dtype)
+    moved = np.empty(np.moveaxis(x, axis, -1).shape, dtype=dtype)
     return np.moveaxis(moved, -1, axis)
+
+
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """``a`` as the kernels take it: float16 through its bit patterns (numba
+    has no float16), everything else as it is."""
+    return a.view(F16_BITS) if a.dtype is _F16 else a
+
+
+def _half(a: np.ndarray) -> bool:
+    """Whether a host-route array holds float16 or bfloat16 (by identity: the
+    dtypes numpy and torch give are numpy's own instances, and this is asked
+    on every call)."""
+    return a.dtype is _F16 or a.dtype is BF16_BITS
+
+
+def _any_half(vectors: tuple[Any, ...]) -> bool:
+    for a in vectors:
+        if a is not None and (a.dtype is _F16 or a.dtype is BF16_BITS):
+            return True
+    return False
 
 
 class HostKernels:
@@ -166,7 +199,8 @@ class HostKernels:
     dense = True
     device = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, io: HostIO) -> None:
+        self.io = io
         self.axis = 0
         self.mode = "c"
         self.xb: np.ndarray = np.empty((0, 0, 0))
@@ -180,7 +214,7 @@ class HostKernels:
         mode = layout(x, axis)
         if mode is None:
             return None
-        self.axis, self.mode, self.xb = axis, mode, block_view(x, axis, mode)
+        self.axis, self.mode, self.xb = axis, mode, block_view(_bits(x), axis, mode)
         if out is not None and self._view(out, x) is None:
             return None
         # Small inputs never ask for the thread count (nor wake the pool).
@@ -191,22 +225,28 @@ class HostKernels:
         """``a``'s block view walked like x's, or None (other shape, dtype or layout)."""
         if a.shape != x.shape or a.dtype != x.dtype:
             return None
-        return block_view(a, self.axis, self.mode)
+        return block_view(_bits(a), self.axis, self.mode)
 
     def _new(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A fresh output like x and its block view."""
         a = empty_in_layout(x, self.axis, self.mode)
-        return a, block_view(a, self.axis, self.mode)  # type: ignore[return-value]
+        return a, block_view(_bits(a), self.axis, self.mode)  # type: ignore[return-value]
 
     def _like_x(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``a`` (dy) as a block in x's layout and dtype, copied only if needed
-        (and then once for the backward's two kernels)."""
+        (and then once for the backward's two kernels).
+
+        The copy holds dy's values in the work dtype (float32 for half x), as
+        the portable route casts dy: never its bits in another format.
+        """
         if self._dy is not None and self._dy[0] is a:
             return self._dy[1]
         view = self._view(a, x)
         if view is None:
-            copy, view = self._new(x)
-            copy[...] = a
+            work = _F32 if _half(x) else x.dtype
+            copy = empty_in_layout(x, self.axis, self.mode, work)
+            copy[...] = values(a)
+            view = block_view(copy, self.axis, self.mode)
         self._dy = (a, view)
         return view
 
@@ -228,7 +268,7 @@ class HostKernels:
         if n == 0:
             buf[:base] = 0.0
             return buf
-        k = xb[0, :, 0].astype(np.float64)
+        k = values(xb[0, :, 0]).astype(np.float64)
         part = np.empty((self.parts, 2, channels))
         if self.parts == 1:
             hk.stats_serial(xb, k, part)
@@ -236,7 +276,7 @@ class HostKernels:
             _set_threads(self.parts)
             with _LAUNCH:
                 hk.stats_parallel(xb, k, part)
-        zero = _zeros(channels) if center is None else center.astype(np.float64, copy=False)
+        zero = _zeros(channels) if center is None else values(center).astype(np.float64, copy=False)
         hk.pack_statistics(_merged(part), k, zero, float(n), buf)
         return buf
 
@@ -255,23 +295,65 @@ class HostKernels:
         channels = self.xb.shape[1]
         weight, bias, rm, rv = params
         update = momentum is not None and rm is not None
+        half = _any_half(params)
+        if half:  # the kernel takes numbers: half vectors as float32
+            weight, bias, rm, rv = (None if a is None else values(a) for a in params)
         stats = np.empty((5, channels))
         hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
-        new_rm = np.empty_like(rm) if update else _DUMMY
-        new_rv = np.empty_like(rv) if update else _DUMMY
+        center = _zeros(channels) if center is None else values(center)
+        new_rm = new_rv = _DUMMY
+        if update:
+            # The kernel writes float32/float64 running statistics as stored and
+            # judges them; half ones it writes in float64, rounded and judged below.
+            new_rm, new_rv = np.empty_like(rm), np.empty_like(rv)
+            if half:
+                new_rm, new_rv = _zeros(channels), _zeros(channels)
         loss, bad = hk.finalize_forward(
-            buf, float(count), _zeros(channels) if center is None else center,
-            float(eps), _ones(channels) if weight is None else weight,
+            buf, float(count), center, float(eps),
+            _ones(channels) if weight is None else weight,
             _zeros(channels) if bias is None else bias,
             rm if update else _DUMMY, rv if update else _DUMMY,
             momentum if update else -1.0, size, stats, hi, lo, scale, shift, new_rm, new_rv,
         )  # fmt: skip
+        if not update:
+            new_rm, new_rv = params[2], params[3]
+        elif half:
+            new_rm, new_rv, lost = self._stored(new_rm, new_rv, params[2], params[3], stats, center)
+            bad += lost
         f = _types.Factors(hi, lo, scale, shift)
         return _types.Step(
-            stats[0], stats[1], stats[2], f, new_rm if update else rm,
-            new_rv if update else rv, loss, stats[3],
+            stats[0], stats[1], stats[2], f, new_rm, new_rv, loss, stats[3],
             tuple(np.flatnonzero(stats[4]).tolist()) if bad else (),
         )  # fmt: skip
+
+    def _stored(
+        self,
+        new_rm: np.ndarray,
+        new_rv: np.ndarray,
+        rm: np.ndarray,
+        rv: np.ndarray,
+        stats: np.ndarray,
+        center: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """float64 running statistics in rm's and rv's dtypes, rounded as the
+        caller's library rounds, and judged finite as stored: the channels
+        that are not keep their old statistics and their center. Returns both
+        and how many channels were lost.
+
+        Writes the kernel's ``stats`` rows 3 and 4 (next center, non-finite flag).
+        """
+        new_rm, new_rv = self.io.cast(new_rm, rm.dtype), self.io.cast(new_rv, rv.dtype)
+        lost = ~(np.isfinite(values(new_rm)) & np.isfinite(values(new_rv))) & (stats[4] == 0.0)
+        if not lost.any():
+            return new_rm, new_rv, 0
+        new_rm[lost], new_rv[lost] = rm[lost], rv[lost]
+        stats[3][lost], stats[4][lost] = center[lost], 1.0
+        return new_rm, new_rv, int(lost.sum())
+
+    def cast(self, v: np.ndarray, dtype: Any) -> np.ndarray:
+        """Per-channel float64 ``v`` (dweight, dbias) in ``dtype``, rounded as the
+        caller's library rounds."""
+        return self.io.cast(v, dtype)
 
     def normalize(self, x: np.ndarray, f: Any, out: np.ndarray | None) -> np.ndarray:
         """Return ``((x − hi) − lo)·scale + shift`` (written into ``out`` if given)."""
