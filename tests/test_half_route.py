@@ -463,3 +463,28 @@ def test_bfloat16_tensors_cross_into_numpy_as_their_bits_without_copies() -> Non
     np.testing.assert_array_equal(_fast.values(bits), t.float().numpy())
     f16 = io.to_numpy(t.half())
     assert f16.dtype == np.float16 and io.from_numpy(f16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("param_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_input_with_half_parameters_matches_the_portable_route(
+    param_dtype, training
+) -> None:
+    """float32 input with half parameters (a model .to(half) fed float32) used
+    to fail inside torch's numpy conversion or numba (an adversarial review)."""
+    torch = pytest.importorskip("torch")
+    pd = getattr(torch, param_dtype)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, generator=gen) * 2 + 1
+    dy = torch.randn(x.shape, generator=gen)
+    params = [torch.rand(3, generator=gen).to(pd) + 0.5 for _ in range(4)]
+    got = {}
+    for name in ("numpy", "numpy-portable"):
+        with routed(next(b for b in BACKENDS if b.name == name)):
+            y, rm, rv, saved = sbn.sync_batch_norm_forward(x, *params, training=training)
+            dx, dw, db = sbn.sync_batch_norm_backward(dy, saved)
+        got[saved.route] = (y, rm, rv, dx, dw, db)
+    for a, b in zip(got["host"], got["portable"], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=1e-5)
+    assert got["host"][0].dtype == torch.float32 and got["host"][1].dtype == pd
