@@ -702,18 +702,23 @@ def _numpy_args_valid(
     num_batches_tracked: Any,
     center: Any,
     out: Any,
+    bits: Any = None,
 ) -> bool:
     """True when every argument is plainly valid numpy input (the lean path).
 
-    False sends the call through the full validation, which raises the
-    precise error or accepts what this quick test was unsure of.
+    ``bits``: a non-floating dtype that stands for floats here (bfloat16's
+    :data:`~arraysyncbn._fast.BF16_BITS` in views of torch tensors). False
+    sends the call through the full validation, which raises the precise
+    error or accepts what this quick test was unsure of.
     """
     if type(axis) is not int or not -x.ndim <= axis < x.ndim or x.ndim < 2:
         return False
     channels = x.shape[axis]
     for a in (*params, center):
         if a is not None and (
-            type(a) is not np.ndarray or a.shape != (channels,) or a.dtype.kind != "f"
+            type(a) is not np.ndarray
+            or a.shape != (channels,)
+            or (a.dtype.kind != "f" and a.dtype is not bits)
         ):
             return False
     if (params[2] is None) != (params[3] is None):
@@ -735,9 +740,14 @@ def _numpy_args_valid(
     return type(num_batches_tracked) is int and num_batches_tracked >= 0
 
 
-def _host_grads_valid(x: np.ndarray, dy: Any, out: Any) -> bool:
-    """True when ``dy`` and ``out`` (numpy views) plainly fit the host forward's x."""
-    if type(dy) is not np.ndarray or dy.shape != x.shape or dy.dtype.kind != "f":
+def _host_grads_valid(x: np.ndarray, dy: Any, out: Any, bits: Any = None) -> bool:
+    """True when ``dy`` and ``out`` (numpy views) plainly fit the host forward's
+    x (``bits`` as in :func:`_numpy_args_valid`)."""
+    if (
+        type(dy) is not np.ndarray
+        or dy.shape != x.shape
+        or (dy.dtype.kind != "f" and dy.dtype is not bits)
+    ):
         return False
     if out is None:
         return True
@@ -904,7 +914,15 @@ def sync_batch_norm_forward(
         views is not None
         and type(training) is bool
         and _numpy_args_valid(
-            views[0], views[1:5], axis, eps, momentum, num_batches_tracked, views[5], views[6]
+            views[0],
+            views[1:5],
+            axis,
+            eps,
+            momentum,
+            num_batches_tracked,
+            views[5],
+            views[6],
+            _fast.bits_of(io),
         )
     ):
         # Lean path: plain host arrays, checked as numpy views in one go.
@@ -1057,7 +1075,7 @@ def sync_batch_norm_backward(
     xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
     x = saved.x
     views = None if io is None else io.views((dy, out))
-    if views is not None and _host_grads_valid(x, *views):
+    if views is not None and _host_grads_valid(x, *views, _fast.bits_of(io)):
         dy, out = views  # lean path: plain host arrays
     else:
         if not array_api_compat.is_array_api_obj(dy):

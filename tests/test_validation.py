@@ -270,3 +270,15 @@ def test_run_ranks_needs_every_rank_of_the_group() -> None:
         sbn.run_ranks(lambda c: c.allreduce(np.ones(2)), comms[:1])
     with pytest.raises(ValueError, match="every rank of one thread_group"):
         sbn.run_ranks(lambda c: None, [comms[0], sbn.thread_group(2)[1]])
+
+
+def test_an_int16_tensor_is_not_taken_for_bfloat16_bits() -> None:
+    """bfloat16 tensors reach the host kernels as int16 views of their bits; a
+    real int16 parameter must still be refused as non-floating."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 3, 2).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="weight must have a real floating dtype"):
+        sbn.sync_batch_norm_forward(x, torch.ones(3, dtype=torch.int16), None, None, None)
+    *_, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
+    with pytest.raises(TypeError, match="dy must have a real floating dtype"):
+        sbn.sync_batch_norm_backward(torch.ones(4, 3, 2, dtype=torch.int16), saved)

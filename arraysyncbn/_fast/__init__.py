@@ -138,24 +138,31 @@ class HostIO:
         return self.to_numpy(torch.from_numpy(np.ascontiguousarray(v)).to(target))
 
     def views(self, arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """numpy views of a call's arrays (None entries kept), or None unless
-        each is a plain host array of this library (the lean path's test;
-        anything else goes through the full validation, which names it)."""
+        """numpy views of a call's arrays (None entries kept; bfloat16 as its
+        bits, :data:`BF16_BITS`), or None unless each is a plain floating
+        host array of this library (the lean path's test; anything else goes
+        through the full validation, which names it)."""
         if self.library == "numpy":
             return arrays
-        tensor = sys.modules["torch"].Tensor
+        torch = sys.modules["torch"]
         out = []
         for a in arrays:
             if a is None:
                 out.append(None)
                 continue
-            if not (isinstance(a, tensor) and a.is_cpu):
-                return None
-            try:  # refuses what numpy cannot view: bfloat16, conj or neg bits
-                out.append(a.detach().numpy())
+            if not (isinstance(a, torch.Tensor) and a.is_cpu and a.is_floating_point()):
+                return None  # an int16 tensor must not pass for bfloat16 bits
+            try:  # refuses what numpy cannot view: conj or neg bits
+                out.append(self.to_numpy(a))
             except (RuntimeError, TypeError):
                 return None
         return tuple(out)
+
+
+def bits_of(io: HostIO) -> Any:
+    """The non-floating dtype that stands for floats in ``io``'s views
+    (bfloat16's bits for torch), or None."""
+    return BF16_BITS if io.library == "torch" else None
 
 
 _NUMPY_IO = HostIO("numpy")
