@@ -906,7 +906,7 @@ def sync_batch_norm_forward(
     [-1.341641, -0.447214, 0.447214, 1.341641]
     """
     params = caller_params = (weight, bias, running_mean, running_var)
-    caller_center = center
+    caller_center, caller_out = center, out
     xk, outk = x, out
     io = _fast.host_io(x)
     views = None if io is None else io.views((x, *params, center, out))
@@ -968,7 +968,7 @@ def sync_batch_norm_forward(
         saved = SavedForBackward(
             xk, f, mean, invstd, weight, bias, ax, None, False, communicator, xp, kern, io
         )
-        return _back(io, y), caller_params[2], caller_params[3], saved
+        return _result(io, y, caller_out), caller_params[2], caller_params[3], saved
 
     if label is None:
         label = next_call(communicator, "forward")
@@ -1036,7 +1036,13 @@ def sync_batch_norm_forward(
         xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io,
         _back(io, next_center), label,
     )  # fmt: skip
-    return _back(io, y), new_mean, new_var, saved
+    return _result(io, y, caller_out), new_mean, new_var, saved
+
+
+def _result(io: Any, a: Array, out: Array | None) -> Array:
+    """The caller's ``out`` itself when given (``a`` was written into it), else
+    ``a`` as an array of the caller's library."""
+    return _back(io, a) if out is None else out
 
 
 def _back(io: Any, a: Array | None) -> Array | None:
@@ -1073,7 +1079,7 @@ def sync_batch_norm_backward(
             f"saved must be the SavedForBackward of a forward, got {type(saved).__name__}"
         )
     xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
-    x = saved.x
+    x, caller_out = saved.x, out
     views = None if io is None else io.views((dy, out))
     if views is not None and _host_grads_valid(x, *views, _fast.bits_of(io)):
         dy, out = views  # lean path: plain host arrays
@@ -1131,7 +1137,7 @@ def sync_batch_norm_backward(
         dweight = kern.cast(packed[channels : 2 * channels], saved.weight.dtype)
     if saved.bias is not None:
         dbias = kern.cast(packed[:channels], saved.bias.dtype)
-    return _back(io, dx), _back(io, dweight), _back(io, dbias)
+    return _result(io, dx, caller_out), _back(io, dweight), _back(io, dbias)
 
 
 CHECK_ENV = "ARRAYSYNCBN_CHECK"

@@ -172,15 +172,23 @@ def test_torch_tensors_that_require_grad_are_accepted(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("fast", ["1", "0"])
-def test_out_receives_y_and_dx(fast, monkeypatch) -> None:
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_out_receives_y_and_dx(fast, library, monkeypatch) -> None:
+    """``out`` itself comes back (torch's host route used to return a new
+    tensor over its memory)."""
     monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
     x, dy, params = _data((4, 3, 10), 1)
     y_out, dx_out = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        x, dy, y_out, dx_out, *params = (
+            None if a is None else torch.from_numpy(a) for a in (x, dy, y_out, dx_out, *params)
+        )
     got = _step(x, dy, *params, out=y_out, dx_out=dx_out)
     assert got["y"] is y_out and got["dx"] is dx_out
     want = _step(x, dy, *params)
-    _close(y_out, want["y"])
-    _close(dx_out, want["dx"])
+    _close(np.asarray(y_out), np.asarray(want["y"]))
+    _close(np.asarray(dx_out), np.asarray(want["dx"]))
 
 
 @pytest.mark.parametrize(
