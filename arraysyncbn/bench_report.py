@@ -65,22 +65,36 @@ def rows_table(run: dict[str, Any], title: str) -> Table:
     return t
 
 
+_MODULE_COLUMNS = ("case", "arraysyncbn.torch.SyncBatchNorm", "torch.nn.BatchNorm2d", "ratio")
+
+
+def _module_rows(run: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Cells of the module contender's rows (NCHW float32 and half precision)."""
+    rows = []
+    for r in run["rows"]:
+        if "torch_module" in r:
+            m = r["torch_module"]
+            rows.append(
+                (
+                    r["case"],
+                    _fmt_time(m["fwd_bwd"]["ours"]),
+                    _fmt_time(m["fwd_bwd"]["torch"]),
+                    _fmt(m["ratio"]),
+                )
+            )
+    return rows
+
+
 def modules_table(run: dict[str, Any], title: str) -> Table | None:
-    """The module contender (NCHW float32 and half-precision rows), or None where none ran."""
-    rows = [r for r in run["rows"] if "torch_module" in r]
+    """The module contender's table, or None where it did not run."""
+    rows = _module_rows(run)
     if not rows:
         return None
     t = Table(title=title, title_justify="left")
-    for col in ("case", "arraysyncbn.torch.SyncBatchNorm", "torch.nn.BatchNorm2d", "ratio"):
+    for col in _MODULE_COLUMNS:
         t.add_column(col, justify="left" if col == "case" else "right")
-    for r in rows:
-        m = r["torch_module"]
-        t.add_row(
-            r["case"],
-            _fmt_time(m["fwd_bwd"]["ours"]),
-            _fmt_time(m["fwd_bwd"]["torch"]),
-            _fmt(m["ratio"]),
-        )
+    for cells in rows:
+        t.add_row(*cells)
     return t
 
 
@@ -188,6 +202,17 @@ def markdown(result: dict[str, Any]) -> str:
         for r in run["rows"]:
             lines.append("| " + " | ".join(_row_cells(r)) + " |")
         lines.append("")
+        modules = _module_rows(run)
+        if modules:
+            lines += [
+                f"Modules ({label}), forward + backward through autograd, comm=None; "
+                "ratio = BatchNorm2d time / ours.",
+                "",
+                "| " + " | ".join(_MODULE_COLUMNS) + " |",
+                "|" + "---|" * len(_MODULE_COLUMNS),
+                *("| " + " | ".join(cells) + " |" for cells in modules),
+                "",
+            ]
     mpi = result.get("mpi")
     if mpi is not None:
         s = mpi["seconds"]

@@ -188,6 +188,15 @@ def test_bench_quick_json_reports_every_contender() -> None:
                 assert m["ratio"] > 0 and set(m["fwd_bwd"]) == {"ours", "torch"}
 
 
+def test_bench_markdown_has_the_module_table() -> None:
+    """--markdown gives the same figures as the terminal tables, modules included."""
+    pytest.importorskip("torch")
+    out = run("bench", "--quick", "--repeats", "3", "--default-allocator-only", "--markdown")
+    assert out.returncode == 0, out.stderr
+    assert "| case | arraysyncbn.torch.SyncBatchNorm | torch.nn.BatchNorm2d | ratio |" in out.stdout
+    assert "| (4,64,28,28) NCHW |" in out.stdout.split("Modules (default allocator)")[1]
+
+
 def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "ratios.png"
