@@ -578,30 +578,22 @@ def _batch_statistics(
     return count, buf, agreed
 
 
-def _second_pass(
-    kern: Any,
-    x: Array,
-    channels: int,
-    comm: Communicator,
-    io: Any,
-    exact_count: bool,
+def _again(
+    statistics: Callable[..., tuple[int, Array, bool]],
     center: Array | None,
-    caller_x: Array,
     label: CallLabel,
     count: int,
-) -> tuple[int, Array]:
-    """The statistics allreduce again, around ``center`` (every rank alike);
-    ``(N, reduced buffer)``. Raises if N differs from the first pass's."""
-    again, buf, _ = _batch_statistics(
-        kern, x, channels, comm, io=io, exact_count=exact_count, center=center,
-        shape=tuple(caller_x.shape), label=label.with_pass("recenter"),
-    )  # fmt: skip
+) -> Array:
+    """The reduced buffer of the statistics allreduce run again, around
+    ``center`` (every rank alike). Raises if N differs from the first pass's.
+    ``statistics`` is :func:`_batch_statistics` with the call's arguments."""
+    again, buf, _ = statistics(center=center, label=label.with_pass("recenter"))
     if again != count:
         raise CollectiveMismatchError(
             f"the second statistics pass counted {again} elements per channel, "
             f"the first {count}: ranks passed different batches"
         )
-    return again, buf
+    return buf
 
 
 def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
@@ -984,19 +976,18 @@ def sync_batch_norm_forward(
             statistics_dtype=None if running_mean is None else caller_params[2].dtype,
             num_batches_tracked=num_batches_tracked,
         )  # fmt: skip
-    count, buf, agreed = _batch_statistics(
-        kern, xk, channels, communicator, io=io, exact_count=sdt == xp.float64,
-        center=center, shape=tuple(x.shape), label=label,
+    statistics = functools.partial(
+        _batch_statistics, kern, xk, channels, communicator, io=io,
+        exact_count=sdt == xp.float64, shape=tuple(x.shape),
     )  # fmt: skip
+    count, buf, agreed = statistics(center=center, label=label)
     if not agreed:
         # Some ranks merged around a center and some around zero (a layer's
         # state loaded, or its comm set, on some ranks only): the sums mix
         # centers, so every rank merges again around zero, and they share
         # the next center again.
         center = None
-        count, buf = _second_pass(
-            kern, xk, channels, communicator, io, sdt == xp.float64, None, x, label, count
-        )
+        buf = _again(statistics, None, label, count)
     if count == 0:
         zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
         mean = var = zeros
@@ -1017,9 +1008,7 @@ def sync_batch_norm_forward(
             # every rank) show the one-pass merge cancelled, so every rank
             # merges again around the reduced mean.
             center = st.center
-            buf = _second_pass(
-                kern, xk, channels, communicator, io, sdt == xp.float64, center, x, label, count
-            )[1]
+            buf = _again(statistics, center, label, count)
             st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
         _warn_if_imprecise(st.loss, warn)
         if st.nonfinite:
