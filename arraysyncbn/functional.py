@@ -227,7 +227,8 @@ def _shares_memory(a: Array, b: Array) -> bool:
         return bool(np.may_share_memory(a, b))
     lib = type(a).__module__.split(".")[0]
     if lib == "torch":
-        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+        (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+        return a.device == b.device and a0 < b1 and b0 < a1
     if lib == "cupy":
         import cupy
 
@@ -710,7 +711,7 @@ def _numpy_args_valid(
         if a is not None and (
             type(a) is not np.ndarray
             or a.shape != (channels,)
-            or (a.dtype.kind != "f" and a.dtype is not bits)
+            or (a.dtype not in _fast.HOST_DTYPES and a.dtype is not bits)
         ):
             return False
     if (params[2] is None) != (params[3] is None):
@@ -723,7 +724,7 @@ def _numpy_args_valid(
         or np.may_share_memory(out, x)
     ):
         return False
-    if center is not None and not np.isfinite(center).all():
+    if center is not None and not np.isfinite(_fast.values(center)).all():
         return False
     if type(eps) is not float or not 0.0 < eps < math.inf:
         return False
@@ -749,6 +750,20 @@ def _host_grads_valid(x: np.ndarray, dy: Any, out: Any, bits: Any = None) -> boo
         and out.dtype == x.dtype
         and out.flags.writeable
     )
+
+
+def _byte_range(t: Any) -> tuple[int, int]:
+    """The addresses a strided torch tensor's elements span, ``[start, end)``."""
+    start = end = t.data_ptr()
+    if t.numel() == 0:
+        return start, end
+    size = t.element_size()
+    for n, step in zip(t.shape, t.stride(), strict=True):
+        if step > 0:
+            end += (n - 1) * step * size
+        else:
+            start += (n - 1) * step * size
+    return start, end + size
 
 
 def _validate_center(xp: Any, x: Array, ax: int, center: Array) -> None:
@@ -930,10 +945,19 @@ def sync_batch_norm_forward(
         if out is not None:
             _validate_out(xp, x, out, kept=True)
         if io is not None:
-            xk, outk = io.to_numpy(x), io.to_numpy(out)
-            params = tuple(io.to_numpy(a) for a in params)
-            center = io.to_numpy(center)
-            xp = np
+            try:
+                xk, outk = io.to_numpy(x), io.to_numpy(out)
+                params = tuple(io.to_numpy(a) for a in params)
+                center = io.to_numpy(center)
+            except (RuntimeError, TypeError):  # a view numpy refuses (neg or conj bit)
+                io = None
+            else:
+                xp = np
+        if io is not None and not all(
+            a is None or a.dtype in _fast.HOST_DTYPES or a.dtype is _fast.BF16_BITS
+            for a in (*params, center)
+        ):
+            io = None  # parameters the kernels do not take (long double, byte-swapped)
     communicator = as_communicator(comm)
     channels = x.shape[ax]
     kern: Any = None
@@ -983,9 +1007,8 @@ def sync_batch_norm_forward(
     count, buf, agreed = statistics(center=center, label=label)
     if not agreed:
         # Some ranks merged around a center and some around zero (a layer's
-        # state loaded, or its comm set, on some ranks only): the sums mix
-        # centers, so every rank merges again around zero, and they share
-        # the next center again.
+        # state loaded on some ranks only): the sums mix centers, so every
+        # rank merges again around zero, and they share the next center again.
         center = None
         buf = _again(statistics, None, label, count)
     if count == 0:

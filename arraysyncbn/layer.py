@@ -308,8 +308,9 @@ class SyncBatchNorm:
         the last forward (``backward`` needs a new one) and the merge center
         the next forward would have used. Load on every rank alike: a load
         on some ranks only leaves them with other running statistics, and
-        costs the next forward a second statistics allreduce (the ranks'
-        centers differ, which the reduced buffer shows every rank).
+        costs the next forward one or two more statistics allreduces (some
+        ranks then have a merge center and some not, which the reduced
+        buffer shows every rank, so they all merge again around zero).
 
         Raises
         ------

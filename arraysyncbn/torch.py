@@ -13,8 +13,9 @@ one), :func:`~arraysyncbn.thread_group`, :class:`~arraysyncbn.MPICommunicator`
 or :class:`~arraysyncbn.TorchDistributedCommunicator` (``torch.distributed``,
 what torch's ``process_group`` argument means here).
 
-:func:`convert_sync_batchnorm` swaps every ``BatchNorm1d/2d/3d`` and
-``torch.nn.SyncBatchNorm`` of a model for this layer, sharing parameters and
+:func:`convert_sync_batchnorm` swaps every batch-norm layer of a model
+(``BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, lazy ones that have
+seen an input: any ``_BatchNorm``) for this layer, sharing parameters and
 buffers; :func:`revert_sync_batchnorm` turns them back into plain torch batch
 norm (:class:`BatchNormXd`, which like this layer takes input of any rank ≥ 2).
 
@@ -28,7 +29,11 @@ bias gradients are this rank's (not reduced): data-parallel training
 world of one, not torch's default process group (pass
 ``comm=TorchDistributedCommunicator()`` for that); CPU tensors are welcome;
 a global batch of zero elements leaves the running statistics and
-``num_batches_tracked`` unchanged; double backward raises.
+``num_batches_tracked`` unchanged; double backward raises; ``torch.jit``
+(trace, script) refuses it with a clear error (``torch.compile`` works); a
+layer with a communicator cannot be pickled (``torch.save(model)``: save
+the state dict, or set ``comm=None`` first); meta tensors give shapes, as
+plain batch norm does.
 
 This module imports torch; ``import arraysyncbn`` does not import it.
 """
@@ -356,11 +361,22 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if torch.compiler.is_compiling():
             return self._opaque_step(input)
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.jit.is_tracing():  # scripting stops at __prepare_scriptable__
             raise RuntimeError(_NO_JIT)
         if input.is_meta:  # shapes only (no data, nothing to synchronize)
             return _local_batch_norm(self, input)
         return self._step(input)
+
+    def __copy__(self) -> SyncBatchNorm:
+        """A shallow copy, as ``copy.copy`` of any module makes (parameters and
+        the communicator shared), with its own per-call state."""
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        new._sync = copy.copy(self._sync)
+        return new
+
+    def __prepare_scriptable__(self) -> SyncBatchNorm:
+        raise RuntimeError(_NO_JIT)
 
     def __getstate__(self) -> dict[str, Any]:
         if not isinstance(self._comm, SelfCommunicator):

@@ -245,11 +245,15 @@ def test_functional_keeps_running_statistics_of_non_finite_channels(backend) -> 
     rv32 = backend.asarray(np.ones(2), "float32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y, new_rm, new_rv, _ = sbn.sync_batch_norm_forward(
+        y, new_rm, new_rv, saved = sbn.sync_batch_norm_forward(
             backend.asarray(big, "float32"), None, None, rm32, rv32
         )
     assert any(w.category is sbn.NonFiniteWarning and "[0]" in str(w.message) for w in caught)
     assert to_numpy(new_rv)[0] == 1.0 and to_numpy(new_rm)[0] == 0.0
+    # The flagged channel keeps its previous merge center (zero: none was
+    # given), on every route; the other one moves to its mean.
+    center = to_numpy(saved.center)
+    assert center[0] == 0.0 and center[1] == 2.5, center
     assert to_numpy(new_rv)[1] != 1.0
     assert np.all(np.isfinite(to_numpy(y)[:, 1]))
 

@@ -390,3 +390,32 @@ def test_threaded_kernels_leave_torch_thread_count_alone() -> None:
     assert done.returncode == 0, done.stderr
     layer, threads = done.stdout.split()
     assert threads == "1", (layer, threads)
+
+
+def test_backward_out_laid_out_unlike_x_is_written(monkeypatch) -> None:
+    """The forward's bind() checks only its own out=: a backward out= walked
+    unlike x crashed inside numba (a review)."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 3, 10), 1)
+    want = _step(x, dy, *params)["dx"]
+    *_, saved = sbn.sync_batch_norm_forward(x, *params)
+    out = np.asfortranarray(np.full_like(x, np.nan))
+    dx, _, _ = sbn.sync_batch_norm_backward(dy, saved, out=out)
+    assert dx is out and saved.route == "host"
+    _close(out, want)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.longdouble, np.dtype(">f4"), np.dtype(">f8")], ids=["longdouble", ">f4", ">f8"]
+)
+def test_parameters_the_kernels_cannot_take_run_the_portable_route(dtype, monkeypatch) -> None:
+    """Long double or byte-swapped parameters reached numba (a TypingError)."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x, dy, params = _data((4, 3, 10), 1)
+    odd = tuple(None if p is None else p.astype(dtype) for p in params)
+    got = _step(x, dy, *odd)
+    want = _step(x, dy, *params)
+    assert got["route"] == "portable" and want["route"] == "host"
+    assert got["rm"].dtype == np.dtype(dtype)
+    for key in ("y", "dx"):
+        _close(got[key], want[key])

@@ -690,3 +690,30 @@ def test_ranks_with_different_counts_or_parameter_dtypes_raise(differ) -> None:
 
     for msg in sbn.run_ranks(rank, comms):
         assert f"{differ} differs" in msg, msg
+
+
+def test_copy_shares_the_communicator_with_its_own_state() -> None:
+    import copy
+
+    comms = sbn.thread_group(2)
+    bn = SyncBatchNorm(3, comm=comms[0])
+    twin = copy.copy(bn)
+    assert twin.comm is bn.comm and twin.weight is bn.weight
+    assert twin._sync is not bn._sync
+
+
+def test_torch_jit_script_refuses_clearly() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), SyncBatchNorm(3))
+    with pytest.raises(RuntimeError, match=r"cannot be traced or scripted by torch\.jit"):
+        torch.jit.script(model)
+
+
+def test_a_negative_bit_parameter_runs_the_portable_route() -> None:
+    """numpy cannot view a tensor with the negative bit; torch's own error leaked."""
+    x = torch.randn(4, 3, 5)
+    w = torch.complex(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0])).conj().imag  # -1, -2, -3
+    assert w.is_neg()
+    y, _, _, saved = sbn.sync_batch_norm_forward(x, w, None, None, None)
+    want = sbn.sync_batch_norm_forward(x, w.resolve_neg(), None, None, None)[0]
+    assert saved.route == "portable"
+    torch.testing.assert_close(y, want)

@@ -282,3 +282,25 @@ def test_an_int16_tensor_is_not_taken_for_bfloat16_bits() -> None:
     *_, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
     with pytest.raises(TypeError, match="dy must have a real floating dtype"):
         sbn.sync_batch_norm_backward(torch.ones(4, 3, 2, dtype=torch.int16), saved)
+
+
+def test_a_non_finite_bfloat16_center_is_refused_on_the_lean_path_too() -> None:
+    """The lean check read bfloat16's bits (int16), which are always 'finite'."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 3, 5)
+    center = torch.tensor([0.0, float("nan"), float("inf")]).bfloat16()
+    with pytest.raises(ValueError, match="center must be finite"):
+        sbn.sync_batch_norm_forward(x, None, None, None, None, center=center)
+
+
+def test_torch_overlap_is_judged_by_bytes_not_by_storage() -> None:
+    """Disjoint slices of one buffer do not overlap; the same slice does."""
+    torch = pytest.importorskip("torch")
+    from arraysyncbn.functional import _shares_memory
+
+    buf = torch.zeros(2, 4, 3, 5)
+    assert not _shares_memory(buf[0], buf[1])
+    assert _shares_memory(buf[0], buf[0][:, :2])
+    assert _shares_memory(buf[:, 0], buf[1])
+    # Interleaved but disjoint: judged by bounds, like numpy's may_share_memory.
+    assert _shares_memory(buf[0, :, 0], buf[0, :, 1])

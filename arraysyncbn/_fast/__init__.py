@@ -53,7 +53,8 @@ signed, to tell it from float16's, and what torch's zero-copy ``torch.int16``
 view of a bfloat16 tensor gives."""
 
 _F16 = np.dtype(np.float16)
-_HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), _F16)
+HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), _F16)
+"""numpy dtypes the host kernels take (native byte order), besides the bit views."""
 _TORCH_HOST_DTYPES: tuple[Any, ...] = ()
 _numba_error: str | None = None
 _host_module: Any = None
@@ -144,7 +145,7 @@ class HostIO:
         through the full validation, which names it)."""
         if self.library == "numpy":
             return arrays
-        torch = sys.modules["torch"]
+        torch = _torch()
         out = []
         for a in arrays:
             if a is None:
@@ -172,7 +173,7 @@ _TORCH_IO = HostIO("torch")
 def host_io(x: Any) -> HostIO | None:
     """The :class:`HostIO` for x if the host route may run it, else None."""
     if type(x) is np.ndarray:
-        if x.dtype not in _HOST_DTYPES or _disabled() or _load_host() is None:
+        if x.dtype not in HOST_DTYPES or _disabled() or _load_host() is None:
             return None
         return _NUMPY_IO
     torch = sys.modules.get("torch")

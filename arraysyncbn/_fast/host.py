@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import BF16_BITS, F16_BITS, HostIO, values
+from . import _F16, BF16_BITS, F16_BITS, HostIO, values
 from . import host_jit as hk
 
 __all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
@@ -162,7 +162,6 @@ def empty_in_layout(x: np.ndarray, axis: int, mode: str, dtype: Any = None) -> n
     return np.moveaxis(moved, -1, axis)
 
 
-_F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 
 
@@ -180,10 +179,7 @@ def _half(a: np.ndarray) -> bool:
 
 
 def _any_half(vectors: tuple[Any, ...]) -> bool:
-    for a in vectors:
-        if a is not None and (a.dtype is _F16 or a.dtype is BF16_BITS):
-            return True
-    return False
+    return any(a is not None and _half(a) for a in vectors)
 
 
 class HostKernels:
@@ -406,7 +402,10 @@ class HostKernels:
         if mean_dy is None or k is None:
             mean_dy = k = np.zeros_like(f.hi)
         dyb = self._like_x(dy, x)
-        dx, dxb = self._new(x) if out is None else (out, self._view(out, x))
+        # An out= walked unlike x (the forward's bind() saw only its own
+        # out=) gets dx computed in x's layout, then copied in.
+        view = None if out is None else self._view(out, x)
+        dx, dxb = self._new(x) if view is None else (out, view)
         self._dy = None  # the last use: do not keep dy (or its copy) alive
         args = (dyb, self.xb, f.hi, f.lo, f.scale, mean_dy, k, dxb)
         if self.parts == 1:
@@ -415,6 +414,9 @@ class HostKernels:
             _set_threads(self.parts)
             with _LAUNCH:
                 hk.backward_input_parallel(*args, self.parts)
+        if out is not None and view is None:
+            out[...] = dx
+            return out
         return dx
 
 
