@@ -929,7 +929,7 @@ def sync_batch_norm_forward(
             num_batches_tracked,
             views[5],
             views[6],
-            _fast.bits_of(io),
+            io.bits,
         )
     ):
         # Lean path: plain host arrays, checked as numpy views in one go.
@@ -1093,7 +1093,7 @@ def sync_batch_norm_backward(
     xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
     x, caller_out = saved.x, out
     views = None if io is None else io.views((dy, out))
-    if views is not None and _host_grads_valid(x, *views, _fast.bits_of(io)):
+    if views is not None and _host_grads_valid(x, *views, io.bits):
         dy, out = views  # lean path: plain host arrays
     else:
         if not array_api_compat.is_array_api_obj(dy):

@@ -113,6 +113,9 @@ class HostIO:
     """
 
     library: str
+    bits: Any = None
+    """The non-floating dtype that stands for floats in this library's views
+    (bfloat16's bits for torch), or None."""
 
     def to_numpy(self, a: Any) -> Any:
         if a is None or self.library == "numpy":
@@ -160,14 +163,8 @@ class HostIO:
         return tuple(out)
 
 
-def bits_of(io: HostIO) -> Any:
-    """The non-floating dtype that stands for floats in ``io``'s views
-    (bfloat16's bits for torch), or None."""
-    return BF16_BITS if io.library == "torch" else None
-
-
 _NUMPY_IO = HostIO("numpy")
-_TORCH_IO = HostIO("torch")
+_TORCH_IO = HostIO("torch", BF16_BITS)
 
 
 def host_io(x: Any) -> HostIO | None:
