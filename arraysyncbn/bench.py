@@ -3,7 +3,9 @@
 Every figure is a ratio measured side by side in one run: contenders are
 interleaved (each repeat runs every contender once, in a rotating order)
 and each reports the median of its repeats, so load that comes and goes on
-a shared machine hits every contender alike. Contenders, at the same thread
+a shared machine hits every contender alike. The portable route, much
+slower, is timed in a rotation of its own right after: its large
+temporaries slowed whatever ran next. Contenders, at the same thread
 count: the host route (fused numba kernels), the portable array-API route,
 and ``torch.nn.functional.batch_norm`` (training mode; autograd for the
 backward) when torch is installed. Each goes through its public API with
@@ -412,10 +414,16 @@ def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
     copy_times = []
     for what in ("fwd", "fwd_bwd"):
         fns = {n: c[what] for n, c in contenders.items() if c[what] is not None}
+        # The portable route gets its own rotation: its x-sized temporaries
+        # (~100 ms of them for the large half-precision cases) slowed the
+        # contenders that followed it, up to twice for half precision.
+        portable = fns.pop("portable", None)
         # The copy runs in the same rotation: what the other contenders left
         # in the caches it finds too, so the floor is measured alike.
         row[what] = _interleaved({**fns, "copy": copy}, repeats)
         copy_times.append(row[what].pop("copy"))
+        if portable is not None:
+            row[what]["portable"] = _interleaved({"portable": portable}, repeats)["portable"]
     row["copy_gbps"] = 2 * nbytes / statistics.median(copy_times) / 1e9
     row["error"] = {n: _max_error(c["y"], ref) for n, c in contenders.items()}
     row["route"] = contenders["host"]["route"]
