@@ -315,7 +315,10 @@ class SyncBatchNorm(_BatchNorm):
 
     @comm.setter
     def comm(self, value: Communicator | None) -> None:
-        self._comm = as_communicator(value)
+        comm = as_communicator(value)
+        if comm is getattr(self, "_comm", None):
+            return  # the same ranks: keep the center, the check and the numbering
+        self._comm = comm
         self._forget()
 
     def _forget(self) -> None:

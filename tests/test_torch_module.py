@@ -717,3 +717,18 @@ def test_a_negative_bit_parameter_runs_the_portable_route() -> None:
     want = sbn.sync_batch_norm_forward(x, w.resolve_neg(), None, None, None)[0]
     assert saved.route == "portable"
     torch.testing.assert_close(y, want)
+
+
+def test_setting_the_same_communicator_again_changes_nothing() -> None:
+    """Re-assigning the same communicator on one rank used to forget that rank's
+    consistency check and layer number, so only it ran the check collective."""
+    comms = sbn.thread_group(2, timeout=30)
+
+    def rank(comm):
+        bn = SyncBatchNorm(3, comm=comm)
+        bn(torch.randn(4, 3))
+        if comm.rank == 0:
+            bn.comm = comm
+        return bn(torch.randn(4, 3)).shape
+
+    assert sbn.run_ranks(rank, comms) == [torch.Size([4, 3])] * 2
