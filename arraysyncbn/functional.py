@@ -33,7 +33,7 @@ import array_api_compat
 import numpy as np
 
 from . import _fast, kernels
-from .comm.base import Communicator, SelfCommunicator, as_communicator
+from .comm.base import Communicator, SelfCommunicator, as_communicator, host_values
 from .comm.calls import CallLabel, current_call, next_call, signature_mismatch, signature_values
 from .errors import CollectiveMismatchError
 
@@ -566,8 +566,8 @@ def _batch_statistics(
         )
     agreed = True
     if tail:
-        _check_signature(buf, base + 1, label, "sum", bits, comm)
-        centered = buf.item(base) if type(buf) is np.ndarray else float(buf[base])
+        centered, *signature = _tail(buf, base)
+        _check_signature(signature, label, "sum", bits, comm)
         agreed = centered in (0.0, float(comm.size))
         buf = buf[:base]
     count = _global_count(buf, exact_count)
@@ -606,24 +606,24 @@ def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLab
 
 
 def _tail(buf: Array, start: int) -> list[float]:
-    """``buf[start:]`` as Python floats (a handful of values)."""
-    if type(buf) is np.ndarray:
-        return buf[start:].tolist()  # type: ignore[no-any-return]
-    return [float(buf[i]) for i in range(start, buf.shape[0])]
+    """``buf[start:]`` as Python floats (a handful of values; one transfer from
+    a device, not one per value)."""
+    return host_values(buf[start:]).tolist()  # type: ignore[no-any-return]
 
 
 def _check_signature(
-    buf: Array, start: int, label: CallLabel, op: str, bits: int, comm: Communicator
+    values: list[float], label: CallLabel, op: str, bits: int, comm: Communicator
 ) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless every rank
-    was in ``label``'s call (decided from the reduced signature alone)."""
-    if type(buf) is np.ndarray and buf.shape[0] == start + 2 and op == "sum":
-        # The host route's steady state, one exact digit: Σv = size·v and
-        # Σv² = size·v² mean every rank's v is this rank's (Cauchy–Schwarz).
+    was in ``label``'s call (decided from the reduced signature ``values``
+    alone)."""
+    if len(values) == 2 and op == "sum":
+        # The steady state's one exact digit: Σv = size·v and Σv² = size·v²
+        # mean every rank's v is this rank's (Cauchy–Schwarz).
         v, size = label.code, comm.size
-        if buf.item(start) == size * v and buf.item(start + 1) == size * v * v:
+        if values[0] == size * v and values[1] == size * v * v:
             return
-    problem = signature_mismatch(label, op, _tail(buf, start), bits, comm.size, comm.rank)
+    problem = signature_mismatch(label, op, values, bits, comm.size, comm.rank)
     if problem is not None:
         raise CollectiveMismatchError(problem)
 
@@ -681,9 +681,9 @@ def _guarded_running_update(
 
 
 def _to_host_list(xp: Any, mask: Array) -> list[int]:
-    """Indices where the boolean vector ``mask`` is true, as Python ints."""
-    values = [bool(v) for v in (mask[i] for i in range(mask.shape[0]))]
-    return [i for i, v in enumerate(values) if v]
+    """Indices where the boolean vector ``mask`` is true, as Python ints (one
+    transfer from a device)."""
+    return np.flatnonzero(host_values(mask)).tolist()  # type: ignore[no-any-return]
 
 
 def _numpy_args_valid(
@@ -1140,7 +1140,7 @@ def sync_batch_norm_backward(
                 f"the reduced buffer has shape {tuple(buf.shape)}, expected {tuple(packed.shape)}"
             )
         if signed:
-            _check_signature(buf, 2 * channels + 2, label, "sum", bits, saved.comm)
+            _check_signature(_tail(buf, 2 * channels + 2), label, "sum", bits, saved.comm)
             buf = buf[: 2 * channels]
         mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
@@ -1302,9 +1302,10 @@ def check_consistency(
         raise CollectiveMismatchError(
             f"the reduced check has shape {tuple(reduced.shape)}, expected {tuple(buf.shape)}"
         )
-    _check_signature(reduced, 2 * len(values), label, "max", 24, communicator)
-    high = [float(v) for v in reduced[: len(values)]]
-    low = [-float(v) for v in reduced[len(values) : 2 * len(values)]]
+    got = _tail(reduced, 0)  # one transfer from a device
+    _check_signature(got[2 * len(values) :], label, "max", 24, communicator)
+    high = got[: len(values)]
+    low = [-v for v in got[len(values) : 2 * len(values)]]
     problems = []
     start = 0
     for f in fields:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["Communicator", "ReduceOp", "SelfCommunicator", "as_communicator"]
+import numpy as np
+
+__all__ = ["Communicator", "ReduceOp", "SelfCommunicator", "as_communicator", "host_values"]
 
 ReduceOp = Literal["sum", "max"]
 
@@ -93,3 +95,17 @@ _CHECKED: set[type] = {SelfCommunicator}
 _WORLD_OF_ONE = SelfCommunicator()
 """The one world of one (stateless): a fresh one per call would cost the
 per-communicator call count a weak reference made and dropped every call."""
+
+
+def host_values(array: Any) -> np.ndarray:
+    """``array``'s values as a numpy array: itself if it is one, else a host
+    copy made in one transfer (synchronizing as the copy does). Not to be
+    written into: for a torch CPU tensor it is a view."""
+    if isinstance(array, np.ndarray):
+        return array
+    library = type(array).__module__.split(".")[0]
+    if library == "cupy":
+        return array.get()  # type: ignore[no-any-return]
+    if library == "torch":
+        return array.detach().cpu().numpy()  # type: ignore[no-any-return]
+    return np.from_dlpack(array, device="cpu", copy=True)

@@ -70,7 +70,7 @@ from typing import Any, Literal, NoReturn
 import array_api_compat
 import numpy as np
 
-from .base import ReduceOp
+from .base import ReduceOp, host_values
 from .calls import describe_active
 from .watchdog import resolve_timeout, timeout_advice, wait_for
 
@@ -213,16 +213,6 @@ def resolve_cuda_aware(setting: str | None, detected: bool) -> bool:
 def _detached(array: Any) -> Any:
     """torch tensors that require grad refuse DLPack and buffer export."""
     return array.detach() if _library(array) == "torch" else array
-
-
-def _host_copy(array: Any) -> np.ndarray:
-    """Return a numpy copy of a device array (synchronizing as the copy does)."""
-    lib = _library(array)
-    if lib == "cupy":
-        return array.get()
-    if lib == "torch":
-        return array.detach().cpu().numpy()
-    return np.from_dlpack(array, device="cpu", copy=True)
 
 
 def _host_view(array: Any) -> np.ndarray:
@@ -387,7 +377,7 @@ class MPICommunicator:
         direct = transfer_path(buf, self._cuda_aware) == "direct"
         if direct and kind == "cuda":
             return self._allreduce_device(buf, mpi_type, mpi_op)
-        send = _host_view(buf) if direct else _host_copy(buf)
+        send = _host_view(buf) if direct else host_values(buf)  # read only
         recv = np.empty_like(send)
         self._reduce(send, recv, mpi_type, mpi_op)
         if isinstance(buf, np.ndarray):

@@ -53,7 +53,7 @@ from typing import Any, NoReturn
 import array_api_compat
 import numpy as np
 
-from .base import ReduceOp
+from .base import ReduceOp, host_values
 from .calls import describe_active
 from .watchdog import resolve_timeout, timeout_advice, wait_for
 
@@ -194,7 +194,7 @@ class TorchDistributedCommunicator:
             )
         torch = self._torch
         is_tensor = isinstance(buf, torch.Tensor)
-        source = buf.detach() if is_tensor else torch.from_numpy(np.array(_to_host(buf)))
+        source = buf.detach() if is_tensor else torch.from_numpy(np.array(host_values(buf)))
         work = source.to(self._work_device(source), copy=True).contiguous()
         self._reduce(work, self._ops[op])
         if is_tensor:
@@ -241,13 +241,3 @@ class TorchDistributedCommunicator:
             f"TorchDistributedCommunicator(backend={self.backend!r}, rank={self._rank}, "
             f"size={self._size}, timeout={self._timeout})"
         )
-
-
-def _to_host(buf: Any) -> Any:
-    """A host (numpy-readable) copy or view of an array of any library."""
-    if isinstance(buf, np.ndarray):
-        return buf
-    lib = type(buf).__module__.split(".")[0]
-    if lib == "cupy":
-        return buf.get()
-    return np.from_dlpack(buf, device="cpu", copy=True)
