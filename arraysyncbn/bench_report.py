@@ -98,6 +98,16 @@ def modules_table(run: dict[str, Any], title: str) -> Table | None:
     return t
 
 
+def _mpi_line(mpi: dict[str, Any]) -> str:
+    """The synchronized-against-local line of a run under mpiexec."""
+    s = mpi["seconds"]
+    return (
+        f"{mpi['ranks']} MPI ranks, {mpi['case']} per rank, forward + backward: "
+        f"synchronized {_fmt_time(s['synchronized'])}, comm=None {_fmt_time(s['local'])}, "
+        f"ratio {mpi['ratio']:.3f}"
+    )
+
+
 def print_tables(result: dict[str, Any]) -> None:
     """Print the machine line and every run's table."""
     console = Console(width=max(Console().width, 150))
@@ -126,12 +136,7 @@ def print_tables(result: dict[str, Any]) -> None:
             console.print(modules)
     mpi = result.get("mpi")
     if mpi is not None:
-        s = mpi["seconds"]
-        console.print(
-            f"{mpi['ranks']} MPI ranks, {mpi['case']} per rank, forward + backward: "
-            f"synchronized {_fmt_time(s['synchronized'])}, comm=None {_fmt_time(s['local'])}, "
-            f"ratio {mpi['ratio']:.3f}"
-        )
+        console.print(_mpi_line(mpi))
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -215,10 +220,5 @@ def markdown(result: dict[str, Any]) -> str:
             ]
     mpi = result.get("mpi")
     if mpi is not None:
-        s = mpi["seconds"]
-        lines.append(
-            f"{mpi['ranks']} MPI ranks, {mpi['case']} per rank, forward + backward: "
-            f"synchronized {_fmt_time(s['synchronized'])}, comm=None {_fmt_time(s['local'])}, "
-            f"ratio {mpi['ratio']:.3f}"
-        )
+        lines.append(_mpi_line(mpi))
     return "\n".join(lines)
