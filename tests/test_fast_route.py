@@ -419,3 +419,31 @@ def test_parameters_the_kernels_cannot_take_run_the_portable_route(dtype, monkey
     assert got["rm"].dtype == np.dtype(dtype)
     for key in ("y", "dx"):
         _close(got[key], want[key])
+
+
+def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
+    """The hint reaches LLVM (the kernels themselves are cached, so a fresh
+    kernel with the same call is compiled here) and, on a CPU with AVX-512,
+    its loop runs in 512-bit registers; its sums stay those of float64."""
+    import re
+
+    import numba
+    from numba.core import codegen
+
+    from arraysyncbn._fast import host_jit
+
+    @numba.njit(fastmath={"reassoc", "contract"})
+    def sums(x):
+        host_jit.wide_vectors()
+        a = 0.0
+        for q in range(x.shape[0]):
+            a += np.float64(x[q])
+        return a
+
+    x = np.arange(1000, dtype=np.float32)
+    assert sums(x) == 499500.0
+    ir = next(iter(sums.inspect_llvm().values()))
+    assert '"prefer-vector-width"="512"' in ir
+    if "+avx512f" in codegen.get_host_cpu_features().split(","):
+        asm = next(iter(sums.inspect_asm().values()))
+        assert re.search(r"\bzmm\d", asm), "no 512-bit register in the vectorized loop"

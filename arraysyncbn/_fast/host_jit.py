@@ -73,6 +73,33 @@ def _chunk(total: int, parts: int, i: int) -> tuple[int, int]:
 chunk = numba.njit(inline="always", **_OPTS)(_chunk)
 
 
+@intrinsic
+def wide_vectors(typingctx):  # pragma: no cover - compiled
+    """Let LLVM vectorize the calling kernel with 512-bit registers where the
+    CPU has them (AVX-512).
+
+    LLVM tunes most AVX-512 CPUs to prefer 256-bit vectors, against the
+    clock slowdown some older ones take on wide floating-point work. The
+    reductions here keep float64 sums, so a 16-bit input's are compute-bound:
+    measured here (Xeon with AVX-512, (32,64,56,56), one thread), 512-bit
+    lanes made bfloat16 statistics 1.7 × and backward sums 1.2 × faster,
+    float32's backward sums 1.1 ×. Elementwise kernels did not gain, so they
+    stay as they are. The hint is LLVM's ``"prefer-vector-width"`` function
+    attribute; it never selects instructions the CPU lacks. llvmlite's
+    attribute set checks names against a fixed list without it, hence the
+    plain ``set.add``; should that ever fail, the kernel compiles without it.
+    """
+
+    def codegen(context, builder, signature, args):
+        try:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except TypeError:  # llvmlite's attributes no longer a set: skip the hint
+            pass
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 # -- 16-bit storage (float16, bfloat16) ----------------------------------------
 # Kept in this module, not in one of their own: numba's cache checks only the
 # source file of the cached function, so a change here must touch this file.
@@ -216,6 +243,7 @@ def _stored(v, a):  # pragma: no cover - compiled
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def _stats_planes(x, k, u0, u1, s1, s2):  # pragma: no cover - compiled
     """Add Σ(x−K), Σ(x−K)² of planes ``u0..u1`` (index p·C + c) into s1, s2."""
+    wide_vectors()
     c_count = x.shape[1]
     for u in range(u0, u1):
         p = u // c_count
@@ -239,6 +267,7 @@ def _stats_rows(x, k, p0, p1, s1, s2):  # pragma: no cover - compiled
     Four rows at a time: the per-channel accumulators live in memory (C of
     them), so each load/store of them is shared by four elements.
     """
+    wide_vectors()
     c_count = x.shape[1]
     p = p0
     while p + 4 <= p1:
@@ -321,6 +350,7 @@ def normalize_parallel(x, hi, lo, scale, shift, y, nparts):  # pragma: no cover 
 # -- backward sums -----------------------------------------------------------
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def _bsums_planes(dy, x, hi, lo, u0, u1, s1, s2):  # pragma: no cover - compiled
+    wide_vectors()
     c_count = x.shape[1]
     for u in range(u0, u1):
         p = u // c_count
@@ -341,6 +371,7 @@ def _bsums_planes(dy, x, hi, lo, u0, u1, s1, s2):  # pragma: no cover - compiled
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2):  # pragma: no cover - compiled
     """Add Σdy, Σdy·(x − mean) of rows ``p0..p1`` (four at a time, as in _stats_rows)."""
+    wide_vectors()
     c_count = x.shape[1]
     p = p0
     while p + 4 <= p1:
