@@ -252,21 +252,68 @@ def test_half_precision_runs_the_host_route(fast, route, monkeypatch) -> None:
         assert got["route"] == route and got["y"].dtype == dtype and got["dx"].dtype == dtype
 
 
+def _clear_thread_env(monkeypatch) -> None:
+    for name in ("ARRAYSYNCBN_THREADS", "OMP_NUM_THREADS", *host._LOCAL_SIZE_VARS):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_thread_count_divides_the_pool_among_node_ranks(monkeypatch) -> None:
     import numba
 
     pool = numba.config.NUMBA_NUM_THREADS
-    for name in ("ARRAYSYNCBN_THREADS", *host._LOCAL_SIZE_VARS):
-        monkeypatch.delenv(name, raising=False)
+    _clear_thread_env(monkeypatch)
     assert host.thread_count() == pool
     monkeypatch.setenv("MPI_LOCALNRANKS", str(pool * 4))
     assert host.thread_count() == 1, "never below one thread"
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(pool * 4))  # torchrun's
+    assert host.thread_count() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "nonsense")  # not ours to refuse
+    assert host.thread_count() == pool
     monkeypatch.setenv("MPI_LOCALNRANKS", "1")
     monkeypatch.setenv("ARRAYSYNCBN_THREADS", "1")
     assert host.thread_count() == 1
     monkeypatch.setenv("ARRAYSYNCBN_THREADS", "many")
     with pytest.raises(ValueError, match="ARRAYSYNCBN_THREADS"):
         host.thread_count()
+
+
+def test_thread_count_respects_omp_num_threads(monkeypatch) -> None:
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    _clear_thread_env(monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1,2")  # nested levels: the first is ours
+    assert host.thread_count() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(pool + 5))
+    assert host.thread_count() == pool, "never more than numba's pool"
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", str(pool))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert host.thread_count() == pool, "ARRAYSYNCBN_THREADS comes first"
+
+
+def test_torch_tensors_use_torch_thread_count(monkeypatch) -> None:
+    """A torch user's ``set_num_threads`` holds for our kernels too: before,
+    numba's pool size ran on a process torch had been told to keep to one
+    thread (torchrun's default per rank), oversubscribing the cores."""
+    torch = pytest.importorskip("torch")
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    _clear_thread_env(monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(pool))  # numpy's rule would say pool
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert host.thread_count("torch") == 1
+        assert host.thread_count() == pool
+        x = torch.randn(64, 16, 32, 32)  # 4 MiB: above the serial threshold
+        kern = _fast.host_kernels(_fast.host_io(x)).bind(_fast.host_io(x).to_numpy(x), 1, None)
+        assert kern is not None and kern.parts == 1
+        torch.set_num_threads(pool + 3)
+        assert host.thread_count("torch") == pool, "never more than numba's pool"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_threaded_kernels_match_serial_ones(monkeypatch) -> None:

@@ -208,7 +208,13 @@ def route_info() -> str:
     if _load_host() is None:
         return f"portable (array API): {_numba_error}"
     n = _host_module.thread_count()
-    if n == 1:
+    torch = sys.modules.get("torch")
+    if torch is not None and _host_module.thread_count("torch") != n:
+        n_torch = _host_module.thread_count("torch")
+        threads = f"{n} thread(s) per rank for numpy, {n_torch} for torch (its own count)"
+    elif n == 1:
         return "host (numba, 1 thread per rank)"
+    else:
+        threads = f"up to {n} threads per rank"
     kib = _host_module.PARALLEL_MIN_BYTES // 1024
-    return f"host (numba, up to {n} threads per rank; inputs under {kib} KiB: 1)"
+    return f"host (numba, {threads}; inputs under {kib} KiB: 1)"

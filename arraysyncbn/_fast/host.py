@@ -15,11 +15,13 @@ float32 numbers first (C values); new running statistics in a half dtype are
 rounded by the caller's library (:meth:`arraysyncbn._fast.HostIO.cast`) and
 judged finite as stored, as the portable route judges them.
 
-Threads: numba's pool size, divided among the MPI ranks that share the
-node (``MPI_LOCALNRANKS``, ``OMPI_COMM_WORLD_LOCAL_SIZE`` or
-``MV2_COMM_WORLD_LOCAL_SIZE``), or ``ARRAYSYNCBN_THREADS`` (at most the
-pool's size); inputs below :data:`PARALLEL_MIN_BYTES` run serially,
-because waking idle pool threads costs more than they save.
+Threads (:func:`thread_count`): ``ARRAYSYNCBN_THREADS``; for torch
+tensors torch's own thread count; otherwise numba's pool size divided among
+the ranks that share the node (``MPI_LOCALNRANKS``,
+``OMPI_COMM_WORLD_LOCAL_SIZE``, ``MV2_COMM_WORLD_LOCAL_SIZE`` or torchrun's
+``LOCAL_WORLD_SIZE``) and at most ``OMP_NUM_THREADS``; never more than the
+pool. Inputs below :data:`PARALLEL_MIN_BYTES` run serially, because waking
+idle pool threads costs more than they save.
 """
 
 from __future__ import annotations
@@ -73,7 +75,14 @@ class _TorchThreads:
 # would make; launches are cheap to serialize compared with a kernel.
 _LAUNCH = threading.Lock()
 
-_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+# How many ranks share this node, as launchers say: MPICH/Hydra, Open MPI,
+# MVAPICH, torchrun.
+_LOCAL_SIZE_VARS = (
+    "MPI_LOCALNRANKS",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 def _env_int(name: str) -> int | None:
@@ -89,9 +98,23 @@ def _env_int(name: str) -> int | None:
     return value
 
 
-def thread_count() -> int:
-    """Threads one rank's kernels use: ``ARRAYSYNCBN_THREADS``, else numba's
-    thread count divided among the ranks on this node (at least 1)."""
+def _lenient_int(name: str) -> int | None:
+    """A launcher's or OpenMP's variable as a positive integer, None when
+    absent or unreadable (not ours to refuse). ``OMP_NUM_THREADS`` may list
+    nested levels ("4,2"): the first is this process's."""
+    text = os.environ.get(name, "").split(",")[0].strip()
+    return int(text) if text.isdigit() and int(text) >= 1 else None
+
+
+def thread_count(library: str = "numpy") -> int:
+    """Threads one rank's kernels use on an input of ``library``'s arrays.
+
+    In order: ``ARRAYSYNCBN_THREADS``; for torch tensors, torch's own thread
+    count (``torch.get_num_threads()``: what its batch norm would use, and
+    what ``torch.set_num_threads``, ``OMP_NUM_THREADS`` and torchrun set);
+    otherwise numba's pool divided among the ranks on this node, at most
+    ``OMP_NUM_THREADS``. Never more than numba's pool, never below one.
+    """
     import numba
 
     # The pool's size, not get_num_threads(): the kernels' set_num_threads
@@ -100,16 +123,18 @@ def thread_count() -> int:
     explicit = _env_int("ARRAYSYNCBN_THREADS")
     if explicit is not None:
         return min(explicit, available)
-    local = 1
-    for name in _LOCAL_SIZE_VARS:
-        try:
-            value = _env_int(name)
-        except ValueError:
-            value = None
-        if value is not None:
-            local = value
-            break
-    return max(1, available // local)
+    if library == "torch":
+        # A torch user has tuned torch's count for the machine (and torchrun
+        # sets OMP_NUM_THREADS=1 per rank, which torch reads and numba does
+        # not): threads beyond it oversubscribe the cores, measured here as
+        # 10 × slower than serial.
+        return max(1, min(sys.modules["torch"].get_num_threads(), available))
+    local = next((v for v in map(_lenient_int, _LOCAL_SIZE_VARS) if v is not None), 1)
+    n = available // local
+    omp = _lenient_int("OMP_NUM_THREADS")
+    if omp is not None:
+        n = min(n, omp)
+    return max(1, n)
 
 
 def layout(a: np.ndarray, axis: int) -> str | None:
@@ -214,7 +239,7 @@ class HostKernels:
         if out is not None and self._view(out, x) is None:
             return None
         # Small inputs never ask for the thread count (nor wake the pool).
-        self.parts = 1 if x.nbytes < PARALLEL_MIN_BYTES else thread_count()
+        self.parts = 1 if x.nbytes < PARALLEL_MIN_BYTES else thread_count(self.io.library)
         return self
 
     def _view(self, a: np.ndarray, x: np.ndarray) -> np.ndarray | None:
