@@ -211,7 +211,7 @@ def route_info() -> str:
     torch = sys.modules.get("torch")
     if torch is not None and _host_module.thread_count("torch") != n:
         n_torch = _host_module.thread_count("torch")
-        threads = f"{n} thread(s) per rank for numpy, {n_torch} for torch (its own count)"
+        threads = f"{n} thread(s) per rank for numpy, {n_torch} for torch (capped by its own count)"
     elif n == 1:
         return "host (numba, 1 thread per rank)"
     else:

@@ -15,13 +15,12 @@ float32 numbers first (C values); new running statistics in a half dtype are
 rounded by the caller's library (:meth:`arraysyncbn._fast.HostIO.cast`) and
 judged finite as stored, as the portable route judges them.
 
-Threads (:func:`thread_count`): ``ARRAYSYNCBN_THREADS``; for torch
-tensors torch's own thread count; otherwise numba's pool size divided among
-the ranks that share the node (``MPI_LOCALNRANKS``,
+Threads (:func:`thread_count`): ``ARRAYSYNCBN_THREADS``, else numba's
+pool size divided among the ranks that share the node (``MPI_LOCALNRANKS``,
 ``OMPI_COMM_WORLD_LOCAL_SIZE``, ``MV2_COMM_WORLD_LOCAL_SIZE`` or torchrun's
-``LOCAL_WORLD_SIZE``) and at most ``OMP_NUM_THREADS``; never more than the
-pool. Inputs below :data:`PARALLEL_MIN_BYTES` run serially, because waking
-idle pool threads costs more than they save.
+``LOCAL_WORLD_SIZE``), at most ``OMP_NUM_THREADS`` and, for torch tensors,
+at most torch's own thread count. Inputs below :data:`PARALLEL_MIN_BYTES`
+run serially, because waking idle pool threads costs more than they save.
 """
 
 from __future__ import annotations
@@ -109,11 +108,11 @@ def _lenient_int(name: str) -> int | None:
 def thread_count(library: str = "numpy") -> int:
     """Threads one rank's kernels use on an input of ``library``'s arrays.
 
-    In order: ``ARRAYSYNCBN_THREADS``; for torch tensors, torch's own thread
-    count (``torch.get_num_threads()``: what its batch norm would use, and
-    what ``torch.set_num_threads``, ``OMP_NUM_THREADS`` and torchrun set);
-    otherwise numba's pool divided among the ranks on this node, at most
-    ``OMP_NUM_THREADS``. Never more than numba's pool, never below one.
+    ``ARRAYSYNCBN_THREADS`` if set; otherwise numba's pool divided among the
+    ranks on this node, at most ``OMP_NUM_THREADS`` and, for torch tensors,
+    at most torch's own count (``torch.get_num_threads()``: what its batch
+    norm would use, and what ``torch.set_num_threads`` and torchrun set).
+    Never more than numba's pool, never below one.
     """
     import numba
 
@@ -123,17 +122,16 @@ def thread_count(library: str = "numpy") -> int:
     explicit = _env_int("ARRAYSYNCBN_THREADS")
     if explicit is not None:
         return min(explicit, available)
-    if library == "torch":
-        # A torch user has tuned torch's count for the machine (and torchrun
-        # sets OMP_NUM_THREADS=1 per rank, which torch reads and numba does
-        # not): threads beyond it oversubscribe the cores, measured here as
-        # 10 × slower than serial.
-        return max(1, min(sys.modules["torch"].get_num_threads(), available))
     local = next((v for v in map(_lenient_int, _LOCAL_SIZE_VARS) if v is not None), 1)
     n = available // local
+    # numba's pool is the core count whatever OpenMP's variable says, and
+    # threads beyond what the user allowed oversubscribe the cores: measured
+    # here, fork-join on a busy core ran 10 × slower than serial.
     omp = _lenient_int("OMP_NUM_THREADS")
     if omp is not None:
         n = min(n, omp)
+    if library == "torch":
+        n = min(n, sys.modules["torch"].get_num_threads())
     return max(1, n)
 
 
