@@ -63,7 +63,6 @@ is, so ``import arraysyncbn`` works without it.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Literal, NoReturn
 
@@ -71,8 +70,7 @@ import array_api_compat
 import numpy as np
 
 from .base import ReduceOp, host_values
-from .calls import describe_active
-from .watchdog import resolve_timeout, timeout_advice, wait_for
+from .watchdog import report_timeout, resolve_timeout, wait_or_end
 
 __all__ = [
     "CUDA_AWARE_ENV",
@@ -399,9 +397,7 @@ class MPICommunicator:
             self.comm.Allreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
             return
         request = self.comm.Iallreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
-        waited = wait_for(request.Test, self._timeout)
-        if waited is not None:
-            self._abort_after(waited)
+        wait_or_end(request.Test, self._timeout, self._abort_after)
 
     def _abort_after(self, waited: float) -> NoReturn:
         """Say which call this rank waited in, then end the whole MPI job.
@@ -414,14 +410,7 @@ class MPICommunicator:
         who = f"rank {world.Get_rank()}"
         if self.comm != world:
             who += f" (rank {self.rank} of {self.size} in its communicator)"
-        sys.stdout.flush()
-        sys.stderr.write(
-            f"arraysyncbn: {who} waited {waited:.1f} s in {describe_active()} and not "
-            "every rank joined it (a rank skipped this call, e.g. in eval mode or "
-            "one step short, or is stuck elsewhere); aborting the MPI job; "
-            f"{timeout_advice(self._timeout)}\n"
-        )
-        sys.stderr.flush()
+        report_timeout(who, waited, "aborting the MPI job", self._timeout)
         # Give the launcher's output forwarding a moment: Abort kills every
         # process at once, and the line above was seen lost under load.
         time.sleep(_ABORT_GRACE_SECONDS)
