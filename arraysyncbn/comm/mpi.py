@@ -69,7 +69,7 @@ from typing import Any, Literal, NoReturn
 import array_api_compat
 import numpy as np
 
-from .base import ReduceOp, host_values
+from .base import ReduceOp, check_allreduce_args, host_values
 from .watchdog import report_timeout, resolve_timeout, wait_or_end
 
 __all__ = [
@@ -362,13 +362,7 @@ class MPICommunicator:
         not modified. Aborts the MPI job when the wait outlasts
         :attr:`timeout`.
         """
-        if op not in self._ops:
-            raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
-        if not array_api_compat.is_array_api_obj(buf) or buf.ndim != 1:
-            raise ValueError(
-                f"allreduce takes a 1-D array, got {type(buf).__name__} of shape "
-                f"{tuple(getattr(buf, 'shape', ()))}"
-            )
+        check_allreduce_args(buf, op)
         mpi_type = self._types[_dtype_name(buf.dtype)]
         mpi_op = self._ops[op]
         kind = memory_kind(buf)

@@ -52,7 +52,7 @@ from typing import Any, NoReturn
 import array_api_compat
 import numpy as np
 
-from .base import ReduceOp, host_values
+from .base import ReduceOp, check_allreduce_args, host_values
 from .watchdog import report_timeout, resolve_timeout, wait_or_end
 
 __all__ = ["TorchDistributedCommunicator"]
@@ -183,13 +183,7 @@ class TorchDistributedCommunicator:
         array in ``buf``'s library, on its device, with its dtype. ``buf`` is
         not modified. Ends the process when the wait outlasts :attr:`timeout`.
         """
-        if op not in self._ops:
-            raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
-        if not array_api_compat.is_array_api_obj(buf) or buf.ndim != 1:
-            raise ValueError(
-                f"allreduce takes a 1-D array, got {type(buf).__name__} of shape "
-                f"{tuple(getattr(buf, 'shape', ()))}"
-            )
+        check_allreduce_args(buf, op)
         torch = self._torch
         is_tensor = isinstance(buf, torch.Tensor)
         source = buf.detach() if is_tensor else torch.from_numpy(np.array(host_values(buf)))
