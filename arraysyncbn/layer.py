@@ -123,6 +123,20 @@ def _converted(
     return out
 
 
+def checked_num_features(num_features: Any, eps: Any, momentum: Any) -> int:
+    """Return ``num_features`` as an int, once it and ``eps`` and ``momentum`` pass
+    the checks of a SyncBN layer's constructor (this one's and the torch module's).
+
+    Raises TypeError for a value of the wrong type, ValueError for a wrong
+    value: ``num_features`` first, then ``eps``, then ``momentum``.
+    """
+    channels = F.as_int(num_features, "num_features")
+    if channels <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    F._check_hyper(eps, momentum)
+    return channels
+
+
 class SyncBatchNorm:
     """Batch normalization over the global batch of every rank of ``comm``.
 
@@ -187,11 +201,7 @@ class SyncBatchNorm:
         device: Any = None,
         xp: Any = None,
     ) -> None:
-        channels = F.as_int(num_features, "num_features")
-        if channels <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        F._check_hyper(eps, momentum)
-        self.num_features = channels
+        self.num_features = checked_num_features(num_features, eps, momentum)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)

@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as F
 from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, next_layer
+from .layer import checked_num_features
 
 __all__ = ["BatchNormXd", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -287,10 +288,7 @@ class SyncBatchNorm(_BatchNorm):
         comm: Communicator | None = None,
         bias: bool = True,
     ) -> None:
-        channels = F.as_int(num_features, "num_features")
-        if channels <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        F._check_hyper(eps, momentum)
+        channels = checked_num_features(num_features, eps, momentum)
         if process_group is not None:
             if comm is not None:
                 raise TypeError("give process_group or comm, not both")

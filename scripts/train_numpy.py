@@ -45,7 +45,6 @@ then fails, which shows it can.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,11 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tc.check_plot_support(parser, args)
     comm = sbn.MPICommunicator()
-    if len(args.shards) != comm.size:
-        parser.error(
-            f"--shards gives {len(args.shards)} shard sizes but the job has {comm.size} ranks; "
-            f"run mpiexec -n {len(args.shards)} or pass one size per rank"
-        )
+    tc.check_rank_count(parser, args.shards, comm.size, f"run mpiexec -n {len(args.shards)}")
     task = Task.from_seed(args.seed)
     cut = tc.offsets(args.shards)
     lo, hi = cut[comm.rank], cut[comm.rank + 1]
@@ -280,23 +275,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             abs(evals["local_bn"] - ref) / ref
         ),
     }
-    if comm.rank != 0:
-        return tc.verdict(curves, out=io.StringIO(), fault=args.fault)  # same status, unprinted
-    report = sys.stderr if str(args.csv) == "-" else sys.stdout
-    print(
-        f"train_numpy: {comm.size} ranks, shards {list(args.shards)} of a global batch of "
-        f"{cut[-1]}, {args.steps} steps, {args.dtype}, seed {args.seed}",
-        file=report,
+    return tc.exit_status(
+        curves,
+        args,
+        comm.rank,
+        header=(
+            f"train_numpy: {comm.size} ranks, shards {list(args.shards)} of a global batch of "
+            f"{cut[-1]}, {args.steps} steps, {args.dtype}, seed {args.seed}"
+        ),
+        default_csv="train_numpy.csv",
+        plot_title=f"numpy MLP, global batch {cut[-1]}, shards {list(args.shards)}",
     )
-    tc.print_progress(curves, report)
-    status = tc.verdict(curves, out=report, fault=args.fault)
-    where = tc.write_csv(curves, args.csv, "train_numpy.csv")
-    if where != "-":
-        print(f"losses written to {where}", file=report)
-    if args.plot is not None:
-        tc.plot(curves, args.plot, f"numpy MLP, global batch {cut[-1]}, shards {list(args.shards)}")
-        print(f"plot written to {args.plot}", file=report)
-    return status
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ Needs ``arraysyncbn.torch`` (PyTorch ≥ 2) and, under mpiexec, mpi4py.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import sys
@@ -247,11 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and keeps each rank's reductions in one fixed order.
     torch.set_num_threads(1)
     world = open_world()
-    if len(args.shards) != world.size:
-        parser.error(
-            f"--shards gives {len(args.shards)} shard sizes but the job has {world.size} ranks; "
-            f"start {len(args.shards)} ranks or pass one size per rank"
-        )
+    tc.check_rank_count(parser, args.shards, world.size, f"start {len(args.shards)} ranks")
     task = Task.from_seed(args.seed)
     cut = tc.offsets(args.shards)
     lo, hi = cut[world.rank], cut[world.rank + 1]
@@ -272,25 +267,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = {plan.name: train(plan, task, args, world) for plan in plans}
     curves = tc.Curves({k: np.array(v) for k, v in logs.items()}, world.size, args.dtype)
     torch.distributed.destroy_process_group()
-    if world.rank != 0:
-        return tc.verdict(curves, out=io.StringIO(), fault=args.fault)  # same status, unprinted
-    report = sys.stderr if str(args.csv) == "-" else sys.stdout
-    print(
-        f"train_torch: {world.size} ranks ({world.launcher}), shards {list(args.shards)} of a "
-        f"global batch of {cut[-1]}, {args.steps} steps, {args.dtype}, seed {args.seed}, "
-        f"torch {torch.__version__}",
-        file=report,
+    return tc.exit_status(
+        curves,
+        args,
+        world.rank,
+        header=(
+            f"train_torch: {world.size} ranks ({world.launcher}), shards {list(args.shards)} of "
+            f"a global batch of {cut[-1]}, {args.steps} steps, {args.dtype}, seed {args.seed}, "
+            f"torch {torch.__version__}"
+        ),
+        default_csv="train_torch.csv",
+        plot_title=f"torch CNN + DDP, global batch {cut[-1]}, shards {list(args.shards)}",
     )
-    tc.print_progress(curves, report)
-    status = tc.verdict(curves, out=report, fault=args.fault)
-    where = tc.write_csv(curves, args.csv, "train_torch.csv")
-    if where != "-":
-        print(f"losses written to {where}", file=report)
-    if args.plot is not None:
-        tc.plot(curves, args.plot, f"torch CNN + DDP, global batch {cut[-1]}, "
-                f"shards {list(args.shards)}")  # fmt: skip
-        print(f"plot written to {args.plot}", file=report)
-    return status
 
 
 if __name__ == "__main__":

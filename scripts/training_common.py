@@ -195,6 +195,21 @@ def check_plot_support(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--plot needs matplotlib (pip install matplotlib)")
 
 
+def check_rank_count(
+    parser: argparse.ArgumentParser, shards: Sequence[int], ranks: int, remedy: str
+) -> None:
+    """Fail (exit 2, said once) unless ``--shards`` gives one size per rank of the job.
+
+    ``remedy`` says how to start as many ranks as there are shards, e.g.
+    ``run mpiexec -n 4``.
+    """
+    if len(shards) != ranks:
+        parser.error(
+            f"--shards gives {len(shards)} shard sizes but the job has {ranks} ranks; "
+            f"{remedy} or pass one size per rank"
+        )
+
+
 def offsets(shards: Sequence[int]) -> list[int]:
     """Where each rank's shard starts in the global batch, and the end."""
     return [int(v) for v in np.cumsum([0, *shards])]
@@ -293,6 +308,36 @@ def read_csv(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
+
+
+def exit_status(
+    curves: Curves,
+    args: argparse.Namespace,
+    rank: int,
+    *,
+    header: str,
+    default_csv: str,
+    plot_title: str,
+) -> int:
+    """Return the demo's exit status; on rank 0 also report, write the CSV and plot.
+
+    Every rank judges the same curves, so every rank returns the same
+    status; only rank 0 prints (``header`` first, on stderr when ``--csv -``
+    sends the CSV to stdout) and writes files.
+    """
+    if rank != 0:
+        return verdict(curves, out=io.StringIO(), fault=args.fault)  # same status, unprinted
+    report = sys.stderr if str(args.csv) == "-" else sys.stdout
+    print(header, file=report)
+    print_progress(curves, report)
+    status = verdict(curves, out=report, fault=args.fault)
+    where = write_csv(curves, args.csv, default_csv)
+    if where != "-":
+        print(f"losses written to {where}", file=report)
+    if args.plot is not None:
+        plot(curves, args.plot, plot_title)
+        print(f"plot written to {args.plot}", file=report)
+    return status
 
 
 def plot(curves: Curves, path: Path, title: str) -> None:

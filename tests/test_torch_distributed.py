@@ -4,7 +4,9 @@ Each test launches ``tests/mpi_scripts/torch_jobs.py`` on 2 processes through
 subprocess with a timeout (the whole process group is killed when it
 expires) and checks the exit status and the ``OK`` line of every rank.
 torchrun jobs are skipped with the reason when torchrun cannot start a gloo
-job here; mpiexec jobs are marked ``mpi``.
+job here. Every test starts processes, so the whole module is marked ``mpi``
+(the marker of multi-process jobs, mpiexec or torchrun): ``pytest -m "not mpi"``
+leaves it out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ if not torch.distributed.is_available():
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "tests" / "mpi_scripts" / "torch_jobs.py")
 BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.mpi
 
 
 def _tool(name: str) -> str | None:
@@ -90,7 +94,6 @@ def test_watchdog_ends_a_rank_waiting_for_a_skipped_call() -> None:
     ]
 
 
-@pytest.mark.mpi
 def test_ddp_with_mpi_communicator_under_mpiexec() -> None:
     pytest.importorskip("mpi4py")
     exe = _tool("mpiexec")

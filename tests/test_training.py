@@ -217,6 +217,7 @@ def test_torch_syncbn_curve_equals_the_whole_batch_and_local_bn_differs(tmp_path
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.mpi
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found (it comes with torch)")
 def test_torch_under_torchrun_in_float32(tmp_path: Path) -> None:
     """torchrun: SyncBN over TorchDistributedCommunicator (gloo), float32 bound."""

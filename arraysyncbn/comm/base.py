@@ -20,9 +20,17 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import array_api_compat
 import numpy as np
 
-__all__ = ["Communicator", "ReduceOp", "SelfCommunicator", "as_communicator", "host_values"]
+__all__ = [
+    "Communicator",
+    "ReduceOp",
+    "SelfCommunicator",
+    "as_communicator",
+    "check_allreduce_args",
+    "host_values",
+]
 
 ReduceOp = Literal["sum", "max"]
 
@@ -95,6 +103,24 @@ _CHECKED: set[type] = {SelfCommunicator}
 _WORLD_OF_ONE = SelfCommunicator()
 """The one world of one (stateless): a fresh one per call would cost the
 per-communicator call count a weak reference made and dropped every call."""
+
+
+_REDUCE_OPS = frozenset({"sum", "max"})
+
+
+def check_allreduce_args(buf: Any, op: Any) -> None:
+    """Raise ValueError unless ``op`` is a known reduction and ``buf`` a 1-D array.
+
+    For communicators that hand ``buf`` to a library (MPI, ``torch.distributed``),
+    whose own errors would not say what was wrong.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
+    if not array_api_compat.is_array_api_obj(buf) or buf.ndim != 1:
+        raise ValueError(
+            f"allreduce takes a 1-D array, got {type(buf).__name__} of shape "
+            f"{tuple(getattr(buf, 'shape', ()))}"
+        )
 
 
 def host_values(array: Any) -> np.ndarray:

@@ -63,16 +63,14 @@ is, so ``import arraysyncbn`` works without it.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Literal, NoReturn
 
 import array_api_compat
 import numpy as np
 
-from .base import ReduceOp, host_values
-from .calls import describe_active
-from .watchdog import resolve_timeout, timeout_advice, wait_for
+from .base import ReduceOp, check_allreduce_args, host_values
+from .watchdog import report_timeout, resolve_timeout, wait_or_end
 
 __all__ = [
     "CUDA_AWARE_ENV",
@@ -364,13 +362,7 @@ class MPICommunicator:
         not modified. Aborts the MPI job when the wait outlasts
         :attr:`timeout`.
         """
-        if op not in self._ops:
-            raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
-        if not array_api_compat.is_array_api_obj(buf) or buf.ndim != 1:
-            raise ValueError(
-                f"allreduce takes a 1-D array, got {type(buf).__name__} of shape "
-                f"{tuple(getattr(buf, 'shape', ()))}"
-            )
+        check_allreduce_args(buf, op)
         mpi_type = self._types[_dtype_name(buf.dtype)]
         mpi_op = self._ops[op]
         kind = memory_kind(buf)
@@ -399,9 +391,7 @@ class MPICommunicator:
             self.comm.Allreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
             return
         request = self.comm.Iallreduce([send, mpi_type], [recv, mpi_type], op=mpi_op)
-        waited = wait_for(request.Test, self._timeout)
-        if waited is not None:
-            self._abort_after(waited)
+        wait_or_end(request.Test, self._timeout, self._abort_after)
 
     def _abort_after(self, waited: float) -> NoReturn:
         """Say which call this rank waited in, then end the whole MPI job.
@@ -414,14 +404,7 @@ class MPICommunicator:
         who = f"rank {world.Get_rank()}"
         if self.comm != world:
             who += f" (rank {self.rank} of {self.size} in its communicator)"
-        sys.stdout.flush()
-        sys.stderr.write(
-            f"arraysyncbn: {who} waited {waited:.1f} s in {describe_active()} and not "
-            "every rank joined it (a rank skipped this call, e.g. in eval mode or "
-            "one step short, or is stuck elsewhere); aborting the MPI job; "
-            f"{timeout_advice(self._timeout)}\n"
-        )
-        sys.stderr.flush()
+        report_timeout(who, waited, "aborting the MPI job", self._timeout)
         # Give the launcher's output forwarding a moment: Abort kills every
         # process at once, and the line above was seen lost under load.
         time.sleep(_ABORT_GRACE_SECONDS)

@@ -47,15 +47,13 @@ is, so ``import arraysyncbn`` works without it.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, NoReturn
 
 import array_api_compat
 import numpy as np
 
-from .base import ReduceOp, host_values
-from .calls import describe_active
-from .watchdog import resolve_timeout, timeout_advice, wait_for
+from .base import ReduceOp, check_allreduce_args, host_values
+from .watchdog import report_timeout, resolve_timeout, wait_or_end
 
 __all__ = ["TorchDistributedCommunicator"]
 
@@ -185,13 +183,7 @@ class TorchDistributedCommunicator:
         array in ``buf``'s library, on its device, with its dtype. ``buf`` is
         not modified. Ends the process when the wait outlasts :attr:`timeout`.
         """
-        if op not in self._ops:
-            raise ValueError(f"unknown reduction op {op!r}; expected 'sum' or 'max'")
-        if not array_api_compat.is_array_api_obj(buf) or buf.ndim != 1:
-            raise ValueError(
-                f"allreduce takes a 1-D array, got {type(buf).__name__} of shape "
-                f"{tuple(getattr(buf, 'shape', ()))}"
-            )
+        check_allreduce_args(buf, op)
         torch = self._torch
         is_tensor = isinstance(buf, torch.Tensor)
         source = buf.detach() if is_tensor else torch.from_numpy(np.array(host_values(buf)))
@@ -216,24 +208,15 @@ class TorchDistributedCommunicator:
         if is_completed is None:  # a backend without polling: its own timeout applies
             work.wait()
             return
-        waited = wait_for(is_completed, self._timeout)
-        if waited is not None:
-            self._abort_after(waited)
+        wait_or_end(is_completed, self._timeout, self._abort_after)
         # Completion seen by polling; wait() still raises a backend error and,
         # for CUDA, orders the current stream after the collective.
         work.wait()
 
     def _abort_after(self, waited: float) -> NoReturn:
         """Say which call this rank waited in, then end this process."""
-        sys.stdout.flush()
-        sys.stderr.write(
-            f"arraysyncbn: rank {self._rank} of {self._size} (torch.distributed, "
-            f"{self.backend}) waited {waited:.1f} s in {describe_active()} and not every "
-            "rank joined it (a rank skipped this call, e.g. in eval mode or one step "
-            "short, or is stuck elsewhere); exiting this process; "
-            f"{timeout_advice(self._timeout)}\n"
-        )
-        sys.stderr.flush()
+        who = f"rank {self._rank} of {self._size} (torch.distributed, {self.backend})"
+        report_timeout(who, waited, "exiting this process", self._timeout)
         os._exit(1)
 
     def __repr__(self) -> str:

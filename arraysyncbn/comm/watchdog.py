@@ -22,6 +22,13 @@ than cores (4 ranks on 2 cores, as the main job runs on a 2-core machine), a
 pure spin on the test starves the late ranks (an allreduce of 129 values:
 5 ms instead of 15 µs; the main job's, with its compute in between: 2.7 ms
 instead of 0.14 ms); the yields let them run.
+
+:func:`wait_or_end` is that poll with the communicator's way out attached,
+and :func:`report_timeout` the line a process-ending communicator
+(:class:`~arraysyncbn.MPICommunicator`,
+:class:`~arraysyncbn.TorchDistributedCommunicator`) prints before it ends:
+which SyncBN call it waited in (:mod:`~arraysyncbn.comm.calls`) and for how
+long.
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
+
+from .calls import describe_active
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -39,9 +50,11 @@ __all__ = [
     "TIMEOUT_ENV",
     "YIELD_SECONDS",
     "parse_timeout",
+    "report_timeout",
     "resolve_timeout",
     "timeout_advice",
     "wait_for",
+    "wait_or_end",
 ]
 
 TIMEOUT_ENV = "ARRAYSYNCBN_TIMEOUT"
@@ -190,3 +203,33 @@ def wait_for(
         if test():
             return None
         waited = clock() - start
+
+
+def wait_or_end(
+    test: Callable[[], bool], timeout: float | None, end: Callable[[float], NoReturn]
+) -> None:
+    """Poll ``test`` (:func:`wait_for`) until it returns True; past ``timeout``
+    call ``end`` with the seconds waited.
+
+    ``end`` must not return: a collective that a rank skipped never
+    completes, and neither MPI nor ``torch.distributed`` can cancel it.
+    """
+    waited = wait_for(test, timeout)
+    if waited is not None:
+        end(waited)
+
+
+def report_timeout(who: str, waited: float, ending: str, timeout: float | None) -> None:
+    """Write on stderr that ``who`` waited ``waited`` s in the active SyncBN call.
+
+    ``ending`` says what happens next (``aborting the MPI job``). stdout is
+    flushed first and stderr after, as the process is about to end without
+    Python's own flushing.
+    """
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"arraysyncbn: {who} waited {waited:.1f} s in {describe_active()} and not "
+        "every rank joined it (a rank skipped this call, e.g. in eval mode or "
+        f"one step short, or is stuck elsewhere); {ending}; {timeout_advice(timeout)}\n"
+    )
+    sys.stderr.flush()

@@ -103,13 +103,19 @@ def _dtype_text(dtype: Any) -> str:
     return str(dtype)
 
 
+def _per_dtype(table: dict[str, float], dtype: Any) -> float:
+    """``table``'s value for ``dtype``, of any array library (longest name first:
+    ``bfloat16`` is not ``float16``); TypeError for a dtype it does not list."""
+    text = _dtype_text(dtype)
+    for name in sorted(table, key=len, reverse=True):
+        if text.endswith(name):
+            return table[name]
+    raise TypeError(f"not a supported floating dtype: {dtype}")
+
+
 def dtype_eps(dtype: Any) -> float:
     """Machine epsilon of a floating dtype of any array library."""
-    text = _dtype_text(dtype)
-    for name in sorted(_EPS, key=len, reverse=True):
-        if text.endswith(name):
-            return _EPS[name]
-    raise TypeError(f"not a supported floating dtype: {dtype}")
+    return _per_dtype(_EPS, dtype)
 
 
 def _work_eps(e_out: float) -> float:
@@ -143,11 +149,7 @@ _TINY = {
 
 
 def _tiny(dtype: Any) -> float:
-    text = _dtype_text(dtype)
-    for name in sorted(_TINY, key=len, reverse=True):
-        if text.endswith(name):
-            return _TINY[name]
-    raise TypeError(f"not a supported floating dtype: {dtype}")
+    return _per_dtype(_TINY, dtype)
 
 
 @dataclass(frozen=True)
