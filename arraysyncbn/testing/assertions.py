@@ -348,9 +348,19 @@ def backward_bounds(
 
 def channel_bound(bound: Any, ndim: int, axis: int) -> Any:
     """Return a per-channel bound of shape ``(C,)`` reshaped to broadcast
-    against an ``ndim``-array with channels on ``axis`` (scalars unchanged)."""
+    against an ``ndim``-array with channels on ``axis`` (scalars unchanged).
+
+    Raises ValueError for a bound that is neither a scalar nor 1-D, or an
+    ``axis`` outside ``ndim`` dimensions.
+    """
     if np.ndim(bound) == 0:
         return bound
+    if np.ndim(bound) != 1:
+        raise ValueError(
+            f"a bound is a scalar or per channel, of shape (C,); got shape {np.shape(bound)}"
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
     shape = [1] * ndim
     shape[axis % ndim] = -1
     return np.reshape(bound, shape)
@@ -375,6 +385,34 @@ def assert_like(actual: Any, like: Any, *, dtype: Any = None, name: str = "array
     assert actual.dtype == want, f"{name}: dtype {actual.dtype}, expected {want}"
 
 
+def _per_channel(bound: Any, shape: tuple[int, ...], axis: int | None, name: str) -> Any:
+    """``bound`` as an array that broadcasts against ``shape``, or ValueError
+    naming what does not match (instead of numpy's broadcasting error)."""
+    b = np.asarray(to_numpy(bound), dtype=np.float64)
+    if b.ndim == 0:
+        return b
+    if axis is not None:
+        b = channel_bound(b, len(shape), axis)
+        if b.size != shape[axis % len(shape)]:
+            raise ValueError(
+                f"{name}: a bound for {b.size} channels, but the array has "
+                f"{shape[axis % len(shape)]} along its channel axis {axis} (shape {shape})"
+            )
+        return b
+    if b.ndim == 1 and len(shape) != 1:
+        raise ValueError(
+            f"{name}: a per-channel bound needs axis= (the channel axis of the array), "
+            "or it would broadcast along the wrong axis"
+        )
+    try:
+        fits = np.broadcast_shapes(b.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name}: a bound of shape {b.shape} for an array of shape {shape}")
+    return b
+
+
 def assert_close_to_reference(
     actual: Any,
     expected: np.ndarray,
@@ -385,34 +423,81 @@ def assert_close_to_reference(
 ) -> float:
     """Assert ``|actual − expected| ≤ bound`` elementwise; return the max error.
 
-    ``actual`` may come from any array library; ``expected`` is float64.
-    NaN in ``actual`` never passes (not even against NaN); ±inf passes only
-    where ``expected`` holds the same infinity. A per-channel ``bound`` of
-    shape ``(C,)`` applies along the channel ``axis``.
+    Parameters
+    ----------
+    actual : array of any library (numpy, torch, cupy, array-api-strict, ...)
+        The result under test; it is copied to host float64.
+    expected : numpy array, float64
+        The reference, of the same shape.
+    bound : float or array of shape ``(C,)``
+        An absolute bound: a scalar, or per channel along ``axis`` (as
+        :func:`forward_bounds` and :func:`backward_bounds` return). A 1-D
+        ``actual`` (running statistics, dweight) takes a ``(C,)`` bound
+        without ``axis``.
+    name : str
+        Names the array in the failure message.
+    axis : int, optional
+        The channel axis of ``actual``; required for a per-channel bound on
+        an array of more than one dimension.
+
+    Returns
+    -------
+    float
+        The largest elementwise error (0.0 for empty arrays).
+
+    Raises
+    ------
+    AssertionError
+        On a shape mismatch, or where the error exceeds the bound. NaN in
+        ``actual`` never passes, not even against NaN or an infinite bound;
+        ±inf passes only where ``expected`` holds the same infinity. The
+        message names the worst element (and its channel, given ``axis``),
+        its error and how many times the bound that is, and every failing
+        channel.
+    ValueError
+        When ``bound`` does not fit the array (a per-channel bound for
+        another number of channels, or without ``axis``).
     """
     a = to_numpy(actual).astype(np.float64)
     e = np.asarray(expected, dtype=np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape}, expected {e.shape}"
+    b = _per_channel(bound, a.shape, axis, name)
     if a.size == 0:
         return 0.0
-    if axis is not None:
-        bound = channel_bound(bound, a.ndim, axis)
-    elif np.ndim(bound) == 1 and a.ndim != 1:
-        raise ValueError(
-            f"{name}: a per-channel bound needs axis= (the channel axis of the array), "
-            "or it would broadcast along the wrong axis"
-        )
-    same_nonfinite = np.isinf(e) & (a == e)
+    same_inf = np.isinf(e) & (a == e)
     with np.errstate(invalid="ignore"):
-        err = np.where(same_nonfinite, 0.0, np.abs(a - e))
-    err = np.where(np.isnan(err), np.inf, err)
-    ok = err <= bound
-    if not np.all(ok):
-        idx = np.unravel_index(np.argmax(np.where(ok, -np.inf, err - bound)), a.shape)
-        b = bound if np.ndim(bound) == 0 else np.broadcast_to(bound, a.shape)[idx]
-        raise AssertionError(
-            f"{name}: {int(np.size(ok) - np.count_nonzero(ok))} of {a.size} elements exceed "
-            f"the bound; worst at {tuple(int(i) for i in idx)}: got {a[idx]!r}, "
-            f"expected {e[idx]!r}, error {err[idx]:.3e} > bound {float(b):.3e}"
-        )
-    return float(np.max(err))
+        err = np.where(same_inf, 0.0, np.abs(a - e))
+    # A NaN or an unmatched infinity is an infinite error, and it fails even
+    # against an infinite bound (``inf <= inf`` would let it pass).
+    nonfinite = ~np.isfinite(err)
+    err = np.where(nonfinite, np.inf, err)
+    ok = (err <= b) & ~nonfinite
+    if np.all(ok):
+        return float(np.max(err))
+    full_b = np.broadcast_to(b, a.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        excess = np.where(ok, -np.inf, np.where(nonfinite, np.inf, err / full_b))
+    excess = np.where(np.isnan(excess), np.inf, excess)  # a NaN bound fails outright
+    idx = np.unravel_index(int(np.argmax(excess)), a.shape)
+    where = tuple(int(i) for i in idx)
+    bad = int(np.size(ok) - np.count_nonzero(ok))
+    lines = [f"{name}: {bad} of {a.size} elements exceed the bound"]
+    if axis is not None:
+        ax = axis % a.ndim
+        axes = tuple(i for i in range(a.ndim) if i != ax)
+        channels = np.flatnonzero(~np.all(ok, axis=axes))
+        lines[0] += f", in channel(s) {channels.tolist()}"
+        lines.append(f"worst in channel {where[ax]}, at index {where}:")
+    else:
+        lines.append(f"worst at index {where}:")
+    got, want, bnd = float(a[idx]), float(e[idx]), float(full_b[idx])
+    if np.isnan(got):
+        why = "NaN never passes"
+    elif nonfinite[idx]:
+        why = f"{got} where the reference is {want}"
+    elif np.isnan(bnd):
+        why = "the bound is NaN (from a NaN in the reference's statistics?)"
+    else:
+        why = f"error {err[idx]:.3e} > bound {bnd:.3e} ({err[idx] / bnd:.3g} × the bound)"
+    lines.append(f"  got {got!r}, expected {want!r}: {why}")
+    raise AssertionError("\n".join(lines))
