@@ -279,3 +279,62 @@ def test_the_bounds_catch_a_planted_bug_in_a_user_syncbn(bug: str) -> None:
 
     with pytest.raises(AssertionError, match="exceed the bound"):
         prop()
+
+
+def _check_torch_batch_norm(batch, **bounds) -> None:
+    """torch.nn.functional.batch_norm (a world of one) against the reference,
+    forward and backward, in float32 as PyTorch computes it."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(batch.shards[0].astype(np.float32)).requires_grad_(True)
+    dy = torch.from_numpy(batch.dys[0].astype(np.float32))
+    ax = batch.axis % x.ndim
+    y = torch.movedim(
+        torch.nn.functional.batch_norm(torch.movedim(x, ax, 1), None, None, eps=batch.eps,
+                                       training=True), 1, ax,
+    )  # fmt: skip
+    (dx,) = torch.autograd.grad(y, x, dy)
+    ref = T.reference_forward([x.detach()], eps=batch.eps, axis=batch.axis)
+    fb = T.forward_bounds(ref, "float32", second_pass=False, **bounds)
+    T.assert_close_to_reference(y, ref.ys[0], fb.y, axis=batch.axis, name="y")
+    grads = T.reference_backward(ref, [dy])
+    bb = T.backward_bounds(ref, grads, [dy], "float32", second_pass=False, **bounds)
+    T.assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=batch.axis, name="dx")
+
+
+def test_centering_eps_bounds_pytorchs_float32_batch_norm_in_both_directions() -> None:
+    """PyTorch centers float32 x with a float32 mean summed in float32: at
+    |mean|/std = 1e5 that moves x̂ by ~1e-3, far past the default bounds
+    (arraysyncbn's hi + lo centering). centering_eps = (n + 1)·eps32 bounds
+    it, and still catches a planted count off by one."""
+
+    def hunt(check):
+        @_USER_HUNT
+        @given(batch=sharded_batches(ranks=st.just(1), dtypes=st.just("float32")))
+        def prop(batch) -> None:
+            if batch.count >= 2:
+                check(batch)
+
+        return prop
+
+    def torch_style(batch, fails=False):
+        e32 = T.dtype_eps("float32")
+        loose = {"centering_eps": (batch.count + 1) * e32, "accumulation_eps": e32}
+        _check_torch_batch_norm(batch, **({} if fails else loose))
+
+    hunt(torch_style)()  # passes with centering_eps
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        hunt(lambda b: torch_style(b, fails=True))()
+
+    def off_by_one(batch):
+        e32 = T.dtype_eps("float32")
+        bug = dataclasses.replace(batch, shards=[s.astype(np.float32) for s in batch.shards])
+        ys = _user_syncbn(bug, "count off by one")[0]
+        ref = T.reference_forward(bug.shards, bug.weight, bug.bias, eps=bug.eps, axis=bug.axis)
+        fb = T.forward_bounds(
+            ref, "float32", weight=bug.weight, bias=bug.bias, second_pass=False,
+            centering_eps=(ref.count + 1) * e32, accumulation_eps=e32,
+        )  # fmt: skip
+        T.assert_close_to_reference(ys[0], ref.ys[0], fb.y, axis=bug.axis)
+
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        hunt(off_by_one)()

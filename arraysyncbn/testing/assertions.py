@@ -33,7 +33,11 @@ than ``τ = max(16·L0, e_w)`` with ``L0 = 4·(ranks + 2)·e_mrg``
 ``sqrt(2τ/L0)·σ`` of the mean. Its statistics therefore carry at most
 ``max(Δ(min(|μ − K|, sqrt(2τ/L0)·σ)), Δ(Δμ(|μ − K|)))`` for both Δμ and Δv,
 however far the data sits from K (``second_pass=False`` keeps the one-merge
-bound, for implementations that merge once),
+bound, for implementations that merge once). An implementation that
+centers x with a mean of relative error ``e_c`` (``centering_eps``: a mean
+rounded to, or summed in, float32) adds ``δ = e_c·|μ|`` to ``Δμ`` and
+``δ²`` to ``Δv``; arraysyncbn's own mean has no such term (``e_c = 0``, the
+default),
 
 so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
 1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
@@ -214,6 +218,7 @@ def _stat_errors(
     e_mrg: float,
     center: Any,
     ranks: int | None = None,
+    centering_eps: float = 0.0,
 ) -> _StatErrors:
     """The statistics' error budget. ``ranks`` None: one merge around
     ``center``; else arraysyncbn's contract, a second merge around the
@@ -238,6 +243,12 @@ def _stat_errors(
         first, _ = _merge_budget(ref, e_w, e_acc, e_mrg, a, off)
         m2, v2 = _merge_budget(ref, e_w, e_acc, e_mrg, a, first)
         d_mean, d_var = np.maximum(m1, m2), np.maximum(v1, v2)
+    if ref.batch_stats and centering_eps:
+        # A mean rounded to centering_eps before x − mean: off by δ = e_c·|μ|,
+        # which shifts every x̂ by δ·invstd and adds δ² to a variance taken
+        # around it (Σ(x − μ − δ)²/n = var + δ² exactly).
+        delta = centering_eps * np.abs(ref.mean)
+        d_mean, d_var = d_mean + delta, d_var + delta * delta
     eps = sigma2 - ref.var
     hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
     lo = 1.0 / np.sqrt(ref.var + d_var + eps)
@@ -260,6 +271,7 @@ def forward_bounds(
     merge_eps: float = _EPS["float64"],
     center: Any = None,
     second_pass: bool = True,
+    centering_eps: float = 0.0,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
@@ -274,6 +286,19 @@ def forward_bounds(
     ``center``, for implementations that merge once. ``bound.y`` has shape
     ``(C,)``: pass ``axis=`` to :func:`assert_close_to_reference` (or use
     :func:`channel_bound`) to compare it with y.
+
+    ``centering_eps`` (default 0) is the relative error ``e_c`` of the mean
+    that an implementation subtracts in ``x − mean``, for implementations
+    that center with a mean of the work precision, as PyTorch's float32
+    kernels do: ``dtype_eps("float32")`` for a float64 mean rounded to
+    float32, ``(n + 1)·dtype_eps("float32")`` for one summed naively in
+    float32 (``n = ref.count``; pass ``accumulation_eps`` of float32 too).
+    That mean is off by ``δ = e_c·|μ|``, so ``Δμ`` grows by δ and ``Δv``
+    by ``δ²`` (a variance taken around ``μ + δ`` is ``var + δ²``); every
+    bound built on them follows. The default bounds arraysyncbn's
+    contract, whose float64 mean is applied as ``hi + lo`` without that
+    loss: at ``|μ|/σ = 1e5`` in float32 a rounded mean alone moves x̂ by
+    about ``6e-3``, a million times the default bound.
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
@@ -281,7 +306,7 @@ def forward_bounds(
     channels = ref.mean.shape[0]
     w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
     ranks = len(ref.ys) if second_pass else None
-    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks)
+    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks, centering_eps)
     floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi)
     y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
@@ -309,9 +334,11 @@ def backward_bounds(
     merge_eps: float = _EPS["float64"],
     center: Any = None,
     second_pass: bool = True,
+    centering_eps: float = 0.0,
 ) -> BackwardBounds:
     """Per-channel bounds on the backward's error against ``grads`` (module
-    docstring); ``center`` and ``second_pass`` as for :func:`forward_bounds`."""
+    docstring); ``center``, ``second_pass`` and ``centering_eps`` as for
+    :func:`forward_bounds`."""
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
@@ -319,7 +346,8 @@ def backward_bounds(
     channels = ref.mean.shape[0]
     w = _param_abs(weight, 1.0, channels)
     g = _per_channel_max([to_numpy(d).astype(np.float64) for d in dys], ref.axis, channels)
-    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, len(ref.ys) if second_pass else None)
+    ranks = len(ref.ys) if second_pass else None
+    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, ranks, centering_eps)
     x = st.xhat_max
     floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x)
     dx = (
