@@ -752,6 +752,19 @@ def _host_grads_valid(x: np.ndarray, dy: Any, out: Any, bits: Any = None) -> boo
     )
 
 
+def _overlaps_unlike(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether host arrays ``a`` and ``b`` may share memory without being the
+    same elements in the same places (the same array written in place is fine
+    for elementwise kernels; a shifted or transposed view is not)."""
+    if not np.may_share_memory(a, b):
+        return False
+    return not (
+        a.shape == b.shape
+        and a.strides == b.strides
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
 def _byte_range(t: Any) -> tuple[int, int]:
     """The addresses a strided torch tensor's elements span, ``[start, end)``."""
     start = end = t.data_ptr()
@@ -1072,7 +1085,9 @@ def sync_batch_norm_backward(
     dy : array of y's shape, namespace and device, real floating dtype
     saved : what the forward returned
     out : array like the forward's x, or None
-        Where to write dx.
+        Where to write dx. It may be dy or x itself (dx is written in place
+        of them); an ``out`` that overlaps them otherwise (a shifted view of
+        the same buffer) gets dx computed in a fresh array, then copied in.
 
     Returns
     -------
@@ -1113,6 +1128,12 @@ def sync_batch_norm_backward(
             _validate_out(cxp, caller_x, out)
         if io is not None:
             dy, out = io.to_numpy(dy), io.to_numpy(out)
+    final_out = out
+    if io is not None and out is not None and any(_overlaps_unlike(out, a) for a in (x, dy)):
+        # The host kernel writes dx[i] while it still reads x and dy at other
+        # indices: an out shifted against them would feed it values it has
+        # already overwritten. Compute into a fresh array, then copy.
+        out = None
     wdtype = kernels.work_dtype(xp, x.dtype)
     channels = x.shape[saved.axis]
     communicates = saved.batch_stats and saved.count != 0 and saved.label is not None
@@ -1144,6 +1165,8 @@ def sync_batch_norm_backward(
             buf = buf[: 2 * channels]
         mean_dy, k = kern.backward_coefficients(buf, saved.count, saved.invstd, wdtype)
         dx = kern.backward_input(dy, x, f, mean_dy, k, out)
+    if final_out is not None and out is None:
+        dx = _write(final_out, dx)
     dweight = dbias = None
     if saved.weight is not None:
         dweight = kern.cast(packed[channels : 2 * channels], saved.weight.dtype)

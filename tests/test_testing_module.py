@@ -3,14 +3,18 @@ agrees with an independent formulation."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import arraysyncbn.testing as T
 from arraysyncbn import PrecisionWarning
+from arraysyncbn.testing.strategies import sharded_batches
 
 
 def test_documented_example_runs_and_passes() -> None:
@@ -58,3 +62,279 @@ def test_per_channel_bound_needs_the_channel_axis() -> None:
     with pytest.raises(AssertionError, match="exceed the bound"):
         T.assert_close_to_reference(off, a, np.array([5.0, 5.0, 1.0]), axis=1)
     T.assert_close_to_reference(off, a, np.array([1.0, 1.0, 5.0]), axis=1)
+
+
+# -- review: the harness as a user of their own SyncBN sees it ---------------------------
+def test_nan_and_unmatched_inf_fail_even_an_infinite_bound() -> None:
+    """``inf <= inf`` is True: a NaN turned into an infinite error used to pass
+    a bound of inf (a constant channel with eps=0 gives one)."""
+    for got, want in [(np.nan, 0.0), (np.nan, np.nan), (np.inf, 1.0), (-np.inf, np.inf)]:
+        with pytest.raises(AssertionError, match="exceed the bound"):
+            T.assert_close_to_reference(np.array([got]), np.array([want]), np.inf)
+    with pytest.raises(AssertionError, match="NaN never passes"):
+        T.assert_close_to_reference(np.full((2, 2), np.nan), np.zeros((2, 2)), np.inf, axis=1)
+    assert T.assert_close_to_reference(np.array([-np.inf]), np.array([-np.inf]), 0.0) == 0.0
+
+
+def test_failure_names_the_channels_and_how_far_over_the_bound() -> None:
+    want = np.zeros((2, 3, 4))
+    got = want.copy()
+    got[1, 2, 3] = 3e-3
+    got[0, 0, 0] = 1e-6
+    with pytest.raises(AssertionError) as info:
+        T.assert_close_to_reference(got, want, np.array([1e-7, 1.0, 1e-4]), axis=1, name="y")
+    text = str(info.value)
+    assert "2 of 24 elements" in text and "channel(s) [0, 2]" in text
+    assert "worst in channel 2, at index (1, 2, 3)" in text
+    assert "error 3.000e-03 > bound 1.000e-04 (30 × the bound)" in text
+    with pytest.raises(AssertionError, match="the bound is NaN"):
+        T.assert_close_to_reference(np.zeros(2), np.zeros(2), np.array([0.0, np.nan]))
+
+
+def test_a_bound_that_does_not_fit_the_array_is_a_clear_value_error() -> None:
+    """These were numpy's 'operands could not be broadcast together'."""
+    a = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="bound for 4 channels, but the array has 3"):
+        T.assert_close_to_reference(a, a, np.ones(4), axis=1)
+    with pytest.raises(ValueError, match="axis 3 is out of range"):
+        T.assert_close_to_reference(a, a, np.ones(3), axis=3)
+    with pytest.raises(ValueError, match="bound of shape"):
+        T.assert_close_to_reference(np.zeros(3), np.zeros(3), np.ones(4), name="running_var")
+    with pytest.raises(ValueError, match=r"shape \(C,\)"):
+        T.channel_bound(np.ones((3, 1)), 3, 1)
+    assert T.assert_close_to_reference(a, a, np.ones(4), axis=-1) == 0.0
+    assert T.assert_close_to_reference(a, a, np.ones((1, 3, 1))) == 0.0  # broadcasts as is
+
+
+def test_reference_rejects_inputs_that_are_not_one_batch_norm() -> None:
+    x = np.ones((2, 3))
+    cases = [
+        (lambda: T.reference_forward([]), "at least one shard"),
+        (lambda: T.reference_forward([x, np.ones((2, 4))]), "shard 1 has shape"),
+        (lambda: T.reference_forward([x, np.ones((2, 3, 1))]), "shard 1 has shape"),
+        (lambda: T.reference_forward([x], axis=2), "out of range"),
+        (lambda: T.reference_forward([x], weight=np.ones(4)), r"weight has shape \(4,\)"),
+        (lambda: T.reference_forward([x], running_mean=np.zeros(3)), "both running_mean"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    ref = T.reference_forward([x, 2 * x])
+    with pytest.raises(ValueError, match="1 upstream gradients for 2 shards"):
+        T.reference_backward(ref, [x])
+    with pytest.raises(ValueError, match=r"dys\[1\] has shape"):
+        T.reference_backward(ref, [x, np.ones((2, 2))])
+
+
+@pytest.mark.parametrize("min_count", [2, 50])
+def test_same_shapes_shards_concatenate_whatever_min_count(min_count: int) -> None:
+    """A global batch below min_count used to grow shard 0 in every side, so
+    same_shapes=True shards no longer concatenated along the batch axis."""
+
+    @settings(max_examples=150, database=None, derandomize=True, deadline=None)
+    @given(batch=sharded_batches(same_shapes=True, min_count=min_count))
+    def prop(batch) -> None:
+        ndim = batch.shards[0].ndim
+        batch_axis = 0 if batch.axis % ndim != 0 else 1
+        whole = np.concatenate(batch.shards, axis=batch_axis)
+        assert whole.size // batch.channels == batch.count >= min_count
+
+    prop()
+
+
+# A user's own SyncBN over a list of shards, in numpy, correct or with one of
+# the classic mistakes planted; the documented harness must tell them apart.
+def _user_center(x, mean, work, view):
+    """x − mean in the work dtype, the float64 mean split in two (``hi + lo``)."""
+    hi = mean.astype(work)
+    lo = (mean - hi).astype(work)
+    return (x.astype(work) - hi.reshape(view)) - lo.reshape(view)
+
+
+def _user_syncbn(batch, bug=None):
+    """Forward and backward of every rank's shard; each ``sum`` over shards
+    stands for an allreduce. Returns (ys, running_mean, running_var, dxs,
+    dweights, dbiases)."""
+    shards = batch.shards
+    nd = shards[0].ndim
+    ax = batch.axis % nd
+    axes = tuple(i for i in range(nd) if i != ax)
+    view = [-1 if i == ax else 1 for i in range(nd)]
+    work = np.float32 if shards[0].dtype == np.float16 else shards[0].dtype
+    f64 = np.float64
+    counts = [x.size // x.shape[ax] for x in shards]
+    used = shards[:-1] if bug == "dropped shard" and len(shards) > 1 else shards
+    n = sum(counts[: len(used)])
+    n = {"count off by one": n + 1, "count in float16": float(np.float16(n))}.get(bug, n)
+    mean = sum(x.sum(axis=axes, dtype=f64) for x in used) / n
+    var = sum((_user_center(x, mean, work, view).astype(f64) ** 2).sum(axis=axes) for x in used)
+    var = var / n
+    invstd = 1 / np.sqrt(var + batch.eps)
+    w = np.ones_like(mean) if batch.weight is None else batch.weight
+    b = np.zeros_like(mean) if batch.bias is None else batch.bias
+    xhats = [_user_center(x, mean, work, view) * invstd.astype(work).reshape(view) for x in shards]
+    ys = [
+        (xh * w.astype(work).reshape(view) + b.astype(work).reshape(view)).astype(x.dtype)
+        for x, xh in zip(shards, xhats, strict=True)
+    ]
+    rm = rv = None
+    if batch.running_mean is not None:
+        m = 0.1 if batch.momentum is None else batch.momentum
+        bessel_n = counts[0] if bug == "Bessel with the local count" else n
+        bessel = 1.0 if bug == "no Bessel" else bessel_n / max(bessel_n - 1, 1)
+        rm = (1 - m) * batch.running_mean + m * mean
+        rv = (1 - m) * batch.running_var + m * var * bessel
+    dys = [d.astype(x.dtype) for d, x in zip(batch.dys, shards, strict=True)]
+    dbs = [d.sum(axis=axes, dtype=f64) for d in dys]
+    dws = [(d.astype(f64) * xh).sum(axis=axes) for d, xh in zip(dys, xhats, strict=True)]
+    sum_db, sum_dw = (dbs[0], dws[0]) if bug == "dx from local sums" else (sum(dbs), sum(dws))
+    dxs = []
+    for d, xh in zip(dys, xhats, strict=True):
+        t = d.astype(work) - (sum_db / n).astype(work).reshape(view)
+        if bug != "dx without the x̂ term":
+            t = t - xh * (sum_dw / n).astype(work).reshape(view)
+        dxs.append((t * (w * invstd).astype(work).reshape(view)).astype(d.dtype))
+    return ys, rm, rv, dxs, dws, dbs
+
+
+def _check_user_syncbn(batch, bug=None) -> None:
+    """The README's recipe, forward and backward, for an implementation that
+    merges once around zero (``second_pass=False``)."""
+    dtype = getattr(np, batch.dtype)
+    batch = dataclasses.replace(batch, shards=[s.astype(dtype) for s in batch.shards])
+    if batch.count < 2:
+        return
+    ys, rm, rv, dxs, dws, dbs = _user_syncbn(batch, bug)
+    momentum = 0.1 if batch.momentum is None else batch.momentum
+    ref = T.reference_forward(
+        batch.shards, batch.weight, batch.bias, batch.running_mean, batch.running_var,
+        momentum=momentum, eps=batch.eps, axis=batch.axis,
+    )  # fmt: skip
+    fb = T.forward_bounds(
+        ref, batch.dtype, weight=batch.weight, bias=batch.bias, param_dtype="float64",
+        momentum=momentum, second_pass=False,
+    )  # fmt: skip
+    for y, want in zip(ys, ref.ys, strict=True):
+        T.assert_close_to_reference(y, want, fb.y, axis=batch.axis, name="y")
+    if rm is not None:
+        T.assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
+        T.assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+    dys = [d.astype(dtype) for d in batch.dys]
+    grads = T.reference_backward(ref, dys, batch.weight)
+    bb = T.backward_bounds(
+        ref, grads, dys, batch.dtype, weight=batch.weight, param_dtype="float64",
+        second_pass=False,
+    )  # fmt: skip
+    for dx, want in zip(dxs, grads.dxs, strict=True):
+        T.assert_close_to_reference(dx, want, bb.dx, axis=batch.axis, name="dx")
+    for dw, db, want_w, want_b in zip(dws, dbs, grads.dweights, grads.dbiases, strict=True):
+        T.assert_close_to_reference(dw, want_w, bb.dweight, name="dweight")
+        T.assert_close_to_reference(db, want_b, bb.dbias, name="dbias")
+
+
+_USER_HUNT = settings(
+    max_examples=150,
+    database=None,
+    derandomize=True,
+    deadline=None,
+    phases=[Phase.generate],
+    report_multiple_bugs=False,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_a_correct_user_syncbn_passes_the_bounds(dtype: str) -> None:
+    @_USER_HUNT
+    @given(batch=sharded_batches(dtypes=st.just(dtype), max_ndim=5))
+    def prop(batch) -> None:
+        _check_user_syncbn(batch)
+
+    prop()
+
+
+_USER_BUGS = [
+    "count off by one",
+    "dropped shard",
+    "Bessel with the local count",
+    "no Bessel",
+    "dx from local sums",
+    "dx without the x̂ term",
+    "count in float16",
+]
+
+
+@pytest.mark.parametrize("bug", _USER_BUGS)
+def test_the_bounds_catch_a_planted_bug_in_a_user_syncbn(bug: str) -> None:
+    # float16 holds integers exactly up to 2048: only larger counts show it.
+    min_count = 2049 if bug == "count in float16" else 2
+    strategy = sharded_batches(
+        dtypes=st.sampled_from(["float32", "float64"]), min_count=min_count, max_ndim=3
+    )
+
+    @_USER_HUNT
+    @given(batch=strategy)
+    def prop(batch) -> None:
+        _check_user_syncbn(batch, bug)
+
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        prop()
+
+
+def _check_torch_batch_norm(batch, **bounds) -> None:
+    """torch.nn.functional.batch_norm (a world of one) against the reference,
+    forward and backward, in float32 as PyTorch computes it."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(batch.shards[0].astype(np.float32)).requires_grad_(True)
+    dy = torch.from_numpy(batch.dys[0].astype(np.float32))
+    ax = batch.axis % x.ndim
+    y = torch.movedim(
+        torch.nn.functional.batch_norm(torch.movedim(x, ax, 1), None, None, eps=batch.eps,
+                                       training=True), 1, ax,
+    )  # fmt: skip
+    (dx,) = torch.autograd.grad(y, x, dy)
+    ref = T.reference_forward([x.detach()], eps=batch.eps, axis=batch.axis)
+    fb = T.forward_bounds(ref, "float32", second_pass=False, **bounds)
+    T.assert_close_to_reference(y, ref.ys[0], fb.y, axis=batch.axis, name="y")
+    grads = T.reference_backward(ref, [dy])
+    bb = T.backward_bounds(ref, grads, [dy], "float32", second_pass=False, **bounds)
+    T.assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=batch.axis, name="dx")
+
+
+def test_centering_eps_bounds_pytorchs_float32_batch_norm_in_both_directions() -> None:
+    """PyTorch centers float32 x with a float32 mean summed in float32: at
+    |mean|/std = 1e5 that moves x̂ by ~1e-3, far past the default bounds
+    (arraysyncbn's hi + lo centering). centering_eps = (n + 1)·eps32 bounds
+    it, and still catches a planted count off by one."""
+
+    def hunt(check):
+        @_USER_HUNT
+        @given(batch=sharded_batches(ranks=st.just(1), dtypes=st.just("float32")))
+        def prop(batch) -> None:
+            if batch.count >= 2:
+                check(batch)
+
+        return prop
+
+    def torch_style(batch, fails=False):
+        e32 = T.dtype_eps("float32")
+        loose = {"centering_eps": (batch.count + 1) * e32, "accumulation_eps": e32}
+        _check_torch_batch_norm(batch, **({} if fails else loose))
+
+    hunt(torch_style)()  # passes with centering_eps
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        hunt(lambda b: torch_style(b, fails=True))()
+
+    def off_by_one(batch):
+        e32 = T.dtype_eps("float32")
+        bug = dataclasses.replace(batch, shards=[s.astype(np.float32) for s in batch.shards])
+        ys = _user_syncbn(bug, "count off by one")[0]
+        ref = T.reference_forward(bug.shards, bug.weight, bug.bias, eps=bug.eps, axis=bug.axis)
+        fb = T.forward_bounds(
+            ref, "float32", weight=bug.weight, bias=bug.bias, second_pass=False,
+            centering_eps=(ref.count + 1) * e32, accumulation_eps=e32,
+        )  # fmt: skip
+        T.assert_close_to_reference(ys[0], ref.ys[0], fb.y, axis=bug.axis)
+
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        hunt(off_by_one)()

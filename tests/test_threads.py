@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -185,3 +186,26 @@ def test_consistency_check_passes_when_the_configuration_agrees() -> None:
         return bn.num_batches_tracked
 
     assert sbn.run_ranks(rank, sbn.thread_group(3, timeout=10)) == [1, 1, 1]
+
+
+def test_buffers_of_different_libraries_or_devices_are_a_mismatch_on_every_rank() -> None:
+    """A rank on another array-api-strict device (or library) used to surface
+    as array-api-strict's 'Arrays from two different devices can not be
+    combined' ValueError, after a UserWarning comparing dtypes of two libraries."""
+    xs = pytest.importorskip("array_api_strict")
+    other = {
+        "device": lambda: xs.asarray([1.0], device=xs.Device("device1")),
+        "library": lambda: np.asarray([1.0]),
+    }
+    for what, make in other.items():
+        comms = sbn.thread_group(2, timeout=30)
+
+        def rank(comm, make=make):
+            return comm.allreduce(xs.asarray([1.0]) if comm.rank == 0 else make())
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            errors = sbn.run_ranks(rank, comms, return_exceptions=True)
+        for e in errors:
+            assert isinstance(e, sbn.CollectiveMismatchError), (what, e)
+            assert f"different {what}" in str(e)

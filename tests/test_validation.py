@@ -227,6 +227,29 @@ def test_out_overlapping_x_is_rejected(backend) -> None:
             sbn.sync_batch_norm_forward(x, None, None, None, None, out=out, comm=ForbiddenComm())
 
 
+@pytest.mark.parametrize("shifted", ["x", "dy"])
+def test_dx_out_shifted_against_x_or_dy_gets_the_right_dx(backend, shifted: str) -> None:
+    """The host kernel wrote dx[i] while still reading x and dy elsewhere: an
+    out= one sample ahead of x or dy (views of one buffer) silently got dx
+    off by up to 5 (the portable route, which copies at the end, was right)."""
+    from arraysyncbn.testing import to_numpy
+
+    rng = np.random.default_rng(5)
+    base, other = rng.normal(size=(5, 3, 4)), rng.normal(size=(4, 3, 4))
+
+    def dx_of(x, dy, out=None):
+        *_, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
+        return to_numpy(sbn.sync_batch_norm_backward(dy, saved, out=out)[0])
+
+    values = {"x": base[:4], "dy": other} if shifted == "x" else {"x": other, "dy": base[:4]}
+    want = dx_of(*(backend.asarray(values[k], "float32") for k in ("x", "dy")))
+    buf = backend.asarray(base, "float32")
+    args = {k: backend.asarray(v, "float32") for k, v in values.items()}
+    args[shifted] = buf[:4, ...]
+    got = dx_of(args["x"], args["dy"], out=buf[1:, ...])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_read_only_out_is_a_value_error() -> None:
     x = np.arange(24.0).reshape(4, 3, 2)
     out = np.empty_like(x)

@@ -116,10 +116,24 @@ def _reduce_slots(slots: list[tuple[Any, str]]) -> Any:
     """Combine every rank's buffer in rank order (same bits on every rank)."""
     first, op = slots[0]
     xp = array_api_compat.array_namespace(first)
+    device = array_api_compat.device(first)
     for r, (buf, other_op) in enumerate(slots[1:], start=1):
         if other_op != op:
             raise CollectiveMismatchError(
                 f"ranks called different reductions: rank 0 {op!r}, rank {r} {other_op!r}"
+            )
+        # Library and device first: comparing dtypes of two libraries warns,
+        # and adding arrays of two devices fails with the library's own error.
+        other_xp = array_api_compat.array_namespace(buf)
+        if other_xp is not xp:
+            raise CollectiveMismatchError(
+                "ranks passed buffers of different library to allreduce: rank 0 "
+                f"{xp.__name__}, rank {r} {other_xp.__name__}"
+            )
+        if array_api_compat.device(buf) != device:
+            raise CollectiveMismatchError(
+                "ranks passed buffers on different device to allreduce: rank 0 "
+                f"{device}, rank {r} {array_api_compat.device(buf)}"
             )
         if buf.shape != first.shape or buf.dtype != first.dtype:
             raise CollectiveMismatchError(

@@ -33,7 +33,11 @@ than ``τ = max(16·L0, e_w)`` with ``L0 = 4·(ranks + 2)·e_mrg``
 ``sqrt(2τ/L0)·σ`` of the mean. Its statistics therefore carry at most
 ``max(Δ(min(|μ − K|, sqrt(2τ/L0)·σ)), Δ(Δμ(|μ − K|)))`` for both Δμ and Δv,
 however far the data sits from K (``second_pass=False`` keeps the one-merge
-bound, for implementations that merge once),
+bound, for implementations that merge once). An implementation that
+centers x with a mean of relative error ``e_c`` (``centering_eps``: a mean
+rounded to, or summed in, float32) adds ``δ = e_c·|μ|`` to ``Δμ`` and
+``δ²`` to ``Δv``; arraysyncbn's own mean has no such term (``e_c = 0``, the
+default),
 
 so the computed ``invstd`` lies in ``[1/sqrt(var + Δv + eps),
 1/sqrt(max(var − Δv, 0) + eps)]`` (the variance is clamped at zero); let
@@ -216,6 +220,7 @@ def _stat_errors(
     e_mrg: float,
     center: Any,
     ranks: int | None = None,
+    centering_eps: float = 0.0,
 ) -> _StatErrors:
     """The statistics' error budget. ``ranks`` None: one merge around
     ``center``; else arraysyncbn's contract, a second merge around the
@@ -240,6 +245,12 @@ def _stat_errors(
         first, _ = _merge_budget(ref, e_w, e_acc, e_mrg, a, off)
         m2, v2 = _merge_budget(ref, e_w, e_acc, e_mrg, a, first)
         d_mean, d_var = np.maximum(m1, m2), np.maximum(v1, v2)
+    if ref.batch_stats and centering_eps:
+        # A mean rounded to centering_eps before x − mean: off by δ = e_c·|μ|,
+        # which shifts every x̂ by δ·invstd and adds δ² to a variance taken
+        # around it (Σ(x − μ − δ)²/n = var + δ² exactly).
+        delta = centering_eps * np.abs(ref.mean)
+        d_mean, d_var = d_mean + delta, d_var + delta * delta
     eps = sigma2 - ref.var
     hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
     lo = 1.0 / np.sqrt(ref.var + d_var + eps)
@@ -262,6 +273,7 @@ def forward_bounds(
     merge_eps: float = _EPS["float64"],
     center: Any = None,
     second_pass: bool = True,
+    centering_eps: float = 0.0,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
@@ -276,6 +288,19 @@ def forward_bounds(
     ``center``, for implementations that merge once. ``bound.y`` has shape
     ``(C,)``: pass ``axis=`` to :func:`assert_close_to_reference` (or use
     :func:`channel_bound`) to compare it with y.
+
+    ``centering_eps`` (default 0) is the relative error ``e_c`` of the mean
+    that an implementation subtracts in ``x − mean``, for implementations
+    that center with a mean of the work precision, as PyTorch's float32
+    kernels do: ``dtype_eps("float32")`` for a float64 mean rounded to
+    float32, ``(n + 1)·dtype_eps("float32")`` for one summed naively in
+    float32 (``n = ref.count``; pass ``accumulation_eps`` of float32 too).
+    That mean is off by ``δ = e_c·|μ|``, so ``Δμ`` grows by δ and ``Δv``
+    by ``δ²`` (a variance taken around ``μ + δ`` is ``var + δ²``); every
+    bound built on them follows. The default bounds arraysyncbn's
+    contract, whose float64 mean is applied as ``hi + lo`` without that
+    loss: at ``|μ|/σ = 1e5`` in float32 a rounded mean alone moves x̂ by
+    about ``6e-3``, a million times the default bound.
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
@@ -283,7 +308,7 @@ def forward_bounds(
     channels = ref.mean.shape[0]
     w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
     ranks = len(ref.ys) if second_pass else None
-    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks)
+    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks, centering_eps)
     floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi)
     y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
@@ -311,9 +336,11 @@ def backward_bounds(
     merge_eps: float = _EPS["float64"],
     center: Any = None,
     second_pass: bool = True,
+    centering_eps: float = 0.0,
 ) -> BackwardBounds:
     """Per-channel bounds on the backward's error against ``grads`` (module
-    docstring); ``center`` and ``second_pass`` as for :func:`forward_bounds`."""
+    docstring); ``center``, ``second_pass`` and ``centering_eps`` as for
+    :func:`forward_bounds`."""
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
@@ -321,7 +348,8 @@ def backward_bounds(
     channels = ref.mean.shape[0]
     w = _param_abs(weight, 1.0, channels)
     g = _per_channel_max([to_numpy(d).astype(np.float64) for d in dys], ref.axis, channels)
-    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, len(ref.ys) if second_pass else None)
+    ranks = len(ref.ys) if second_pass else None
+    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, ranks, centering_eps)
     x = st.xhat_max
     floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x)
     dx = (
@@ -350,9 +378,19 @@ def backward_bounds(
 
 def channel_bound(bound: Any, ndim: int, axis: int) -> Any:
     """Return a per-channel bound of shape ``(C,)`` reshaped to broadcast
-    against an ``ndim``-array with channels on ``axis`` (scalars unchanged)."""
+    against an ``ndim``-array with channels on ``axis`` (scalars unchanged).
+
+    Raises ValueError for a bound that is neither a scalar nor 1-D, or an
+    ``axis`` outside ``ndim`` dimensions.
+    """
     if np.ndim(bound) == 0:
         return bound
+    if np.ndim(bound) != 1:
+        raise ValueError(
+            f"a bound is a scalar or per channel, of shape (C,); got shape {np.shape(bound)}"
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
     shape = [1] * ndim
     shape[axis % ndim] = -1
     return np.reshape(bound, shape)
@@ -377,6 +415,34 @@ def assert_like(actual: Any, like: Any, *, dtype: Any = None, name: str = "array
     assert actual.dtype == want, f"{name}: dtype {actual.dtype}, expected {want}"
 
 
+def _per_channel(bound: Any, shape: tuple[int, ...], axis: int | None, name: str) -> Any:
+    """``bound`` as an array that broadcasts against ``shape``, or ValueError
+    naming what does not match (instead of numpy's broadcasting error)."""
+    b = np.asarray(to_numpy(bound), dtype=np.float64)
+    if b.ndim == 0:
+        return b
+    if axis is not None:
+        b = channel_bound(b, len(shape), axis)
+        if b.size != shape[axis % len(shape)]:
+            raise ValueError(
+                f"{name}: a bound for {b.size} channels, but the array has "
+                f"{shape[axis % len(shape)]} along its channel axis {axis} (shape {shape})"
+            )
+        return b
+    if b.ndim == 1 and len(shape) != 1:
+        raise ValueError(
+            f"{name}: a per-channel bound needs axis= (the channel axis of the array), "
+            "or it would broadcast along the wrong axis"
+        )
+    try:
+        fits = np.broadcast_shapes(b.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name}: a bound of shape {b.shape} for an array of shape {shape}")
+    return b
+
+
 def assert_close_to_reference(
     actual: Any,
     expected: np.ndarray,
@@ -387,34 +453,81 @@ def assert_close_to_reference(
 ) -> float:
     """Assert ``|actual − expected| ≤ bound`` elementwise; return the max error.
 
-    ``actual`` may come from any array library; ``expected`` is float64.
-    NaN in ``actual`` never passes (not even against NaN); ±inf passes only
-    where ``expected`` holds the same infinity. A per-channel ``bound`` of
-    shape ``(C,)`` applies along the channel ``axis``.
+    Parameters
+    ----------
+    actual : array of any library (numpy, torch, cupy, array-api-strict, ...)
+        The result under test; it is copied to host float64.
+    expected : numpy array, float64
+        The reference, of the same shape.
+    bound : float or array of shape ``(C,)``
+        An absolute bound: a scalar, or per channel along ``axis`` (as
+        :func:`forward_bounds` and :func:`backward_bounds` return). A 1-D
+        ``actual`` (running statistics, dweight) takes a ``(C,)`` bound
+        without ``axis``.
+    name : str
+        Names the array in the failure message.
+    axis : int, optional
+        The channel axis of ``actual``; required for a per-channel bound on
+        an array of more than one dimension.
+
+    Returns
+    -------
+    float
+        The largest elementwise error (0.0 for empty arrays).
+
+    Raises
+    ------
+    AssertionError
+        On a shape mismatch, or where the error exceeds the bound. NaN in
+        ``actual`` never passes, not even against NaN or an infinite bound;
+        ±inf passes only where ``expected`` holds the same infinity. The
+        message names the worst element (and its channel, given ``axis``),
+        its error and how many times the bound that is, and every failing
+        channel.
+    ValueError
+        When ``bound`` does not fit the array (a per-channel bound for
+        another number of channels, or without ``axis``).
     """
     a = to_numpy(actual).astype(np.float64)
     e = np.asarray(expected, dtype=np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape}, expected {e.shape}"
+    b = _per_channel(bound, a.shape, axis, name)
     if a.size == 0:
         return 0.0
-    if axis is not None:
-        bound = channel_bound(bound, a.ndim, axis)
-    elif np.ndim(bound) == 1 and a.ndim != 1:
-        raise ValueError(
-            f"{name}: a per-channel bound needs axis= (the channel axis of the array), "
-            "or it would broadcast along the wrong axis"
-        )
-    same_nonfinite = np.isinf(e) & (a == e)
+    same_inf = np.isinf(e) & (a == e)
     with np.errstate(invalid="ignore"):
-        err = np.where(same_nonfinite, 0.0, np.abs(a - e))
-    err = np.where(np.isnan(err), np.inf, err)
-    ok = err <= bound
-    if not np.all(ok):
-        idx = np.unravel_index(np.argmax(np.where(ok, -np.inf, err - bound)), a.shape)
-        b = bound if np.ndim(bound) == 0 else np.broadcast_to(bound, a.shape)[idx]
-        raise AssertionError(
-            f"{name}: {int(np.size(ok) - np.count_nonzero(ok))} of {a.size} elements exceed "
-            f"the bound; worst at {tuple(int(i) for i in idx)}: got {a[idx]!r}, "
-            f"expected {e[idx]!r}, error {err[idx]:.3e} > bound {float(b):.3e}"
-        )
-    return float(np.max(err))
+        err = np.where(same_inf, 0.0, np.abs(a - e))
+    # A NaN or an unmatched infinity is an infinite error, and it fails even
+    # against an infinite bound (``inf <= inf`` would let it pass).
+    nonfinite = ~np.isfinite(err)
+    err = np.where(nonfinite, np.inf, err)
+    ok = (err <= b) & ~nonfinite
+    if np.all(ok):
+        return float(np.max(err))
+    full_b = np.broadcast_to(b, a.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        excess = np.where(ok, -np.inf, np.where(nonfinite, np.inf, err / full_b))
+    excess = np.where(np.isnan(excess), np.inf, excess)  # a NaN bound fails outright
+    idx = np.unravel_index(int(np.argmax(excess)), a.shape)
+    where = tuple(int(i) for i in idx)
+    bad = int(np.size(ok) - np.count_nonzero(ok))
+    lines = [f"{name}: {bad} of {a.size} elements exceed the bound"]
+    if axis is not None:
+        ax = axis % a.ndim
+        axes = tuple(i for i in range(a.ndim) if i != ax)
+        channels = np.flatnonzero(~np.all(ok, axis=axes))
+        lines[0] += f", in channel(s) {channels.tolist()}"
+        lines.append(f"worst in channel {where[ax]}, at index {where}:")
+    else:
+        lines.append(f"worst at index {where}:")
+    got, want, bnd = float(a[idx]), float(e[idx]), float(full_b[idx])
+    if np.isnan(got):
+        why = "NaN never passes"
+    elif nonfinite[idx]:
+        why = f"{got} where the reference is {want}"
+    elif np.isnan(bnd):
+        why = "the bound is NaN (from a NaN in the reference's statistics?)"
+    else:
+        why = f"error {err[idx]:.3e} > bound {bnd:.3e} ({err[idx] / bnd:.3g} × the bound)"
+    lines.append(f"  got {got!r}, expected {want!r}: {why}")
+    raise AssertionError("\n".join(lines))

@@ -52,6 +52,34 @@ def _f64_or_none(a: Any) -> np.ndarray | None:
     return None if a is None else _f64(a)
 
 
+def _checked_shards(shards: Sequence[Any], axis: int) -> tuple[list[np.ndarray], int, int]:
+    """The shards in float64, the channel axis in ``[0, ndim)`` and the number
+    of channels; ValueError naming the shard whose layout differs (numpy's
+    own errors for these say nothing about shards or channels)."""
+    xs = [_f64(s) for s in shards]
+    if not xs:
+        raise ValueError("reference_forward needs at least one shard (one per rank)")
+    ndim = xs[0].ndim
+    if not -ndim <= axis < ndim or ndim == 0:
+        raise ValueError(f"axis {axis} is out of range for shards of {ndim} dimensions")
+    ax = axis % ndim
+    channels = xs[0].shape[ax]
+    for i, x in enumerate(xs):
+        if x.ndim != ndim or x.shape[ax] != channels:
+            raise ValueError(
+                f"shard {i} has shape {x.shape}, shard 0 {xs[0].shape}: every shard needs "
+                f"{ndim} dimensions and the same number of channels on axis {axis}"
+            )
+    return xs, ax, channels
+
+
+def _checked_vector(a: Any, channels: int, name: str) -> np.ndarray | None:
+    v = _f64_or_none(a)
+    if v is not None and v.shape != (channels,):
+        raise ValueError(f"{name} has shape {v.shape}; expected ({channels},), one per channel")
+    return v
+
+
 def _axes(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(i for i in range(ndim) if i != axis)
 
@@ -121,13 +149,20 @@ def reference_forward(
     average with ``m = 1/(num_batches_tracked + 1)``; global N = 0 leaves the
     running statistics unchanged; N = 1 with batch statistics raises
     ValueError.
+
+    Raises ValueError, too, for inputs that do not describe one batch norm:
+    no shards, shards with different numbers of dimensions or channels,
+    parameters or running statistics not of shape ``(C,)``, or only one of
+    ``running_mean`` and ``running_var`` (its update would silently be
+    skipped).
     """
-    xs = [_f64(s) for s in shards]
+    xs, ax, channels = _checked_shards(shards, axis)
     ndim = xs[0].ndim
-    ax = axis % ndim
-    channels = xs[0].shape[ax]
-    w, b = _f64_or_none(weight), _f64_or_none(bias)
-    rm, rv = _f64_or_none(running_mean), _f64_or_none(running_var)
+    w, b = _checked_vector(weight, channels, "weight"), _checked_vector(bias, channels, "bias")
+    rm = _checked_vector(running_mean, channels, "running_mean")
+    rv = _checked_vector(running_var, channels, "running_var")
+    if (rm is None) != (rv is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
     batch_stats = training or rm is None or rv is None
     count = sum(int(np.prod([s for i, s in enumerate(x.shape) if i != ax])) for x in xs)
     mean: np.ndarray
@@ -169,12 +204,21 @@ def reference_forward(
 def reference_backward(
     fwd: ReferenceForward, dys: Sequence[Any], weight: Any = None
 ) -> ReferenceBackward:
-    """Gradients of :func:`reference_forward` for upstream gradients ``dys``."""
+    """Gradients of :func:`reference_forward` for upstream gradients ``dys``.
+
+    ``dys[i]`` is shard i's upstream gradient, of the shard's shape; ValueError
+    otherwise, or for a ``weight`` not of shape ``(C,)``.
+    """
     dys64 = [_f64(d) for d in dys]
+    if len(dys64) != len(fwd.xhats):
+        raise ValueError(f"{len(dys64)} upstream gradients for {len(fwd.xhats)} shards")
+    for i, (d, xh) in enumerate(zip(dys64, fwd.xhats, strict=True)):
+        if d.shape != xh.shape:
+            raise ValueError(f"dys[{i}] has shape {d.shape}, its shard {xh.shape}")
     ax = fwd.axis
     ndim = fwd.xhats[0].ndim
     channels = fwd.mean.shape[0]
-    w = np.ones(channels) if weight is None else _f64(weight)
+    w = np.ones(channels) if weight is None else _checked_vector(weight, channels, "weight")
     axes = _axes(ndim, ax)
     dbiases = [d.sum(axis=axes) for d in dys64]
     dweights = [(d * xh).sum(axis=axes) for d, xh in zip(dys64, fwd.xhats, strict=True)]

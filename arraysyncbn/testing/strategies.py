@@ -111,13 +111,29 @@ def sharded_batches(
     Parameters
     ----------
     ranks, dtypes : strategies for the world size (default 1..4) and the dtype
-        name (default float32 or float64).
-    max_ndim, max_channels, max_side : size limits (ndim is at least 2).
+        name (default float32 or float64; ``"float16"`` and ``"bfloat16"``
+        are supported too).
+    max_ndim, max_channels, max_side : size limits (ndim is at least 2, so
+        ``(N, C)`` inputs are drawn; ``max_ndim=5`` adds 5-D ones). The
+        channel axis is any axis, channels-last included, given as a
+        non-negative or a negative index.
     min_count : the drawn global count per channel is at least this (use 0
-        to allow all shards empty, 1 to allow the single-sample error case).
+        to allow all shards empty, 1 to allow the single-sample error case,
+        2049 or more to reach counts that float16 cannot hold exactly).
+        With the defaults, counts stay below a few hundred.
     same_shapes : True splits one global batch along its first non-channel
-        axis (uneven, empty shards allowed); False draws every shard's
+        axis (uneven, empty shards allowed): the shards then differ only in
+        that axis, so they concatenate along it. False draws every shard's
         non-channel sizes independently; None draws which.
+
+    Notes
+    -----
+    Edge cases are drawn on purpose: empty shards on some ranks, a single
+    rank, one channel, one element per shard, sides of length 0 and 1,
+    channels far from zero relative to their spread (up to 1e8 standard
+    deviations for float64), nearly constant channels, and momentum 0, 1 and
+    None. ``hypothesis.find`` or ``hypothesis.assume`` on ``batch.count``,
+    ``batch.axis`` or the shard shapes narrows a test to one of them.
     """
     k = draw(st.integers(1, 4) if ranks is None else ranks)
     dtype = draw(st.sampled_from(["float32", "float64"]) if dtypes is None else dtypes)
@@ -129,7 +145,11 @@ def sharded_batches(
     side = st.integers(0, max_side)
     if split:
         rest = [draw(st.integers(1, max_side)) for _ in range(ndim)]
-        total = draw(st.integers(0, 3 * max_side))
+        per_row = int(np.prod([n for i, n in enumerate(rest) if i not in (axis, batch_axis)]))
+        # Enough rows for min_count here, so that every shard keeps the same
+        # non-batch sizes (growing one shard afterwards would break that).
+        least = -(-max(min_count, 0) // per_row)
+        total = draw(st.integers(least, max(least, 3 * max_side)))
         sizes = draw(splits(total, k))
         shapes = []
         for n in sizes:
@@ -143,7 +163,7 @@ def sharded_batches(
             shape[axis] = channels
             shapes.append(tuple(shape))
     count = sum(int(np.prod(s)) // channels for s in shapes)
-    if count < min_count:
+    if count < min_count:  # only independent shapes get here
         shape = [2] * ndim
         shape[axis] = channels
         shape[batch_axis] = max(2, min_count)
