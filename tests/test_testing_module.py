@@ -142,6 +142,24 @@ def test_same_shapes_shards_concatenate_whatever_min_count(min_count: int) -> No
     prop()
 
 
+def test_a_world_without_ranks_is_a_clear_value_error() -> None:
+    """``ranks=st.just(0)`` used to fail inside hypothesis' list strategy."""
+    from arraysyncbn.testing.strategies import splits
+
+    for strategy, match in (
+        (sharded_batches(ranks=st.just(0)), "1 or more ranks"),
+        (splits(5, 0), "parts >= 1"),
+    ):
+
+        @settings(max_examples=1, database=None, deadline=None)
+        @given(drawn=strategy)
+        def prop(drawn) -> None:
+            pass
+
+        with pytest.raises(ValueError, match=match):
+            prop()
+
+
 # A user's own SyncBN over a list of shards, in numpy, correct or with one of
 # the classic mistakes planted; the documented harness must tell them apart.
 def _user_center(x, mean, work, view):

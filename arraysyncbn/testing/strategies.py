@@ -60,6 +60,10 @@ class ShardedBatch:
 @st.composite
 def splits(draw: st.DrawFn, total: int, parts: int) -> list[int]:
     """Non-negative sizes summing to ``total``; zeros (empty shards) allowed."""
+    if parts < 1 or total < 0:
+        raise ValueError(
+            f"splits needs parts >= 1 and total >= 0, got parts={parts}, total={total}"
+        )
     cuts = sorted(draw(st.lists(st.integers(0, total), min_size=parts - 1, max_size=parts - 1)))
     edges = [0, *cuts, total]
     return [edges[i + 1] - edges[i] for i in range(parts)]
@@ -136,6 +140,10 @@ def sharded_batches(
     ``batch.axis`` or the shard shapes narrows a test to one of them.
     """
     k = draw(st.integers(1, 4) if ranks is None else ranks)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(
+            f"sharded_batches: the ranks strategy drew {k!r}; a world has 1 or more ranks"
+        )
     dtype = draw(st.sampled_from(["float32", "float64"]) if dtypes is None else dtypes)
     ndim = draw(st.integers(2, max_ndim))
     axis = draw(st.integers(0, ndim - 1))
