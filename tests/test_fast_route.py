@@ -292,6 +292,22 @@ def test_thread_count_respects_omp_num_threads(monkeypatch) -> None:
     assert host.thread_count() == pool, "ARRAYSYNCBN_THREADS comes first"
 
 
+def test_unreadable_launcher_and_openmp_variables_are_ignored(monkeypatch) -> None:
+    """A launcher's or OpenMP's variable that is not a plain positive integer
+    is ignored: "²" (str.isdigit but not int()) used to raise ValueError from
+    inside the forward."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    _clear_thread_env(monkeypatch)
+    for value in ("\u00b2", "0", "-1", "", " , ", "x2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+        assert host.thread_count() == pool, value
+    monkeypatch.setenv("OMP_NUM_THREADS", " 1 ")
+    assert host.thread_count() == 1
+
+
 def test_torch_tensors_use_at_most_torch_thread_count(monkeypatch) -> None:
     """A torch user's ``set_num_threads`` holds for our kernels too: before,
     numba's pool size ran on a process torch had been told to keep to one
