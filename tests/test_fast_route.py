@@ -292,6 +292,22 @@ def test_thread_count_respects_omp_num_threads(monkeypatch) -> None:
     assert host.thread_count() == pool, "ARRAYSYNCBN_THREADS comes first"
 
 
+def test_unreadable_launcher_and_openmp_variables_are_ignored(monkeypatch) -> None:
+    """A launcher's or OpenMP's variable that is not a plain positive integer
+    is ignored: "²" (str.isdigit but not int()) used to raise ValueError from
+    inside the forward."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    _clear_thread_env(monkeypatch)
+    for value in ("\u00b2", "0", "-1", "", " , ", "x2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+        assert host.thread_count() == pool, value
+    monkeypatch.setenv("OMP_NUM_THREADS", " 1 ")
+    assert host.thread_count() == 1
+
+
 def test_torch_tensors_use_at_most_torch_thread_count(monkeypatch) -> None:
     """A torch user's ``set_num_threads`` holds for our kernels too: before,
     numba's pool size ran on a process torch had been told to keep to one
@@ -471,15 +487,19 @@ def test_parameters_the_kernels_cannot_take_run_the_portable_route(dtype, monkey
 
 
 def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
-    """The hint reaches LLVM (the kernels themselves are cached, so a fresh
-    kernel with the same call is compiled here) and, on a CPU with AVX-512,
-    its loop runs in 512-bit registers; its sums stay those of float64."""
+    """The hint reaches LLVM and, on a CPU with AVX-512, the loop runs in
+    512-bit registers; its sums stay those of float64. The reduction kernels
+    themselves are cached (their IR cannot be inspected), so fresh uncached
+    copies of them are compiled here: without their wide_vectors() call the
+    hint is gone, whatever a sample kernel shows."""
     import re
 
     import numba
     from numba.core import codegen
 
     from arraysyncbn._fast import host_jit
+
+    avx512 = "+avx512f" in codegen.get_host_cpu_features().split(",")
 
     @numba.njit(fastmath={"reassoc", "contract"})
     def sums(x):
@@ -489,10 +509,27 @@ def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
             a += np.float64(x[q])
         return a
 
-    x = np.arange(1000, dtype=np.float32)
-    assert sums(x) == 499500.0
-    ir = next(iter(sums.inspect_llvm().values()))
-    assert '"prefer-vector-width"="512"' in ir
-    if "+avx512f" in codegen.get_host_cpu_features().split(","):
-        asm = next(iter(sums.inspect_asm().values()))
-        assert re.search(r"\bzmm\d", asm), "no 512-bit register in the vectorized loop"
+    # Exact in float64 at every partial sum; float32 partial sums lose 2^-20.
+    x = np.full(1000, 1 + 2.0**-20, dtype=np.float32)
+    assert sums(x) == 1000 * (1 + 2.0**-20)
+
+    x3 = np.ones((2, 3, 64), dtype=np.float32)
+    c = np.zeros(3)
+    w = np.zeros(3, dtype=np.float32)
+    calls = {
+        "_stats_planes": (x3, c, 0, 6, c.copy(), c.copy()),
+        "_stats_rows": (x3[..., :1].copy(), c, 0, 2, c.copy(), c.copy()),
+        "_bsums_planes": (x3, x3, w, w, 0, 6, c.copy(), c.copy()),
+        "_bsums_rows": (x3[..., :1].copy(), x3[..., :1].copy(), w, w, 0, 2, c.copy(), c.copy()),
+    }
+    for name, args in [("sums", None), *calls.items()]:
+        if args is None:
+            fresh = sums
+        else:
+            fresh = numba.njit(fastmath=host_jit._REDUCE)(getattr(host_jit, name).py_func)
+            fresh(*args)
+        ir = next(iter(fresh.inspect_llvm().values()))
+        assert '"prefer-vector-width"="512"' in ir, name
+        if avx512:
+            asm = next(iter(fresh.inspect_asm().values()))
+            assert re.search(r"\bzmm\d", asm), f"{name}: no 512-bit register in its loop"

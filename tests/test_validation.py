@@ -250,6 +250,34 @@ def test_dx_out_shifted_against_x_or_dy_gets_the_right_dx(backend, shifted: str)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("over", ["dy", "x", "dy shifted against x"])
+def test_dx_written_over_dy_or_x_itself(backend, over: str) -> None:
+    """out=dy and out=x (the documented in-place cases) give the dx of a
+    fresh out; so does out=dy where dy is a view one sample ahead of x, which
+    the host kernel must not be handed (out still overlaps x unlike)."""
+    from arraysyncbn.testing import to_numpy
+
+    rng = np.random.default_rng(6)
+    base, grad = rng.normal(size=(5, 3, 4)), rng.normal(size=(4, 3, 4))
+    if over == "dy shifted against x":
+        values = {"x": base[:4], "dy": base[1:]}
+    else:
+        values = {"x": base[:4], "dy": grad}
+
+    def dx_of(x, dy, out=None):
+        *_, saved = sbn.sync_batch_norm_forward(x, None, None, None, None)
+        return to_numpy(sbn.sync_batch_norm_backward(dy, saved, out=out)[0])
+
+    want = dx_of(*(backend.asarray(values[k], "float32") for k in ("x", "dy")))
+    if over == "dy shifted against x":
+        buf = backend.asarray(base, "float32")
+        x, dy = buf[:4, ...], buf[1:, ...]
+    else:
+        x, dy = (backend.asarray(values[k], "float32") for k in ("x", "dy"))
+    got = dx_of(x, dy, out=x if over == "x" else dy)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_read_only_out_is_a_value_error() -> None:
     x = np.arange(24.0).reshape(4, 3, 2)
     out = np.empty_like(x)

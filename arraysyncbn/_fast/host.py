@@ -102,7 +102,8 @@ def _lenient_int(name: str) -> int | None:
     absent or unreadable (not ours to refuse). ``OMP_NUM_THREADS`` may list
     nested levels ("4,2"): the first is this process's."""
     text = os.environ.get(name, "").split(",")[0].strip()
-    return int(text) if text.isdigit() and int(text) >= 1 else None
+    # isdecimal, not isdigit: "²" is a digit that int() refuses.
+    return int(text) if text.isdecimal() and int(text) >= 1 else None
 
 
 def thread_count(library: str = "numpy") -> int:
