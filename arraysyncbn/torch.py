@@ -30,7 +30,10 @@ world of one, not torch's default process group (pass
 ``comm=TorchDistributedCommunicator()`` for that); CPU tensors are welcome;
 a global batch of zero elements leaves the running statistics and
 ``num_batches_tracked`` unchanged; double backward raises; ``torch.jit``
-(trace, script) refuses it with a clear error (``torch.compile`` works); a
+(trace, script) refuses it with a clear error (``torch.compile`` works, with
+a graph break around the layer; ``torch.fx`` traces it as a leaf, as torch's
+batch norm); under ``torch.func`` transforms (vmap, grad) eval mode runs as
+plain torch batch norm and training mode raises; a
 layer with a communicator cannot be pickled (``torch.save(model)``: save
 the state dict, or set ``comm=None`` first); meta tensors give shapes, as
 plain batch norm does.
@@ -205,6 +208,48 @@ def _refuse_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tens
     return out
 
 
+_GRAPH_BREAK = (
+    "arraysyncbn.torch.SyncBatchNorm runs compiled kernels and collectives that "
+    "torch.compile does not trace: the layer is a graph break (fullgraph=True cannot "
+    "hold it; revert_sync_batchnorm(model) gives plain torch batch norm for one process)"
+)
+
+
+def _graph_break(fn: Any) -> Any:
+    """``fn`` opaque to torch.compile, saying why where torch takes a reason
+    (``fullgraph=True`` then names this layer, not a bare "reason: None")."""
+    try:
+        return torch.compiler.disable(fn, reason=_GRAPH_BREAK)
+    except TypeError:  # a torch without disable(reason=)
+        return torch.compiler.disable(fn)
+
+
+# Whether a torch.func transform (vmap, grad, jacrev, ...) is running; a C
+# call of ~30 ns. Torch versions without it cannot run the check: assume none.
+_func_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+_NO_FUNC_TRAINING = (
+    "arraysyncbn.torch.SyncBatchNorm cannot run in training mode under torch.func "
+    "transforms (vmap, grad, jacrev, ...): its training step runs compiled kernels and "
+    "collectives outside torch's operators. Eval mode works (plain torch batch norm); "
+    "for training under torch.func in one process use revert_sync_batchnorm(model)"
+)
+
+
+def _fx_leaf(module: _BatchNorm, x: Any) -> Any:
+    """``module(x)`` as one ``call_module`` node of a ``torch.fx`` trace, the way
+    torch.fx records torch's own batch-norm layers (leaves): tracing into the
+    step would meet its data-dependent branches and collectives."""
+    tracer = x.tracer
+    path = tracer.path_of_module(module)
+    if not path:  # the trace's root: no parent module to record the call in
+        raise RuntimeError(
+            "torch.fx records arraysyncbn.torch.SyncBatchNorm as one call of the model "
+            "that holds it: trace that model, not the layer alone"
+        )
+    return tracer.create_proxy("call_module", path, (x,), {})
+
+
 class SyncBatchNorm(_BatchNorm):
     """Batch normalization over the global batch of every rank of ``comm``.
 
@@ -350,6 +395,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(
                 f"expected input of at least 2 dimensions (N, C, *), got shape {tuple(input.shape)}"
             )
+        if input.layout != torch.strided:  # else an error from deep inside the kernels
+            raise TypeError(f"expected a dense (strided) tensor, got layout {input.layout}")
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"expected {self.num_features} channels on dim 1 (num_features), got input "
@@ -359,6 +406,8 @@ class SyncBatchNorm(_BatchNorm):
     # -- the pass ---------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input`` ``(N, C, *)``; return a tensor like it."""
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf(self, input)
         self._check_input_dim(input)
         if torch.compiler.is_compiling():
             return self._opaque_step(input)
@@ -366,7 +415,18 @@ class SyncBatchNorm(_BatchNorm):
             raise RuntimeError(_NO_JIT)
         if input.is_meta:  # shapes only (no data, nothing to synchronize)
             return _local_batch_norm(self, input)
+        if _func_transforms_active():
+            return self._under_func_transform(input)
         return self._step(input)
+
+    def _under_func_transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer under ``torch.func`` transforms (vmap, grad, ...), which see
+        only torch operators: eval mode never communicates, so it is plain torch
+        batch norm; a training step's collectives cannot be batched or
+        transformed."""
+        if self.training:
+            raise RuntimeError(_NO_FUNC_TRAINING)
+        return _local_batch_norm(self, x)
 
     def __copy__(self) -> SyncBatchNorm:
         """A shallow copy, as ``copy.copy`` of any module makes (parameters and
@@ -441,7 +501,7 @@ class SyncBatchNorm(_BatchNorm):
     # Opaque to torch.compile (a graph break): the step runs numba kernels and
     # collectives that Dynamo cannot trace. Only while compiling: in eager
     # mode the wrapper's cost would be paid on every call.
-    _opaque_step = torch.compiler.disable(_step)
+    _opaque_step = _graph_break(_step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, comm={self._comm!r}"
