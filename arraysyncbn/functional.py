@@ -756,7 +756,7 @@ def _overlaps_unlike(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether host arrays ``a`` and ``b`` may share memory without being the
     same elements in the same places (the same array written in place is fine
     for elementwise kernels; a shifted or transposed view is not)."""
-    if not np.may_share_memory(a, b):
+    if not _shares_memory(a, b):
         return False
     return not (
         a.shape == b.shape

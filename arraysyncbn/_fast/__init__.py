@@ -208,9 +208,8 @@ def route_info() -> str:
     if _load_host() is None:
         return f"portable (array API): {_numba_error}"
     n = _host_module.thread_count()
-    torch = sys.modules.get("torch")
-    if torch is not None and _host_module.thread_count("torch") != n:
-        n_torch = _host_module.thread_count("torch")
+    n_torch = _host_module.thread_count("torch") if "torch" in sys.modules else n
+    if n_torch != n:
         threads = f"{n} thread(s) per rank for numpy, {n_torch} for torch (capped by its own count)"
     elif n == 1:
         return "host (numba, 1 thread per rank)"
