@@ -106,12 +106,13 @@ def test_ddp_with_mpi_communicator_under_mpiexec() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
-    ("backend", "nproc"),
+    ("group_backend", "nproc"),
     # NCCL refuses two processes on one GPU: NCCL groups get one per GPU.
     [("nccl", None), ("mixed", None), ("gloo", 2)],
 )
-def test_ddp_on_cuda_tensors_over_each_backend(backend: str, nproc: int | None) -> None:
+def test_ddp_on_cuda_tensors_over_each_backend(group_backend: str, nproc: int | None) -> None:
+    # Not "backend": that name is conftest's array-backend fixture.
     k = nproc or torch.cuda.device_count()
-    job = torchrun("cuda", backend, nproc=k, timeout=240)
-    _ok(job, f"cuda[{backend}]", k)
-    _ok(job, f"cuda[{backend}] channels_last", k)
+    job = torchrun("cuda", group_backend, nproc=k, timeout=240)
+    _ok(job, f"cuda[{group_backend}]", k)
+    _ok(job, f"cuda[{group_backend}] channels_last", k)
