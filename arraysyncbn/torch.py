@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as F
 from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, next_layer
+from .comm.threads import ThreadCommunicator
 from .layer import checked_num_features
 
 __all__ = ["BatchNormXd", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -456,6 +457,8 @@ class SyncBatchNorm(_BatchNorm):
         center = label = None
         check = False
         if training:
+            if isinstance(self._comm, ThreadCommunicator):
+                self._check_thread_ranks(x)
             # A module moved to another device: the next reduced mean replaces it.
             center = state.center if state.device == x.device else None
             check = not state.checked or self._check_every_call
@@ -498,6 +501,21 @@ class SyncBatchNorm(_BatchNorm):
             state.center, state.device = saved.center, x.device  # type: ignore[union-attr]
         return y
 
+    def _check_thread_ranks(self, x: torch.Tensor) -> None:
+        """Refuse a training step that autograd would deadlock: torch's engine runs
+        the backward of every thread's device (non-CPU) tensors on one worker
+        thread per device, so the first rank's backward would wait in the
+        allreduce for ranks queued behind it. CPU backward runs on each calling
+        thread and is fine. Every thread rank shares one device (the group checks
+        it), so all ranks decide alike."""
+        if (
+            self._comm.size > 1
+            and x.device.type != "cpu"
+            and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        ):
+            raise RuntimeError(_NO_DEVICE_THREAD_RANKS.format(device=x.device))
+
     # Opaque to torch.compile (a graph break): the step runs numba kernels and
     # collectives that Dynamo cannot trace. Only while compiling: in eager
     # mode the wrapper's cost would be paid on every call.
@@ -506,6 +524,15 @@ class SyncBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, comm={self._comm!r}"
 
+
+_NO_DEVICE_THREAD_RANKS = (
+    "thread ranks cannot train arraysyncbn.torch.SyncBatchNorm on {device} tensors with "
+    "autograd: torch runs the backward of every thread's {device} tensors on one worker "
+    "thread, so the first rank's backward would wait for the others forever. Use one "
+    "process per device (torchrun with TorchDistributedCommunicator, or mpiexec with "
+    "MPICommunicator), CPU tensors, or arraysyncbn.sync_batch_norm_forward/backward "
+    "called directly in the threads"
+)
 
 _NO_JIT = (
     "arraysyncbn.torch.SyncBatchNorm cannot be traced or scripted by torch.jit (its step "

@@ -259,18 +259,49 @@ class _ThreadRanks(torch.autograd.Function):
         return dx, sum(g[1] for g in grads), sum(g[2] for g in grads), None, None
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sizes", [[2, 3, 0], [1, 1, 3]])
-def test_gradcheck_three_thread_ranks_uneven_shards(sizes, device) -> None:
+def test_gradcheck_three_thread_ranks_uneven_shards(sizes) -> None:
+    """CPU only: torch's autograd runs every thread's CUDA backward on one worker
+    thread, so thread ranks cannot train on CUDA tensors (the next test)."""
     gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(sum(sizes), C, 2, generator=gen, dtype=torch.float64) + 1).to(device)
-    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(device)
-    b = torch.randn(C, generator=gen, dtype=torch.float64).to(device)
-    modules = [SyncBatchNorm(C, dtype=torch.float64, device=device) for _ in sizes]
+    x = torch.randn(sum(sizes), C, 2, generator=gen, dtype=torch.float64) + 1
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    modules = [SyncBatchNorm(C, dtype=torch.float64) for _ in sizes]
     inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
     assert torch.autograd.gradcheck(
         lambda x, w, b: _ThreadRanks.apply(x, w, b, modules, sizes), inputs
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_thread_ranks_training_on_cuda_tensors_raise_instead_of_deadlocking() -> None:
+    """Autograd would run both ranks' backward on CUDA's one engine thread, the
+    first waiting in the allreduce for the second forever: every rank raises at
+    the forward instead. Without autograd (no_grad, eval) thread ranks still work."""
+    modules = [SyncBatchNorm(C).cuda() for _ in range(2)]
+    comms = sbn.thread_group(2, timeout=30)
+    for m, k in zip(modules, comms, strict=True):
+        m.comm = k
+    xs = [torch.randn(3, C, 2, 2, device="cuda") + r for r in range(2)]
+
+    def train(comm):
+        return modules[comm.rank](xs[comm.rank])
+
+    with pytest.raises(RuntimeError, match="one worker thread"):
+        sbn.run_ranks(train, comms)
+
+    def no_grad(comm):
+        with torch.no_grad():
+            return modules[comm.rank](xs[comm.rank])
+
+    comms = sbn.thread_group(2, timeout=30)
+    for m, k in zip(modules, comms, strict=True):
+        m.comm = k
+    ys = sbn.run_ranks(no_grad, comms)
+    want = torch.nn.functional.batch_norm(torch.cat(xs), None, None, training=True)
+    _close(torch.cat(ys), want, 1e-5, "y")
 
 
 # -- thread ranks -------------------------------------------------------------------
