@@ -13,6 +13,7 @@ import arraysyncbn as sbn
 from arraysyncbn.testing import (
     assert_close_to_reference,
     backward_bounds,
+    flushes_subnormals,
     forward_bounds,
     reference_backward,
     reference_forward,
@@ -259,12 +260,10 @@ def test_functional_keeps_running_statistics_of_non_finite_channels(backend) -> 
 
 
 # -- subnormal inputs ----------------------------------------------------------------------
-def test_dweight_of_subnormal_float32_input_is_within_its_bound(backend) -> None:
-    """float32 data of 1e-44..1e-39: each centered value is a float32 number,
-    exact only to one subnormal spacing, which Σdy·x̂ scales by n·|dy|·invstd
-    (~1e-42); the bound's floor must allow that (it once allowed 6e-45)."""
-    if "float32" not in backend.dtypes:
-        pytest.skip("needs float32")
+def _subnormal_dweights(backend, flush=None):
+    """(dweight, reference, default bound, flush-to-zero bound) on float32 data of
+    1e-44..1e-39, 40 draws; ``flush(on)`` toggles the CPU's FTZ/DAZ around
+    the library's calls only (the reference is computed without it)."""
     rng = np.random.default_rng(0)
     w = np.array([1.5, -2.0])
     for _ in range(40):
@@ -273,9 +272,62 @@ def test_dweight_of_subnormal_float32_input_is_within_its_bound(backend) -> None
         xs = backend.asarray(x, "float32")
         dy = backend.asarray(rng.uniform(-4, 4, (n, 2)), "float32")
         weight = backend.asarray(w, "float32")
-        *_, saved = sbn.sync_batch_norm_forward(xs, weight, None, None, None)
-        _, dweight, _ = sbn.sync_batch_norm_backward(dy, saved)
+        if flush:
+            flush(True)
+        try:
+            *_, saved = sbn.sync_batch_norm_forward(xs, weight, None, None, None)
+            _, dweight, _ = sbn.sync_batch_norm_backward(dy, saved)
+        finally:
+            if flush:
+                flush(False)
         ref = reference_forward([to_numpy(xs)], to_numpy(weight))
         grads = reference_backward(ref, [to_numpy(dy)], to_numpy(weight))
-        bb = backward_bounds(ref, grads, [dy], "float32", weight=weight, param_dtype="float32")
-        assert_close_to_reference(dweight, grads.dweights[0], bb.dweight, name="dweight")
+        bounds = [
+            backward_bounds(
+                ref, grads, [dy], "float32", weight=weight, param_dtype="float32",
+                flush_to_zero=ftz,
+            ).dweight
+            for ftz in (False, True)
+        ]  # fmt: skip
+        yield dweight, grads.dweights[0], *bounds
+
+
+def test_dweight_of_subnormal_float32_input_is_within_its_bound(backend) -> None:
+    """float32 data of 1e-44..1e-39: each centered value is a float32 number,
+    exact only to one subnormal spacing, which Σdy·x̂ scales by n·|dy|·invstd
+    (~1e-42); the bound's floor must allow that (it once allowed 6e-45).
+    A library that flushes float32 subnormals (CuPy) is held to the
+    flush-to-zero bound instead (next test)."""
+    if "float32" not in backend.dtypes:
+        pytest.skip("needs float32")
+    ftz = flushes_subnormals(backend.asarray(np.ones(1), "float32"))
+    assert ftz == (backend.name == "cupy"), "only CuPy is expected to flush subnormals"
+    for dweight, want, bound, ftz_bound in _subnormal_dweights(backend):
+        assert_close_to_reference(dweight, want, ftz_bound if ftz else bound, name="dweight")
+
+
+def test_flushed_subnormals_fail_the_default_bound_and_pass_the_flush_to_zero_one() -> None:
+    """What CuPy does on a GPU (it compiles kernels with -ftz=true), reproduced on
+    the CPU with the FTZ/DAZ flags of this thread (torch.set_flush_denormal):
+    flushes_subnormals sees it, the flushed dweights (0 where the reference
+    is ~1e-37) break the default bound, and the flush-to-zero bound holds."""
+    torch = pytest.importorskip("torch")
+    from backends import BACKENDS
+
+    numpy = next(b for b in BACKENDS if b.name == "numpy")
+    one = np.ones(1, np.float32)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert flushes_subnormals(one)
+    finally:
+        torch.set_flush_denormal(False)
+    assert not flushes_subnormals(one)
+    failed = 0
+    for dweight, want, bound, ftz_bound in _subnormal_dweights(numpy, torch.set_flush_denormal):
+        try:
+            assert_close_to_reference(dweight, want, bound, name="dweight")
+        except AssertionError:
+            failed += 1
+        assert_close_to_reference(dweight, want, ftz_bound, name="dweight")
+    assert failed >= 30, failed

@@ -42,6 +42,7 @@ from .assertions import (
     backward_bounds,
     channel_bound,
     dtype_eps,
+    flushes_subnormals,
     forward_bounds,
     second_pass_tolerance,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "backward_bounds",
     "channel_bound",
     "dtype_eps",
+    "flushes_subnormals",
     "forward_bounds",
     "reference_backward",
     "reference_forward",

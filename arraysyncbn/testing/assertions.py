@@ -88,6 +88,7 @@ __all__ = [
     "backward_bounds",
     "channel_bound",
     "dtype_eps",
+    "flushes_subnormals",
     "forward_bounds",
     "second_pass_tolerance",
 ]
@@ -152,8 +153,30 @@ _TINY = {
 }
 
 
-def _tiny(dtype: Any) -> float:
-    return _per_dtype(_TINY, dtype)
+_FLUSHED = 2.0**-126  # float32's smallest normal: the error of a flushed value
+
+
+def _tiny(dtype: Any, flush_to_zero: bool = False) -> float:
+    """The largest error of a result that underflowed: one subnormal spacing,
+    or the smallest normal where float32 subnormals are flushed to zero."""
+    tiny = _per_dtype(_TINY, dtype)
+    return _FLUSHED if flush_to_zero and tiny == _TINY["float32"] else tiny
+
+
+def flushes_subnormals(x: Any) -> bool:
+    """Whether float32 arithmetic on ``x``'s library and device flushes subnormal
+    results or inputs to zero (FTZ/DAZ): CuPy compiles its kernels with
+    ``-ftz=true``, and a CPU thread may run with the MXCSR flags set (as
+    ``torch.set_flush_denormal(True)`` sets them). Pass the answer as
+    ``flush_to_zero=`` to :func:`forward_bounds` and :func:`backward_bounds`.
+    Probed on every call (the CPU flags belong to the calling thread)."""
+    from array_api_compat import array_namespace, device
+
+    xp = array_namespace(x)
+    probe = xp.asarray([2.0**-126, 2.0**-140], dtype=xp.float32, device=device(x))
+    scale = xp.asarray([0.5, 2.0**20], dtype=xp.float32, device=device(x))
+    out = to_numpy(probe * scale)
+    return bool(out[0] == 0.0 or out[1] == 0.0)
 
 
 @dataclass(frozen=True)
@@ -169,11 +192,11 @@ class _StatErrors:
     spread: np.ndarray
 
 
-def _floor(dtype: Any, e_w: float, magnitude: Any) -> Any:
+def _floor(dtype: Any, e_w: float, magnitude: Any, flush_to_zero: bool = False) -> Any:
     """Underflow allowance: output subnormals, and a per-channel factor that
     underflowed in the work dtype and was then multiplied by ``magnitude``."""
     work = "float32" if e_w == _EPS["float32"] else dtype
-    return 4 * (_tiny(dtype) + _tiny(work) * (1 + magnitude))
+    return 4 * (_tiny(dtype, flush_to_zero) + _tiny(work, flush_to_zero) * (1 + magnitude))
 
 
 def _per_channel_max(arrays: list[np.ndarray], axis: int, channels: int) -> np.ndarray:
@@ -274,6 +297,7 @@ def forward_bounds(
     center: Any = None,
     second_pass: bool = True,
     centering_eps: float = 0.0,
+    flush_to_zero: bool = False,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
@@ -301,6 +325,12 @@ def forward_bounds(
     contract, whose float64 mean is applied as ``hi + lo`` without that
     loss: at ``|μ|/σ = 1e5`` in float32 a rounded mean alone moves x̂ by
     about ``6e-3``, a million times the default bound.
+
+    ``flush_to_zero`` (default False) is for libraries whose float32
+    arithmetic flushes subnormals to zero (:func:`flushes_subnormals`; CuPy
+    does): a value that underflowed then errs by up to float32's smallest
+    normal (``2**-126``) instead of one subnormal spacing (``2**-149``), in
+    every floor of float32 outputs, work and parameters.
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
@@ -309,7 +339,8 @@ def forward_bounds(
     w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
     ranks = len(ref.ys) if second_pass else None
     st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks, centering_eps)
-    floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi)
+    ftz = flush_to_zero
+    floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi, ftz)
     y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
     if ref.running_mean is not None and ref.running_var is not None:
@@ -318,7 +349,7 @@ def forward_bounds(
             bessel = ref.count / (ref.count - 1)
         else:
             m, bessel = 0.0, 1.0
-        tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
+        tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32", ftz)
         rm_b = m * st.d_mean + 4 * e_p * np.abs(ref.running_mean) + tiny_p
         rv_b = m * st.d_var * bessel + 4 * e_p * np.abs(ref.running_var) + tiny_p
     return ForwardBounds(y, rm_b, rv_b)
@@ -337,10 +368,11 @@ def backward_bounds(
     center: Any = None,
     second_pass: bool = True,
     centering_eps: float = 0.0,
+    flush_to_zero: bool = False,
 ) -> BackwardBounds:
     """Per-channel bounds on the backward's error against ``grads`` (module
-    docstring); ``center``, ``second_pass`` and ``centering_eps`` as for
-    :func:`forward_bounds`."""
+    docstring); ``center``, ``second_pass``, ``centering_eps`` and
+    ``flush_to_zero`` as for :func:`forward_bounds`."""
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
@@ -351,7 +383,8 @@ def backward_bounds(
     ranks = len(ref.ys) if second_pass else None
     st = _stat_errors(ref, e_w, e_acc, merge_eps, center, ranks, centering_eps)
     x = st.xhat_max
-    floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x)
+    ftz = flush_to_zero
+    floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x, ftz)
     dx = (
         2
         * w
@@ -362,7 +395,7 @@ def backward_bounds(
         + floor
     )
     n = max(ref.count, 1)
-    tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32")
+    tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32", ftz)
     # Each centered value is a work-dtype number, so below the normal range
     # it carries up to one subnormal spacing of the work dtype; Σdy·x̂ scales
     # that by n·G·i⁺ (y and dx have the same term in their floors).
@@ -370,7 +403,7 @@ def backward_bounds(
         2 * n * g * (st.d_xhat + (4 * e_w + e_acc * n) * x)
         + e_p * n * g * x
         + tiny_p
-        + _floor(dtype, e_w, n * g * st.invstd_hi)
+        + _floor(dtype, e_w, n * g * st.invstd_hi, ftz)
     )
     dbias = 2 * n * g * e_acc * n + e_p * n * g + tiny_p
     return BackwardBounds(dx, dweight, dbias)
