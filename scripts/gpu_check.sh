@@ -32,11 +32,9 @@ BUDGET=${BUDGET:-420}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-PYDIR=$(dirname "$(command -v "$PY")")
-MPIEXEC=${MPIEXEC:-$PYDIR/mpiexec}
-[ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
 export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-dev}
+# Derandomized, so a failure seen on the device reproduces in the next session.
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
 unset ARRAYSYNCBN_CUDA_AWARE ARRAYSYNCBN_CHECK
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -66,6 +64,13 @@ if [ -n "${WHEELS:-}" ]; then
     "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl >"$OUT/pip.txt" 2>&1 ||
         note "pip install from $WHEELS failed (see pip.txt)"
 fi
+# The mpiexec of the MPI library mpi4py loads (the mpich wheel puts it beside
+# the interpreter's prefix); the device image's /usr/bin/mpiexec is Open MPI's,
+# which refuses to run as root and does not match.
+if [ -z "${MPIEXEC:-}" ]; then
+    MPIEXEC=$("$PY" -c 'import os, sys; print(os.path.join(sys.prefix, "bin", "mpiexec"))')
+    [ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
+fi
 
 {
     echo "date: $(date -u +%FT%TZ)"
@@ -93,7 +98,13 @@ if [ $HAS_CUPY = 0 ] && [ $HAS_TORCH_CUDA = 0 ]; then
     exit 2
 fi
 
-step "pytest -m gpu" "$OUT/pytest_gpu.txt" 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs
+# A hung test dumps every thread's stack after 60 s, and pytest-timeout (when
+# installed) fails it after 120 s, so the report and its tracebacks survive.
+TIMEOUT_ARGS=()
+"$PY" -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_ARGS=(-p timeout --timeout 120)
+step "pytest -m gpu" "$OUT/pytest_gpu.txt" 270 "$PY" -m pytest -v -m gpu -p no:cacheprovider \
+    -rfEs --tb=short -o faulthandler_timeout=60 "${TIMEOUT_ARGS[@]}"
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/pytest_gpu.txt" | tee -a "$SUMMARY"
 
 if [ $HAS_CUPY = 0 ]; then
     note "cupy with a CUDA GPU is not available: the cupy MPI steps do not run"
@@ -121,7 +132,7 @@ for mode in $PATHS; do
     label=$([ "$mode" = 1 ] && echo direct || echo staged)
     export ARRAYSYNCBN_CUDA_AWARE=$mode
     step "MPI properties with cupy, $label" "$OUT/mpi_props_$label.txt" 90 \
-        "$MPIEXEC" -n 2 "$PY" -m mpi4py tests/mpi_scripts/properties.py 10
+        "$MPIEXEC" -n 2 "$PY" -m mpi4py tests/mpi_scripts/properties.py 10 cupy
     step "check --backend cupy, $label" "$OUT/check_$label.json" 60 \
         "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --json --progress off
     step "benchmark --backend cupy, $label" "$OUT/bench_$label.txt" 60 \

@@ -1,9 +1,10 @@
 """Fixtures over the array backends present, and hypothesis profiles.
 
 Profiles: ``ci`` (200 examples per property, no deadline, derandomized so
-a CI failure reproduces), ``dev`` (50 examples) and ``thorough`` (2000, for
-bug hunts). ``HYPOTHESIS_PROFILE`` picks one; the default is ``ci`` when
-``CI`` is set, else ``dev``.
+a CI failure reproduces), ``dev`` (50 examples), ``gpu`` (50, derandomized:
+``scripts/gpu_check.sh``) and ``thorough`` (2000, for bug hunts).
+``HYPOTHESIS_PROFILE`` picks one; the default is ``ci`` when ``CI`` is set,
+else ``dev``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def _backend_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(host, "PARALLEL_MIN_BYTES", 0)
 
 
+settings.register_profile(
+    "gpu",  # scripts/gpu_check.sh: few examples, derandomized so a failure reproduces
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.register_profile(
     "thorough",
     max_examples=2000,

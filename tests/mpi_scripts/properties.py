@@ -1,4 +1,4 @@
-"""Hypothesis properties on real MPI ranks: ``python -m mpi4py properties.py N``.
+"""Hypothesis properties on real MPI ranks: ``python -m mpi4py properties.py N [NAME...]``.
 
 Every rank runs the same derandomized hypothesis search (no example
 database, no timing-based health checks, so nothing differs between ranks),
@@ -7,7 +7,9 @@ array backend present (numpy, array-api-strict on its default device and on
 ``Device("device1")``, which MPI reaches by staging, torch CPU; cupy with a
 GPU). The pass/fail of each example is agreed by all ranks (see
 :func:`mpitools.check_on_mpi`). ``N`` is the number of examples per backend
-and mode.
+and mode; the optional names keep only those backends (``cupy``: the GPU
+check's run, which has no time for the CPU backends' JIT compilation on a
+fresh machine).
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ def run_backend(comm: sbn.MPICommunicator, backend, examples: int) -> None:
 
 
 def main() -> None:
-    examples = int(sys.argv[1])
+    examples, names = int(sys.argv[1]), set(sys.argv[2:])
+    unknown = names - {b.name for b in BACKENDS}
+    if unknown:
+        sys.exit(f"unknown backends {sorted(unknown)}; known: {[b.name for b in BACKENDS]}")
     comm = sbn.MPICommunicator()
     for backend in BACKENDS:
         if backend.xp is None or (backend.name == "cupy" and not cupy_usable()):
+            continue
+        if names and backend.name not in names:
             continue
         with routed(backend):
             run_backend(comm, backend, examples)
