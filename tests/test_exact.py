@@ -13,6 +13,7 @@ import arraysyncbn as sbn
 from arraysyncbn.testing import (
     assert_close_to_reference,
     backward_bounds,
+    channel_bound,
     flushes_subnormals,
     forward_bounds,
     reference_backward,
@@ -331,3 +332,34 @@ def test_flushed_subnormals_fail_the_default_bound_and_pass_the_flush_to_zero_on
             failed += 1
         assert_close_to_reference(dweight, want, ftz_bound, name="dweight")
     assert failed >= 30, failed
+
+
+def test_flushed_subnormal_input_in_eval_needs_the_flush_to_zero_forward_bound() -> None:
+    """Eval-mode y of float32 subnormal x with the CPU's FTZ/DAZ flags: x reads
+    as 0, so y misses (x − rm)·w/σ ≈ 3e-39 (1e5 × the default bound); the
+    flush-to-zero bound allows it (the likely cause of the one eval-property
+    failure seen on CuPy)."""
+    torch = pytest.importorskip("torch")
+    x = np.array([[1.2e-40, -3e-40], [2e-39, 0.5]], np.float32)
+    w, b = np.array([1.5, -2.0], np.float32), np.zeros(2, np.float32)
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        y = sbn.sync_batch_norm_forward(x, w, b, rm, rv, training=False)[0]
+    finally:
+        torch.set_flush_denormal(False)
+    ref = reference_forward([x], w, b, rm, rv, training=False)
+    bounds = [
+        channel_bound(
+            forward_bounds(
+                ref, "float32", weight=w, bias=b, param_dtype="float32", flush_to_zero=ftz
+            ).y,
+            2,
+            1,
+        )
+        for ftz in (False, True)
+    ]
+    with pytest.raises(AssertionError, match="exceed"):
+        assert_close_to_reference(y, ref.ys[0], bounds[0], name="y")
+    assert_close_to_reference(y, ref.ys[0], bounds[1], name="y")
