@@ -11,7 +11,9 @@ everything else (CUDA tensors) the portable array-API route on the tensors
 themselves. Ranks are any arraysyncbn communicator: ``None`` (a world of
 one), :func:`~arraysyncbn.thread_group`, :class:`~arraysyncbn.MPICommunicator`
 or :class:`~arraysyncbn.TorchDistributedCommunicator` (``torch.distributed``,
-what torch's ``process_group`` argument means here).
+what torch's ``process_group`` argument means here). Thread ranks train on CPU
+tensors only: autograd runs every thread's CUDA backward on one engine thread,
+where the ranks' backward allreduce would deadlock, so the layer raises.
 
 :func:`convert_sync_batchnorm` swaps every batch-norm layer of a model
 (``BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, lazy ones that have
