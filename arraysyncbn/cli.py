@@ -666,11 +666,13 @@ def _cell(key: str, r: dict[str, Any]) -> str:
 
 
 def route_description(bn: Any) -> str:
-    """Which kernels ran the check's forward (host numba or portable), and why."""
+    """Which kernels ran the check's forward (host numba, CUDA or portable), and why."""
     from ._fast import route_info
 
     saved = getattr(bn, "_saved", None)
     general = route_info()
+    if saved is not None and saved.route == "cuda":
+        return "cuda (numba.cuda kernels, experimental: ARRAYSYNCBN_CUDA_KERNELS=1)"
     if saved is None or saved.route == "host" or general.startswith("portable"):
         return general
     return "portable (array API): the fast route does not take this library, device or dtype"

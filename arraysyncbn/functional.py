@@ -78,8 +78,9 @@ class SavedForBackward:
         namespace has no float64 device) on the statistics device. On the
         host route they may be numpy arrays even for torch input.
     route : str
-        ``"portable"`` (array API) or ``"host"`` (fused numba kernels), the
-        route the forward ran and the backward will run.
+        ``"portable"`` (array API), ``"host"`` (fused numba kernels) or
+        ``"cuda"`` (the experimental numba.cuda kernels), the route the
+        forward ran and the backward will run.
     center : per-channel array or None
         The merge center for the next call, the same bits on every rank:
         ``mean`` where it is finite, else the center this call used (None
@@ -983,7 +984,9 @@ def sync_batch_norm_forward(
         device = array_api_compat.device(x)
         sdev, sdt = statistics_device(xp, device)
         acc = kernels.accumulation_dtype(xp, device)
-        kern = PortableKernels(xp, ax, acc, sdev, sdt, device)
+        kern = _fast.cuda_kernels(xp, x, ax, acc, sdev, sdt, device)
+        if kern is None:
+            kern = PortableKernels(xp, ax, acc, sdev, sdt, device)
     else:
         device, sdev, sdt = "cpu", "cpu", np.float64
     wdtype = kernels.work_dtype(xp, xk.dtype)

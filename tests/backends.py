@@ -47,6 +47,7 @@ class Backend:
         return self.name
 
 
+CUDA_ENV = "ARRAYSYNCBN_CUDA_KERNELS"
 PORTABLE = (("ARRAYSYNCBN_FAST", "0"),)
 THREADED = (("ARRAYSYNCBN_FAST", "1"), ("ARRAYSYNCBN_THREADS", "2"))
 
@@ -100,7 +101,7 @@ def _torch_backends() -> list[Backend]:
     ]
 
 
-def _cupy_backend() -> Backend:
+def _cupy_backends() -> list[Backend]:
     def convert(a: np.ndarray, dt: str) -> Any:
         import cupy
 
@@ -112,14 +113,28 @@ def _cupy_backend() -> Backend:
             import array_api_compat.cupy as xp
         except Exception:
             xp = None
-    return Backend(
-        "cupy",
-        xp,
-        None,
-        ("float16", "float32", "float64"),
-        convert,
-        marks=(pytest.mark.gpu,),
-    )
+    return [
+        Backend(
+            "cupy",
+            xp,
+            None,
+            ("float16", "float32", "float64"),
+            convert,
+            marks=(pytest.mark.gpu,),
+            env=(("ARRAYSYNCBN_FAST", "1"), (CUDA_ENV, "0")),
+        ),
+        # The experimental CUDA route (numba.cuda kernels), opt-in.
+        Backend(
+            "cupy-cuda",
+            xp,
+            None,
+            ("float32", "float64"),
+            convert,
+            marks=(pytest.mark.gpu,),
+            route="cuda",
+            env=((CUDA_ENV, "1"),),
+        ),
+    ]
 
 
 def cupy_usable() -> bool:
@@ -137,7 +152,7 @@ def available_backends() -> list[Backend]:
         backends += _strict_backends()
     if importlib.util.find_spec("torch") is not None:
         backends += _torch_backends()
-    backends.append(_cupy_backend())
+    backends += _cupy_backends()
     return backends
 
 
@@ -149,7 +164,7 @@ def backend_params() -> list[Any]:
     params = []
     for b in BACKENDS:
         marks = list(b.marks)
-        if b.name == "cupy" and not cupy_usable():
+        if b.name.startswith("cupy") and not cupy_usable():
             marks.append(pytest.mark.skip(reason="cupy with a CUDA GPU is not available"))
         params.append(pytest.param(b, id=b.name, marks=marks))
     return params

@@ -302,7 +302,7 @@ def test_dweight_of_subnormal_float32_input_is_within_its_bound(backend) -> None
     if "float32" not in backend.dtypes:
         pytest.skip("needs float32")
     ftz = flushes_subnormals(backend.asarray(np.ones(1), "float32"))
-    assert ftz == (backend.name == "cupy"), "only CuPy is expected to flush subnormals"
+    assert ftz == backend.name.startswith("cupy"), "only CuPy is expected to flush subnormals"
     for dweight, want, bound, ftz_bound in _subnormal_dweights(backend):
         assert_close_to_reference(dweight, want, ftz_bound if ftz else bound, name="dweight")
 

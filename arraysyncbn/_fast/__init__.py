@@ -6,12 +6,14 @@ computes the same four steps (statistics, normalize, backward sums, backward
 input) with the same numerics; the property tests compare both with the
 float64 reference and with each other.
 
-Today there is one: host memory (:mod:`.host`, numba). It takes float16,
+The default one is host memory (:mod:`.host`, numba). It takes float16,
 float32 and float64 arrays of numpy, and float16, bfloat16, float32 and
 float64 torch CPU tensors through zero-copy numpy views. Every other library,
 dtype or device runs the portable route; so does everything when
 ``ARRAYSYNCBN_FAST=0`` or when numba cannot be imported (:func:`route_info`
-says which). A CUDA route (cupy kernels) will sit beside this one.
+says which). Beside it, an experimental CUDA route (:mod:`.cuda`, numba.cuda
+kernels for cupy arrays) runs only on request, ``ARRAYSYNCBN_CUDA_KERNELS=1``
+(:func:`cuda_kernels`), until it has been verified on a GPU.
 
 numpy has no bfloat16: the host route sees a torch bfloat16 tensor as an
 array of its bit patterns, of dtype :data:`BF16_BITS` (int16), which
@@ -33,9 +35,11 @@ import numpy as np
 
 __all__ = [
     "BF16_BITS",
+    "CUDA_ENV",
     "F16_BITS",
     "FAST_ENV",
     "HostIO",
+    "cuda_kernels",
     "host_io",
     "host_kernels",
     "route_info",
@@ -44,6 +48,11 @@ __all__ = [
 
 FAST_ENV = "ARRAYSYNCBN_FAST"
 """Set to 0 to force the portable route everywhere."""
+
+CUDA_ENV = "ARRAYSYNCBN_CUDA_KERNELS"
+"""Set to 1 to run cupy arrays on the experimental CUDA route (:mod:`.cuda`);
+``sim`` also takes numpy arrays the host route leaves (tests in numba's CUDA
+simulator)."""
 
 F16_BITS = np.dtype(np.uint16)
 """The dtype through which the host kernels see float16 data (its bit patterns)."""
@@ -193,6 +202,22 @@ def _torch_host_dtypes(torch: Any) -> tuple[Any, ...]:
     if not _TORCH_HOST_DTYPES:
         _TORCH_HOST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     return _TORCH_HOST_DTYPES
+
+
+def cuda_kernels(xp: Any, x: Any, axis: int, acc: Any, sdev: Any, sdt: Any, device: Any) -> Any:
+    """Bound :class:`.cuda.CudaKernels` for x where ``ARRAYSYNCBN_CUDA_KERNELS``
+    asks for the CUDA route and it applies, else None (the portable route)."""
+    mode = os.environ.get(CUDA_ENV)
+    if mode is None or mode in ("", "0"):
+        return None
+    library = type(x).__module__.partition(".")[0]
+    if mode not in ("1", "sim"):
+        raise ValueError(f"{CUDA_ENV} must be 0, 1 or sim, got {mode!r}")
+    if library != "cupy" and not (mode == "sim" and library == "numpy"):
+        return None
+    from . import cuda  # numba.cuda: imported only on request
+
+    return cuda.bind(xp, x, axis, acc, sdev, sdt, device)
 
 
 def host_kernels(io: HostIO) -> Any:

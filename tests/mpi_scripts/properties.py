@@ -51,7 +51,7 @@ def main() -> None:
         sys.exit(f"unknown backends {sorted(unknown)}; known: {[b.name for b in BACKENDS]}")
     comm = sbn.MPICommunicator()
     for backend in BACKENDS:
-        if backend.xp is None or (backend.name == "cupy" and not cupy_usable()):
+        if backend.xp is None or (backend.name.startswith("cupy") and not cupy_usable()):
             continue
         if names and backend.name not in names:
             continue
