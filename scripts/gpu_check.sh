@@ -8,26 +8,31 @@
 # nothing; set WHEELS=dir to pip-install the wheels found there, offline, first).
 # It records, under $OUT (a temporary folder when unset):
 #   env.txt             GPU, Python, torch, cupy, MPI library, mpi_memory_alloc_kinds
-#   pytest_gpu.txt      the GPU subset of the test suite (pytest -m gpu): cupy arrays,
-#                       arraysyncbn.torch on CUDA tensors, and DDP under torchrun over
-#                       NCCL, cpu:gloo,cuda:nccl and gloo with CUDA tensors
-#   mpi_props_*.txt     hypothesis properties over MPI with cupy (staged / direct)
-#   check_*.json        mpiexec -n 2 python -m arraysyncbn --backend cupy --json
-#   bench_*.txt         the benchmark table on a larger workload
-#   summary.txt         one line per step with its exit status
+#   pytest_gpu.txt      the GPU subset of the test suite (pytest -m gpu): cupy arrays
+#                       on the portable route and on the experimental CUDA route
+#                       (backend cupy-cuda), arraysyncbn.torch on CUDA tensors, and DDP
+#                       under torchrun over NCCL, cpu:gloo,cuda:nccl and gloo
+#   mpi.txt             hypothesis properties over MPI with cupy (both routes) and
+#                       mpiexec -n 2 python -m arraysyncbn --backend cupy --json, per
+#                       MPI path (staged / direct)
+#   bench.txt           benchmark tables, (32,64,56,56): 1 rank and 2 ranks, cupy on
+#                       both routes, numpy for comparison
+#   pip.txt             the wheels' installation
+#   summary.txt         one line per step with its exit status (at most 6 files:
+#                       the device tool returns 8)
 # "direct" runs only when the MPI library reports CUDA-awareness; otherwise the
 # summary says so. Without cupy (or without MPI) only pytest -m gpu runs. Exit
 # status: 0 when every step that ran passed, 2 when no GPU is visible to torch
 # or cupy, 1 otherwise.
 #
-# The whole script stays within BUDGET seconds (default 420, so that a device
+# The whole script stays within BUDGET seconds (default 480, so that a device
 # session's 10-minute command limit leaves room for start-up and a rerun):
 # each step gets at most its own limit and at most what is left; a step that
 # would start with under 20 s left is skipped and the summary says so.
 # The device image lacks array-api-compat, array-api-strict and an MPI
 # runtime: carry their wheels (mpich included) and pass WHEELS=.whl.
 set -u
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-480}
 
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
@@ -42,7 +47,7 @@ FAILED=0
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-step() { # step NAME OUTFILE TIMEOUT CMD...: run, keep output, record status
+step() { # step NAME OUTFILE TIMEOUT CMD...: run, append output, record status
     local name=$1 out=$2 limit=$3
     shift 3
     local left=$((BUDGET - SECONDS))
@@ -53,7 +58,8 @@ step() { # step NAME OUTFILE TIMEOUT CMD...: run, keep output, record status
     fi
     [ "$limit" -le "$left" ] || limit=$left
     local start=$SECONDS
-    timeout "$limit" "$@" >"$out" 2>&1
+    echo "=== $name" >>"$out"
+    timeout "$limit" "$@" >>"$out" 2>&1
     local rc=$?
     note "$name: exit $rc after $((SECONDS - start)) s (output: $(basename "$out"))"
     [ $rc -eq 0 ] || FAILED=1
@@ -102,7 +108,7 @@ fi
 # installed) fails it after 120 s, so the report and its tracebacks survive.
 TIMEOUT_ARGS=()
 "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_ARGS=(-p timeout --timeout 120)
-step "pytest -m gpu" "$OUT/pytest_gpu.txt" 270 "$PY" -m pytest -v -m gpu -p no:cacheprovider \
+step "pytest -m gpu" "$OUT/pytest_gpu.txt" 300 "$PY" -m pytest -v -m gpu -p no:cacheprovider \
     -rfEs --tb=short -o faulthandler_timeout=60 "${TIMEOUT_ARGS[@]}"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/pytest_gpu.txt" | tee -a "$SUMMARY"
 
@@ -128,20 +134,28 @@ if [ "${AWARE:-0}" = "1" ]; then
 else
     note "direct (CUDA-aware) path not run: this MPI library does not report CUDA memory"
 fi
+# One rank first: two ranks on one GPU time-slice between two CUDA contexts,
+# which hides what the kernels cost.
+BENCH=(-m arraysyncbn --shape 32,64,56,56 --steps 30 --progress off)
+step "benchmark, 1 rank, cupy, portable route" "$OUT/bench.txt" 45 \
+    "$MPIEXEC" -n 1 "$PY" "${BENCH[@]}" --backend cupy
+ARRAYSYNCBN_CUDA_KERNELS=1 step "benchmark, 1 rank, cupy, CUDA route" "$OUT/bench.txt" 45 \
+    "$MPIEXEC" -n 1 "$PY" "${BENCH[@]}" --backend cupy
 for mode in $PATHS; do
     label=$([ "$mode" = 1 ] && echo direct || echo staged)
     export ARRAYSYNCBN_CUDA_AWARE=$mode
-    step "MPI properties with cupy, $label" "$OUT/mpi_props_$label.txt" 90 \
-        "$MPIEXEC" -n 2 "$PY" -m mpi4py tests/mpi_scripts/properties.py 10 cupy
-    step "check --backend cupy, $label" "$OUT/check_$label.json" 60 \
+    step "MPI properties with cupy (portable and CUDA routes), $label" "$OUT/mpi.txt" 120 \
+        "$MPIEXEC" -n 2 "$PY" -m mpi4py tests/mpi_scripts/properties.py 10 cupy cupy-cuda
+    step "check --backend cupy, $label" "$OUT/mpi.txt" 45 \
         "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --json --progress off
-    step "benchmark --backend cupy, $label" "$OUT/bench_$label.txt" 60 \
-        "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --backend cupy --shape 32,64,56,56 --steps 30 \
-        --progress off
+    step "benchmark, 2 ranks, cupy, portable route, $label" "$OUT/bench.txt" 45 \
+        "$MPIEXEC" -n 2 "$PY" "${BENCH[@]}" --backend cupy
+    ARRAYSYNCBN_CUDA_KERNELS=1 step "benchmark, 2 ranks, cupy, CUDA route, $label" \
+        "$OUT/bench.txt" 45 "$MPIEXEC" -n 2 "$PY" "${BENCH[@]}" --backend cupy
     unset ARRAYSYNCBN_CUDA_AWARE
 done
-step "benchmark --backend numpy (same machine, for comparison)" "$OUT/bench_numpy.txt" 60 \
-    "$MPIEXEC" -n 2 "$PY" -m arraysyncbn --shape 32,64,56,56 --steps 30 --progress off
+step "benchmark, 2 ranks, numpy (same machine, for comparison)" "$OUT/bench.txt" 45 \
+    "$MPIEXEC" -n 2 "$PY" "${BENCH[@]}"
 
 echo "outputs in $OUT"
 exit $FAILED

@@ -188,8 +188,45 @@ def test_gpu_check_runs_the_torch_gpu_tests_without_cupy(checkout, torch_cuda: s
     summary = (out_dir / "summary.txt").read_text()
     if torch_cuda == "1":
         assert out.returncode == 1, out.stdout + out.stderr
-        assert pytest_calls == ["python -m pytest -q -m gpu -p no:cacheprovider -rs"], calls
+        want = (
+            "python -m pytest -v -m gpu -p no:cacheprovider -rfEs --tb=short "
+            "-o faulthandler_timeout=60 -p timeout --timeout 120"
+        )
+        assert pytest_calls == [want], calls
         assert "pytest -m gpu: exit 0" in summary and "cupy MPI steps do not run" in summary
     else:
         assert out.returncode == 2, out.stdout + out.stderr
         assert pytest_calls == [] and "no CUDA GPU visible" in summary
+
+
+def test_gpu_check_runs_both_cupy_routes_within_the_files_the_device_returns(checkout) -> None:
+    """With cupy and MPI: pytest, then 1-rank benchmarks of the portable and the
+    CUDA route, then per MPI path the properties of both routes, the check and
+    2-rank benchmarks; everything in at most 6 files (the device tool returns 8)."""
+    fake = checkout / ".venv" / "bin" / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "python $*" >>"$FAKE_LOG"\nexit 0\n')
+    mpiexec = checkout / ".venv" / "bin" / "mpiexec"
+    mpiexec.write_text(
+        '#!/usr/bin/env bash\necho "mpiexec $* cuda=${ARRAYSYNCBN_CUDA_KERNELS:-}" >>"$FAKE_LOG"\n'
+    )
+    out_dir = checkout / "out"
+    out, calls = run_script(
+        checkout, "gpu_check.sh", PYTHON=str(fake), OUT=str(out_dir), MPIEXEC=str(mpiexec)
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = [c.replace(str(fake), "python") for c in calls]
+    runs = [c for c in calls if c.startswith("mpiexec") and "arraysyncbn --shape" in c]
+    bench = "python -m arraysyncbn --shape 32,64,56,56 --steps 30 --progress off"
+    assert runs == [
+        f"mpiexec -n 1 {bench} --backend cupy cuda=",
+        f"mpiexec -n 1 {bench} --backend cupy cuda=1",
+        f"mpiexec -n 2 {bench} --backend cupy cuda=",
+        f"mpiexec -n 2 {bench} --backend cupy cuda=1",
+        f"mpiexec -n 2 {bench} cuda=",
+    ], calls
+    props = [c for c in calls if "properties.py" in c]
+    assert props == [
+        "mpiexec -n 2 python -m mpi4py tests/mpi_scripts/properties.py 10 cupy cupy-cuda cuda="
+    ]
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == ["bench.txt", "env.txt", "mpi.txt", "pytest_gpu.txt", "summary.txt"], files
