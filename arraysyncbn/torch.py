@@ -509,7 +509,9 @@ class SyncBatchNorm(_BatchNorm):
         thread per device, so the first rank's backward would wait in the
         allreduce for ranks queued behind it. CPU backward runs on each calling
         thread and is fine. Every thread rank shares one device (the group checks
-        it), so all ranks decide alike."""
+        it); grad mode is per thread, so a rank under no_grad alone would go on
+        to the allreduce while the others raise: run_ranks aborts it then (or
+        the watchdog ends its wait), it cannot hang."""
         if (
             self._comm.size > 1
             and x.device.type != "cpu"

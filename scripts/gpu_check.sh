@@ -89,6 +89,15 @@ fi
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
     "$PY" -c "import cupy; print('cupy', cupy.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())" 2>&1
     "$PY" -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" 2>&1
+    # The CUDA route needs numba's CUDA target to compile and launch here.
+    "$PY" -c "
+import numba
+from numba import cuda
+@cuda.jit
+def k(a):
+    a[0] += 1.0
+d = cuda.to_device([1.0]); k[1, 1](d)
+print('numba', numba.__version__, 'CUDA launch', 'ok' if d.copy_to_host()[0] == 2.0 else 'WRONG')" 2>&1 | tail -3
     echo "mpiexec: ${MPIEXEC:-not found}"
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"

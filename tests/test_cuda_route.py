@@ -101,3 +101,21 @@ def test_the_job_names_the_cuda_route() -> None:
 
     bn = SimpleNamespace(_saved=SimpleNamespace(route="cuda"))
     assert route_description(bn).startswith("cuda (numba.cuda kernels, experimental")
+
+
+def test_small_grids_launch_without_numbas_occupancy_warning() -> None:
+    """The per-channel kernels run one block for up to 256 channels; numba's
+    low-occupancy warning would fail every test that turns warnings into
+    errors (and bother every user). Configuring a launch needs no GPU."""
+    pytest.importorskip("numba")
+    import warnings
+
+    from arraysyncbn._fast import cuda_jit as cj
+
+    if cj.SIMULATED:
+        pytest.skip("the simulator does not warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Warning, match="under-utilization"):
+            cj._sample[1, cj.THREADS]  # configuring the launch is what warns
+        cj._configured(cj._sample, 1, cj.THREADS, 0)

@@ -11,9 +11,11 @@ whose passes over x (local statistics, normalize, backward sums, backward
 input) are kernels of :mod:`.cuda_jit` (two or three launches each, instead
 of dozens of array operations); the per-channel steps between them
 (finalizing the reduced statistics, the backward coefficients) stay the
-portable array-API code on the device. The numerics are the host route's:
-sums in float64 around a sample of each channel, shifted to the merge
-center exactly, partials added in a fixed order.
+portable array-API code on the device. The numerics are the host route's
+algorithm: sums in float64 around a sample of each channel, shifted to the
+merge center exactly, partials added in a fixed order (y and dx may round
+differently by one unit: NVVM forms FMAs). Kernels run on CuPy's current
+stream.
 
 ``ARRAYSYNCBN_CUDA_KERNELS=sim`` routes float32/float64 numpy arrays here too,
 for tests in numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before
@@ -49,6 +51,7 @@ class CudaKernels(PortableKernels):
         self.mode = "c"
         self.channels = self.q = self.per_channel = 0
         self.xf: Any = None
+        self.stream: Any = 0
 
     def bind(self, x: Any) -> CudaKernels | None:
         """Fix x; None if x cannot be walked as a (P, C, Q) block without a copy."""
@@ -66,6 +69,7 @@ class CudaKernels(PortableKernels):
             self.mode, q = "last", 1
             self.xf = _flat(moved)
         self.channels, self.q = channels, q
+        self.stream = cj.current_stream(x)
         self.per_channel = int(self.xf.shape[0]) // channels if channels else 0
         return self
 
@@ -91,12 +95,11 @@ class CudaKernels(PortableKernels):
         copy[...] = a
         return flat
 
-    def _scratch(self) -> tuple[Any, Any]:
+    def _partials(self) -> Any:
+        """Scratch for the reductions' per-block partials, (blocks, 2, C) float64."""
         xp, c = self.xp, self.channels
         blocks = cj.partial_blocks(self.per_channel, self.threads)
-        k = xp.empty((c,), dtype=xp.float64, device=self.device)
-        part = xp.empty((blocks, 2, c), dtype=xp.float64, device=self.device)
-        return k, part
+        return xp.empty((blocks, 2, c), dtype=xp.float64, device=self.device)
 
     def _tail(self, tail: tuple[float, ...]) -> Any:
         return self.xp.asarray(list(tail) or [0.0], dtype=self.xp.float64, device=self.device)
@@ -121,10 +124,10 @@ class CudaKernels(PortableKernels):
         buf = xp.empty((1 + 2 * c + len(tail),), dtype=xp.float64, device=self.device)
         if center is None:
             center = xp.zeros((c,), dtype=xp.float64, device=self.device)
-        k, part = self._scratch()
+        k = xp.empty((c,), dtype=xp.float64, device=self.device)
         cj.pack_statistics(
             self.xf, c, self.q, center, self.per_channel, self._tail(tail), len(tail),
-            k, part, buf, self.threads,
+            k, self._partials(), buf, self.stream, self.threads,
         )  # fmt: skip
         return buf
 
@@ -133,7 +136,7 @@ class CudaKernels(PortableKernels):
             return super().normalize(x, f, out)
         y, yf = self._empty(x)
         c, q = self.channels, self.q
-        cj.normalize(self.xf, c, q, f.hi, f.lo, f.scale, f.offset, yf, self.threads)
+        cj.normalize(self.xf, c, q, f.hi, f.lo, f.scale, f.offset, yf, self.stream, self.threads)
         return y if out is None else _write(out, y)
 
     def pack_backward(self, dy: Any, x: Any, f: Any, invstd: Any, tail: tuple[float, ...]) -> Any:
@@ -141,10 +144,9 @@ class CudaKernels(PortableKernels):
             return super().pack_backward(dy, x, f, invstd, tail)
         xp, c = self.xp, self.channels
         buf = xp.empty((2 * c + len(tail),), dtype=xp.float64, device=self.device)
-        _, part = self._scratch()
         cj.pack_backward(
             self._like_x(dy, x), self.xf, c, self.q, f.hi, f.lo, invstd, self._tail(tail),
-            len(tail), part, buf, self.threads,
+            len(tail), self._partials(), buf, self.stream, self.threads,
         )  # fmt: skip
         return buf
 
@@ -156,7 +158,7 @@ class CudaKernels(PortableKernels):
         dx, dxf = self._empty(x)
         cj.backward_input(
             self._like_x(dy, x), self.xf, self.channels, self.q, f.hi, f.lo, f.scale,
-            mean_dy, k, dxf, self.threads,
+            mean_dy, k, dxf, self.stream, self.threads,
         )  # fmt: skip
         return dx if out is None else _write(out, dx)
 

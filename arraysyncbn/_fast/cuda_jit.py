@@ -15,15 +15,19 @@ fixed tree, each block writes one partial, and a one-thread-per-channel
 kernel adds the partials in block order. No atomics: the same input gives
 the same bits on every run.
 
+Kernels launch on the caller's CuPy stream (:func:`current_stream`). NVVM
+contracts ``a·b + c`` into FMAs, so y and dx may differ from the host route's
+by a rounding (within the bounds).
+
 Tested on the CPU in numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``,
 ``tests/test_cuda_route.py``); the launch shapes are not yet tuned on a GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
+import warnings
 
 from numba import config, cuda, float64
 
@@ -31,6 +35,7 @@ __all__ = [
     "SIMULATED",
     "THREADS",
     "backward_input",
+    "current_stream",
     "normalize",
     "pack_backward",
     "pack_statistics",
@@ -43,9 +48,11 @@ THREADS = 256
 SIMULATED = bool(config.ENABLE_CUDASIM)
 """Whether these kernels run in numba's CUDA simulator (on the CPU)."""
 
-# The simulator refuses kernels launched concurrently (thread ranks do):
-# there, launches take turns. A GPU takes them as they come.
-_launch = threading.Lock() if SIMULATED else contextlib.nullcontext()
+# Launches take turns: the simulator refuses concurrent kernels (thread ranks
+# launch concurrently), and the warning filter around a launch is process-wide.
+# A launch is asynchronous on a GPU, so the lock is held for microseconds.
+_launch = threading.Lock()
+_LOW_OCCUPANCY = r"Grid size \d+ will likely result in GPU under-utilization"
 
 # Per-thread work before a reduction block is worth adding, and the most
 # partials per channel (the merge kernel adds them serially).
@@ -215,35 +222,71 @@ def _grid(n: int, threads: int) -> int:
     return max(1, min(math.ceil(n / threads), 65535))
 
 
-def pack_statistics(x, channels, q, center, n, tail, ntail, k, part, buf, threads=THREADS):  # type: ignore[no-untyped-def]
+def current_stream(x: object) -> object:
+    """The stream to launch on for x's library: CuPy's current stream (so the
+    kernels are ordered with the caller's work and CuPy's memory pool), 0
+    (the default stream) in the simulator or for CuPy's legacy null stream."""
+    if SIMULATED or type(x).__module__.partition(".")[0] != "cupy":
+        return 0
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else 0
+
+
+def _device(a: object) -> object:
+    """A kernel argument: arrays of another library as numba device arrays
+    without the host synchronization numba's own conversion does (the launch
+    is ordered on their stream already); scalars and simulator arrays as they are."""
+    if SIMULATED or not hasattr(a, "__cuda_array_interface__"):
+        return a
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def _configured(kernel, grid, threads, stream):  # type: ignore[no-untyped-def]
+    """``kernel[grid, threads, stream]``. numba warns about grids under 128
+    blocks, which the per-channel kernels have by design: not here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LOW_OCCUPANCY)
+        return kernel[grid, threads, stream]
+
+
+def _run(kernel, grid, threads, stream, *args) -> None:  # type: ignore[no-untyped-def]
+    """Launch ``kernel`` on ``stream`` (under the launch lock: the warning
+    filter of :func:`_configured` is process-wide)."""
+    with _launch:
+        _configured(kernel, grid, threads, stream)(*(_device(a) for a in args))
+
+
+def pack_statistics(
+    x, channels, q, center, n, tail, ntail, k, part, buf, stream=0, threads=THREADS
+):  # type: ignore[no-untyped-def]
     """Launch the statistics passes over the flat block ``x`` (n > 0 elements
     per channel); fills ``buf``. Scratch: ``k`` (C,) and ``part``
     ``(partial_blocks(n), 2, C)``, float64. ``tail`` holds at least one value
     (``ntail`` of them are written)."""
-    blocks = part.shape[0]
-    with _launch:
-        _sample[_grid(channels, threads), threads](x, channels, q, k)
-        _stats_partials[(blocks, channels), threads](x, channels, q, k, part)
-        _pack_statistics[_grid(channels, threads), threads](
-            part, k, center, float(n), tail, ntail, buf
-        )
+    per_channel = _grid(channels, threads)
+    _run(_sample, per_channel, threads, stream, x, channels, q, k)
+    _run(_stats_partials, (part.shape[0], channels), threads, stream, x, channels, q, k, part)
+    _run(
+        _pack_statistics, per_channel, threads, stream, part, k, center, float(n), tail, ntail, buf
+    )
 
 
-def normalize(x, channels, q, hi, lo, scale, shift, y, threads=THREADS):  # type: ignore[no-untyped-def]
-    with _launch:
-        _normalize[_grid(x.shape[0], threads), threads](x, channels, q, hi, lo, scale, shift, y)
+def normalize(x, channels, q, hi, lo, scale, shift, y, stream=0, threads=THREADS):  # type: ignore[no-untyped-def]
+    grid = _grid(x.shape[0], threads)
+    _run(_normalize, grid, threads, stream, x, channels, q, hi, lo, scale, shift, y)
 
 
-def pack_backward(dy, x, channels, q, hi, lo, invstd, tail, ntail, part, buf, threads=THREADS):  # type: ignore[no-untyped-def]
+def pack_backward(
+    dy, x, channels, q, hi, lo, invstd, tail, ntail, part, buf, stream=0, threads=THREADS
+):  # type: ignore[no-untyped-def]
     """Launch the backward sums (scratch ``part`` as for :func:`pack_statistics`)."""
-    blocks = part.shape[0]
-    with _launch:
-        _bsums_partials[(blocks, channels), threads](dy, x, channels, q, hi, lo, part)
-        _pack_backward[_grid(channels, threads), threads](part, invstd, tail, ntail, buf)
+    grid = (part.shape[0], channels)
+    _run(_bsums_partials, grid, threads, stream, dy, x, channels, q, hi, lo, part)
+    _run(_pack_backward, _grid(channels, threads), threads, stream, part, invstd, tail, ntail, buf)
 
 
-def backward_input(dy, x, channels, q, hi, lo, scale, mean_dy, k, dx, threads=THREADS):  # type: ignore[no-untyped-def]
-    with _launch:
-        _backward_input[_grid(x.shape[0], threads), threads](
-            dy, x, channels, q, hi, lo, scale, mean_dy, k, dx
-        )
+def backward_input(dy, x, channels, q, hi, lo, scale, mean_dy, k, dx, stream=0, threads=THREADS):  # type: ignore[no-untyped-def]
+    grid = _grid(x.shape[0], threads)
+    _run(_backward_input, grid, threads, stream, dy, x, channels, q, hi, lo, scale, mean_dy, k, dx)
