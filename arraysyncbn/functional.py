@@ -420,7 +420,7 @@ class PortableKernels:
         ratio = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
         loss = float(xp.max(xp.where(ok, ratio, 0.0)))
         invstd = kernels.invstd_of(var, eps, xp=xp)
-        f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device)
+        f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device, dense=self.dense)
         previous = xp.zeros_like(mean) if center is None else center
         new_mean, new_var = running_mean, running_var
         if momentum is not None and running_mean is not None and running_var is not None:

@@ -24,7 +24,6 @@ numba.cuda is imported).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ..functional import PortableKernels, _write
@@ -42,7 +41,9 @@ class CudaKernels(PortableKernels):
     """The per-rank steps with the passes over x on the GPU (numba.cuda)."""
 
     name = "cuda"
-    dense = True  # zeros, not None, for an absent lo or offset: one kernel signature
+    # Zeros, not None, for an absent lo or offset (one kernel signature); the
+    # inherited finalize builds its factors so too.
+    dense = True
 
     def __init__(self, xp: Any, axis: int, acc: Any, sdev: Any, sdt: Any, device: Any) -> None:
         super().__init__(xp, axis, acc, sdev, sdt, device)
@@ -103,18 +104,6 @@ class CudaKernels(PortableKernels):
 
     def _tail(self, tail: tuple[float, ...]) -> Any:
         return self.xp.asarray(list(tail) or [0.0], dtype=self.xp.float64, device=self.device)
-
-    def finalize(self, *args: Any) -> Any:
-        """The portable finalize, with dense factors (zeros for an absent lo or
-        offset), as the kernels take them."""
-        st = super().finalize(*args)
-        f, zeros = st.factors, self.xp.zeros_like
-        st.factors = dataclasses.replace(
-            f,
-            lo=zeros(f.hi) if f.lo is None else f.lo,
-            offset=zeros(f.hi) if f.offset is None else f.offset,
-        )
-        return st
 
     # -- the four passes ----------------------------------------------------------------
     def pack_statistics(self, x: Any, center: Any, tail: tuple[float, ...]) -> Any:
