@@ -172,7 +172,8 @@ exit 0
 @pytest.mark.parametrize("torch_cuda", ["1", "0"])
 def test_gpu_check_runs_the_torch_gpu_tests_without_cupy(checkout, torch_cuda: str) -> None:
     """Without cupy, a GPU that torch sees still gets ``pytest -m gpu`` (the
-    CUDA tensor and NCCL tests); with no GPU at all nothing runs (exit 2)."""
+    CUDA tensor and NCCL tests, first in a step of their own); with no GPU at
+    all nothing runs (exit 2)."""
     fake = checkout / ".venv" / "bin" / "python"
     fake.write_text(FAKE_GPU_PYTHON)
     out_dir = checkout / "out"
@@ -192,8 +193,15 @@ def test_gpu_check_runs_the_torch_gpu_tests_without_cupy(checkout, torch_cuda: s
             "python -m pytest -v -m gpu -p no:cacheprovider -rfEs --tb=short "
             "-o faulthandler_timeout=60 -p timeout --timeout 120"
         )
-        assert pytest_calls == [want], calls
-        assert "pytest -m gpu: exit 0" in summary and "cupy MPI steps do not run" in summary
+        torch_files = (
+            "tests/test_torch_module.py tests/test_gradcheck.py tests/test_torch_distributed.py"
+        )
+        ignored = " ".join(f"--ignore {f}" for f in torch_files.split())
+        # The torch CUDA tests first, on their own, then everything else once.
+        assert pytest_calls == [f"{want} {torch_files}", f"{want} {ignored}"], calls
+        assert "pytest -m gpu, torch CUDA tensors: exit 0" in summary
+        assert "pytest -m gpu, the rest: exit 0" in summary
+        assert "cupy MPI steps do not run" in summary
     else:
         assert out.returncode == 2, out.stdout + out.stderr
         assert pytest_calls == [] and "no CUDA GPU visible" in summary
