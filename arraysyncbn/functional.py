@@ -25,6 +25,7 @@ import operator
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -857,9 +858,10 @@ def sync_batch_norm_forward(
     check : bool
         Before the statistics allreduce, verify with :func:`check_consistency`
         that all ranks agree on channels, dtype, axis, eps, momentum, whether
-        weight or bias is given (``affine``) and whether running statistics
-        are (``track_running_stats``): one more small collective. Only when
-        batch statistics are used.
+        weight or bias is given (``affine``), whether running statistics
+        are (``track_running_stats``) and, among the ranks that pass a
+        ``center``, that it is the same bits: one more small collective.
+        Only when batch statistics are used.
     center : array of shape ``(C,)`` or None
         A per-channel value near the batch mean, **bitwise identical on every
         rank** (a previous step's reduced mean, as ``SyncBatchNorm`` passes).
@@ -1014,7 +1016,7 @@ def sync_batch_norm_forward(
             track_running_stats=running_mean is not None, label=label.with_pass("check"),
             parameter_dtype=None if affine_param is None else affine_param.dtype,
             statistics_dtype=None if running_mean is None else caller_params[2].dtype,
-            num_batches_tracked=num_batches_tracked,
+            num_batches_tracked=num_batches_tracked, center=center,
         )  # fmt: skip
     statistics = functools.partial(
         _batch_statistics, kern, xk, channels, communicator, io=io,
@@ -1221,7 +1223,13 @@ class _Field:
 
     label: str
     values: list[float]
-    show: Callable[[float], str]
+    show: Callable[[float], str] | None
+    """How to show a value in the message; None: say only that it differs."""
+    negated: list[float] | None = None
+    """What goes into the max of the negations (None: ``-values``): with
+    ``values``, a value below every real one leaves a rank out of the comparison."""
+    absent: tuple[list[float], list[float]] | None = None
+    """The reduced (high, low) when every rank left itself out: agreement."""
 
 
 def _show_int(v: float) -> str:
@@ -1259,6 +1267,25 @@ def _show_float(v: float) -> str:
     return repr(v)
 
 
+_NO_DIGIT = (-1.0, -(2.0**17))
+"""A rank without a center in the center's comparison: below every 16-bit
+digit in the max, and below every negated digit in the max of negations."""
+
+
+def _center_field(center: Array | None) -> _Field:
+    """The merge center's CRC-32 (of its values as float64; two 16-bit digits,
+    exact in float32 too), compared among the ranks that have one (one
+    transfer from a device)."""
+    label = "merge center (must be the same bits on every rank that has one)"
+    absent = ([_NO_DIGIT[0]] * 2, [-_NO_DIGIT[1]] * 2)
+    if center is None:
+        return _Field(label, [_NO_DIGIT[0]] * 2, None, [_NO_DIGIT[1]] * 2, absent)
+    values = np.ascontiguousarray(_fast.values(host_values(center)), dtype=np.float64)
+    crc = zlib.crc32(values.tobytes())
+    digits = [float(crc >> 16), float(crc & 0xFFFF)]
+    return _Field(label, digits, None, None, absent)
+
+
 def check_consistency(
     comm: Communicator | None,
     x: Array,
@@ -1273,6 +1300,7 @@ def check_consistency(
     parameter_dtype: Any = None,
     statistics_dtype: Any = None,
     num_batches_tracked: int = 0,
+    center: Array | None = None,
 ) -> None:
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
@@ -1283,11 +1311,14 @@ def check_consistency(
     ``momentum`` (bit for bit; ``None`` included), whether the layer is
     ``affine`` and tracks running statistics, the dtypes of its parameters
     and running statistics (None: it has none), and, with ``momentum=None``
-    (a cumulative average), ``num_batches_tracked``. Ranks that differ in any
-    of these would otherwise drift apart silently (different running
-    statistics) or, for ``track_running_stats``, take different collectives
-    in eval mode. Call it with arguments that passed validation, on every
-    rank, at the same point of the program. The defaults of the keyword
+    (a cumulative average), ``num_batches_tracked``, and the merge ``center``
+    (a CRC-32 of its values as float64, among the ranks that pass one: a
+    rank passing None is fine, the statistics pass handles that). Ranks that differ in any of these would
+    otherwise drift apart silently (different running statistics or, for
+    the center, statistics merged in different frames) or, for
+    ``track_running_stats``, take different collectives in eval mode. Call
+    it with arguments that passed validation, on every rank, at the same
+    point of the program. The defaults of the keyword
     arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label`` signs the
     collective (None: the next ``check`` call of the functional API on
     ``comm``); ranks in different calls are reported as such first, since
@@ -1318,13 +1349,18 @@ def check_consistency(
     # always present, so that every rank's buffer has the same length.
     n = float(num_batches_tracked) if momentum is None else _UNUSED
     fields.append(_Field("num_batches_tracked", [n, *_bits16(n)], _show_count))
+    # Ranks without a center (state loaded on some ranks only) are fine: the
+    # statistics pass sees that and merges around zero. Among the others the
+    # centers must be the same bits.
+    fields.append(_center_field(center))
     values = [v for f in fields for v in f.values]
+    negated = [v for f in fields for v in (f.negated or [-v for v in f.values])]
     # On the statistics device in its dtype, like the statistics buffer, so
     # ranks whose x sits on different kinds of device still pass the same MPI type.
     if label is None:
         label = next_call(communicator, "check")
     tail = signature_values(label, "max", 24, communicator.size)  # exact in float32 too
-    buf = xp.asarray(values + [-v for v in values] + list(tail), dtype=sdt, device=sdev)
+    buf = xp.asarray(values + negated + list(tail), dtype=sdt, device=sdev)
     with current_call(label):
         reduced = communicator.allreduce(buf, "max")
     if tuple(reduced.shape) != tuple(buf.shape):
@@ -1339,11 +1375,15 @@ def check_consistency(
     start = 0
     for f in fields:
         stop = start + len(f.values)
-        if low[start:stop] != high[start:stop]:
-            problems.append(
-                f"{f.label} differs (values seen include {f.show(low[start])} and "
-                f"{f.show(high[start])})"
-            )
+        if low[start:stop] != high[start:stop] and not (
+            f.absent is not None
+            and high[start:stop] == f.absent[0]
+            and low[start:stop] == f.absent[1]
+        ):
+            seen = ""
+            if f.show is not None:
+                seen = f" (values seen include {f.show(low[start])} and {f.show(high[start])})"
+            problems.append(f"{f.label} differs{seen}")
         start = stop
     if problems:
         raise CollectiveMismatchError(

@@ -209,3 +209,36 @@ def test_buffers_of_different_libraries_or_devices_are_a_mismatch_on_every_rank(
         for e in errors:
             assert isinstance(e, sbn.CollectiveMismatchError), (what, e)
             assert f"different {what}" in str(e)
+
+
+def test_consistency_check_compares_merge_centers_among_the_ranks_that_pass_one() -> None:
+    """Centers that differ between ranks merge the statistics in different
+    frames (a silently wrong mean); the check names them. A rank passing no
+    center is fine (the statistics pass merges around zero then), and so are
+    centers that are the same bits."""
+    x = np.arange(24, dtype=np.float32).reshape(8, 3)
+    center = np.asarray([1.0, 2.0, 3.0], dtype=np.float32)
+    nudged = np.nextafter(center, np.float32(np.inf))
+    expected = sbn.sync_batch_norm_forward(x, None, None, None, None)[0]
+    cases = {
+        "differ": [center, nudged, center],
+        "one without": [None, center, center],
+        "same": [center, center.copy(), center],
+        "none": [None, None, None],
+    }
+    for what, centers in cases.items():
+
+        def rank(comm, centers=centers):
+            shard = x[comm.rank * 3 : (comm.rank + 1) * 3]
+            return sbn.sync_batch_norm_forward(
+                shard, None, None, None, None, comm=comm, check=True, center=centers[comm.rank]
+            )[0]
+
+        results = sbn.run_ranks(rank, sbn.thread_group(3, timeout=10), return_exceptions=True)
+        if what == "differ":
+            for res in results:
+                assert isinstance(res, sbn.CollectiveMismatchError), res
+                assert "merge center (must be the same bits" in str(res), str(res)
+        else:
+            got = np.concatenate(results)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=what)
