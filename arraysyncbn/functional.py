@@ -1311,13 +1311,14 @@ def check_consistency(
     ``momentum`` (bit for bit; ``None`` included), whether the layer is
     ``affine`` and tracks running statistics, the dtypes of its parameters
     and running statistics (None: it has none), and, with ``momentum=None``
-    (a cumulative average), ``num_batches_tracked``, and the merge ``center``
-    (a CRC-32 of its values as float64, among the ranks that pass one: a
-    rank passing None is fine, the statistics pass handles that). Ranks that differ in any of these would
-    otherwise drift apart silently (different running statistics or, for
-    the center, statistics merged in different frames) or, for
-    ``track_running_stats``, take different collectives in eval mode. Call
-    it with arguments that passed validation, on every rank, at the same
+    (a cumulative average), ``num_batches_tracked``, and the merge
+    ``center`` (a CRC-32 of its values as float64, among the ranks that pass
+    one: a rank passing None is fine, the statistics pass handles that).
+    Ranks that differ in any of these would otherwise drift apart silently
+    (different running statistics or, for the center, statistics merged in
+    different frames) or, for ``track_running_stats``, take different
+    collectives in eval mode. Call it with arguments that passed validation,
+    on every rank, at the same
     point of the program. The defaults of the keyword
     arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label`` signs the
     collective (None: the next ``check`` call of the functional API on
