@@ -1318,12 +1318,11 @@ def check_consistency(
     (different running statistics or, for the center, statistics merged in
     different frames) or, for ``track_running_stats``, take different
     collectives in eval mode. Call it with arguments that passed validation,
-    on every rank, at the same
-    point of the program. The defaults of the keyword
-    arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label`` signs the
-    collective (None: the next ``check`` call of the functional API on
-    ``comm``); ranks in different calls are reported as such first, since
-    their other values need not agree.
+    on every rank, at the same point of the program. The defaults of the
+    keyword arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label``
+    signs the collective (None: the next ``check`` call of the functional
+    API on ``comm``); ranks in different calls are reported as such first,
+    since their other values need not agree.
     """
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
