@@ -161,13 +161,14 @@ def test_batch_stats_passes_communicate_exactly_once_each(backend) -> None:
         return after_first, counting[comm.rank].calls
 
     for first, calls in sbn.run_ranks(rank, comms):
-        # check: 48 values and the signature's 2; statistics 9 and the center
+        # check: 52 values (48, and the merge center's CRC digits and their
+        # negations) and the signature's 2; statistics 9 and the center
         # flag, backward 8 (+2 padding to the same length), each with the same
         # signature
         sig = first[1][1] - 10
         assert sig in (2, 4), "one digit (v, v²) for float64 buffers, two for float32"
-        assert first == [("max", 50), ("sum", 10 + sig)]
-        assert calls == [("max", 50)] + [("sum", 10 + sig)] * 4
+        assert first == [("max", 54), ("sum", 10 + sig)]
+        assert calls == [("max", 54)] + [("sum", 10 + sig)] * 4
 
 
 def test_affine_false_has_no_parameters_and_none_gradients(backend) -> None:
