@@ -130,6 +130,29 @@ class _SyncState:
         self.calls = 0
 
 
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, call: _Call
+) -> torch.Tensor:
+    """The functional forward of ``call``; its other results go into ``call``."""
+    y, call.new_mean, call.new_var, call.saved = F.sync_batch_norm_forward(
+        x,
+        weight,
+        bias,
+        call.running_mean,
+        call.running_var,
+        training=call.training,
+        momentum=call.momentum,
+        eps=call.eps,
+        axis=1,
+        comm=call.comm,
+        num_batches_tracked=call.num_batches_tracked,
+        check=call.check,
+        center=call.center,
+        label=call.label,
+    )
+    return y  # type: ignore[no-any-return]
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = SyncBN(x; weight, bias) with the backward of the functional API."""
 
@@ -141,22 +164,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         call: _Call,
     ) -> torch.Tensor:
-        y, call.new_mean, call.new_var, call.saved = F.sync_batch_norm_forward(
-            x,
-            weight,
-            bias,
-            call.running_mean,
-            call.running_var,
-            training=call.training,
-            momentum=call.momentum,
-            eps=call.eps,
-            axis=1,
-            comm=call.comm,
-            num_batches_tracked=call.num_batches_tracked,
-            check=call.check,
-            center=call.center,
-            label=call.label,
-        )
+        y = _forward(x, weight, bias, call)
         # x itself is kept by ``saved`` (as a view); saving it here too makes
         # autograd's version counter catch an in-place change before backward.
         ctx.save_for_backward(x)
@@ -484,7 +492,17 @@ class SyncBatchNorm(_BatchNorm):
             center,
             label,
         )
-        y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, call)
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            y = _SyncBatchNormFunction.apply(x, weight, bias, call)
+        else:
+            # Nothing to differentiate (no_grad, inference_mode, frozen layers):
+            # no autograd node, whose bookkeeping costs ~25 µs a call.
+            y = _forward(x, weight, bias, call)
         saved = call.saved
         if check:
             state.checked = True
