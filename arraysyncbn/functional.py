@@ -435,6 +435,18 @@ class PortableKernels:
             mean, var, invstd, f, new_mean, new_var, loss, xp.where(ok, mean, previous), bad
         )
 
+    def eval_factors(
+        self, params: tuple[Array | None, ...], eps: float, wdtype: Any
+    ) -> tuple[Array, Array, _Factors]:
+        """The mean and invstd of the running statistics (``params[2:]``) on the
+        statistics device, and the factors that normalize with them."""
+        xp = self.xp
+        weight, bias, running_mean, running_var = params
+        mean = _to(running_mean, xp, self.sdev, self.sdt)
+        invstd = kernels.invstd_of(_to(running_var, xp, self.sdev, self.sdt), eps, xp=xp)
+        f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device, dense=self.dense)
+        return mean, invstd, f
+
     def cast(self, v: Array, dtype: Any) -> Array:
         """Per-channel ``v`` (dweight, dbias) in ``dtype`` on x's device."""
         return _to(v, self.xp, self.device, dtype)
@@ -995,9 +1007,7 @@ def sync_batch_norm_forward(
     weight, bias, running_mean, running_var = params
 
     if not (training or running_mean is None):
-        mean = _to(running_mean, xp, sdev, sdt)
-        invstd = kernels.invstd_of(_to(running_var, xp, sdev, sdt), eps, xp=xp)
-        f = _factors(xp, mean, invstd, weight, bias, wdtype, device, dense=kern.dense)
+        mean, invstd, f = kern.eval_factors(params, eps, wdtype)
         y = kern.normalize(xk, f, outk)
         saved = SavedForBackward(
             xk, f, mean, invstd, weight, bias, ax, None, False, communicator, xp, kern, io

@@ -533,3 +533,39 @@ def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
         if avx512:
             asm = next(iter(fresh.inspect_asm().values()))
             assert re.search(r"\bzmm\d", asm), f"{name}: no 512-bit register in its loop"
+
+
+@pytest.mark.parametrize(
+    "x_dtype, param_dtype, stat_dtype",
+    [
+        ("float32", "float32", "float32"),
+        ("float32", "float32", "float64"),
+        ("float64", "float64", "float64"),
+        ("float64", "float32", "float32"),
+        ("float16", "float16", "float16"),
+        ("float16", "float32", "float32"),
+        ("float32", None, "float32"),
+    ],
+)
+def test_eval_factors_are_the_portable_routes_bit_for_bit(
+    x_dtype, param_dtype, stat_dtype, monkeypatch
+) -> None:
+    """The host route's one-kernel eval factors (mean, invstd, hi, lo, scale,
+    shift) repeat the portable route's float64 operations exactly: y and dx
+    in eval mode are bitwise the same on both routes."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(4, 5, 6)) * 3 + 1e3).astype(x_dtype)
+    dy = rng.normal(size=x.shape).astype(x_dtype)
+    rm = (rng.normal(size=5) * 1e3 + 1e3 / 3).astype(stat_dtype)
+    rv = rng.uniform(0.1, 10.0, size=5).astype(stat_dtype)
+    w = b = None
+    if param_dtype is not None:
+        w = rng.normal(size=5).astype(param_dtype)
+        b = rng.normal(size=5).astype(param_dtype)
+    got = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+        got[fast] = _step(x, dy, w, b, rm, rv, training=False)
+    assert got["1"]["route"] == "host" and got["0"]["route"] == "portable"
+    for key in ("y", "dx"):
+        np.testing.assert_array_equal(got["1"][key], got["0"][key], err_msg=key)

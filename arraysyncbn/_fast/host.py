@@ -346,6 +346,22 @@ class HostKernels:
             tuple(np.flatnonzero(stats[4]).tolist()) if bad else (),
         )  # fmt: skip
 
+    def eval_factors(self, params: tuple[Any, ...], eps: float, wdtype: Any) -> tuple[Any, ...]:
+        """As :meth:`arraysyncbn.functional.PortableKernels.eval_factors`, in one kernel."""
+        channels = self.xb.shape[1]
+        if _any_half(params):  # the kernel takes numbers: half vectors as float32
+            params = tuple(None if a is None else values(a) for a in params)
+        weight, bias, rm, rv = params
+        stats = np.empty((2, channels))
+        hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
+        hk.eval_factors(
+            rm, rv, float(eps),
+            _ones(channels) if weight is None else weight,
+            _zeros(channels) if bias is None else bias,
+            stats, hi, lo, scale, shift,
+        )  # fmt: skip
+        return stats[0], stats[1], _types.Factors(hi, lo, scale, shift)
+
     def _stored(
         self,
         new_rm: np.ndarray,

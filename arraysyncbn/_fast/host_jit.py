@@ -588,6 +588,23 @@ def finalize_forward(
 
 
 @numba.njit(**_OPTS)
+def eval_factors(rm, rv, eps, weight, bias, stats, hi, lo, scale, shift):  # pragma: no cover
+    """Mean and invstd of the running statistics (rows of ``stats``) and the
+    work-dtype factors, with the portable route's float64 operations in its
+    order (``1/sqrt(var + eps)``, then ``invstd·weight``), so bit for bit alike."""
+    mean, inv = stats[0], stats[1]
+    for c in range(hi.shape[0]):
+        mean[c] = rm[c]
+        inv[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
+    for c in range(hi.shape[0]):
+        hi[c] = mean[c]
+    for c in range(hi.shape[0]):
+        lo[c] = mean[c] - np.float64(hi[c])
+        scale[c] = inv[c] * np.float64(weight[c])
+        shift[c] = bias[c]
+
+
+@numba.njit(**_OPTS)
 def pack_backward(part, invstd, buf):  # pragma: no cover - compiled
     """Merge partials in thread order into ``[Σdy, Σdy·x̂]`` (x̂ = (x − mean)·invstd)."""
     c_count = invstd.shape[0]
