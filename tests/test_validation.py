@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,6 +38,44 @@ def test_constructor_rejects_bad_values(kwargs, match) -> None:
 def test_constructor_rejects_non_communicators() -> None:
     with pytest.raises(TypeError, match="Communicator protocol"):
         sbn.SyncBatchNorm(3, comm=object())
+
+
+class _MethodRank:
+    """rank and size as methods (torch.distributed's spelling), not ints."""
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 2
+
+    def allreduce(self, buf, op="sum"):
+        return buf
+
+
+def test_rank_and_size_must_be_ints() -> None:
+    with pytest.raises(TypeError, match=r"rank and size \(ints\)"):
+        sbn.SyncBatchNorm(3, comm=_MethodRank())
+
+
+def test_a_raw_mpi4py_communicator_is_refused_when_the_layer_is_built() -> None:
+    """mpi4py's Comm has an int rank and size and an (object) allreduce, so the
+    duck-typed check let it through: under mpiexec -n 2 one rank raised
+    inside the first allreduce and the other waited forever. In a child
+    process: importing mpi4py.MPI initializes MPI."""
+    pytest.importorskip("mpi4py")
+    code = (
+        "from mpi4py import MPI\n"
+        "import arraysyncbn as sbn\n"
+        "try:\n"
+        "    sbn.SyncBatchNorm(3, comm=MPI.COMM_WORLD)\n"
+        "except TypeError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "raw mpi4py group (mpi4py.MPI.Intracomm)" in done.stdout, done.stdout
+    assert "MPICommunicator(mpi_comm)" in done.stdout
 
 
 def test_rank_below_two_is_rejected(backend) -> None:

@@ -85,14 +85,36 @@ def as_communicator(comm: Any) -> Communicator:
         return _WORLD_OF_ONE
     if type(comm) in _CHECKED:
         return comm  # type: ignore[no-any-return]
-    if not isinstance(comm, Communicator):
+    library = type(comm).__module__.partition(".")[0]
+    if library in _WRAPPERS:
+        # mpi4py's and torch.distributed's own groups have a rank, a size and
+        # an allreduce, but not this protocol's: an object allreduce (mpi4py)
+        # or a work handle (torch) instead of the reduced array. Accepted,
+        # they failed on one rank and left the others waiting.
         raise TypeError(
-            "comm must provide rank, size and allreduce(buf, op) "
+            f"comm is a raw {library} group ({type(comm).__module__}.{type(comm).__name__}), "
+            f"not an arraysyncbn communicator: wrap it once, {_WRAPPERS[library]}, and "
+            "pass that to every layer"
+        )
+    if not isinstance(comm, Communicator) or not (
+        isinstance(comm.rank, int) and isinstance(comm.size, int)
+    ):
+        raise TypeError(
+            "comm must provide rank and size (ints) and allreduce(buf, op) "
             f"(the arraysyncbn.Communicator protocol), got {type(comm).__name__}; "
             "wrap an mpi4py communicator with arraysyncbn.MPICommunicator"
         )
     _CHECKED.add(type(comm))
     return comm
+
+
+_WRAPPERS = {
+    "mpi4py": "comm=arraysyncbn.MPICommunicator(mpi_comm)",
+    "torch": "comm=arraysyncbn.TorchDistributedCommunicator(group) (or, for "
+    "arraysyncbn.torch.SyncBatchNorm, process_group=group)",
+}
+"""Libraries whose group objects look like communicators but are not, and what
+wraps them."""
 
 
 # Classes whose instances passed the protocol check: isinstance against a
