@@ -46,6 +46,7 @@ This module imports torch; ``import arraysyncbn`` does not import it.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -287,10 +288,13 @@ class SyncBatchNorm(_BatchNorm):
         Where and in which dtype to create parameters and buffers (torch's
         factory arguments).
     comm : Communicator or None
-        The ranks to synchronize over: None (a world of one),
+        The ranks to synchronize over: None (a world of one; unlike torch's
+        ``process_group=None``, not the default group: a training forward
+        warns when ``torch.distributed`` runs several processes),
         :func:`~arraysyncbn.thread_group` ranks,
         :class:`~arraysyncbn.MPICommunicator`,
-        :class:`~arraysyncbn.TorchDistributedCommunicator`. Assigning
+        :class:`~arraysyncbn.TorchDistributedCommunicator` (a
+        ``torch.distributed`` group given here is wrapped in one). Assigning
         ``module.comm`` later is allowed (on every rank alike).
     bias : bool
         With ``affine``, whether to learn a bias too (torch's keyword; False
@@ -345,12 +349,7 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
     ) -> None:
         channels = checked_num_features(num_features, eps, momentum)
-        if process_group is not None:
-            if comm is not None:
-                raise TypeError("give process_group or comm, not both")
-            from .comm.torch_dist import TorchDistributedCommunicator
-
-            comm = TorchDistributedCommunicator(process_group)
+        comm = _communicator(comm, process_group)
         # torch ≥ 2.12 knows bias=False (a weight without a bias); older torch does not.
         extra = {} if bias else {"bias": False}
         super().__init__(
@@ -361,6 +360,16 @@ class SyncBatchNorm(_BatchNorm):
         # mid-run on one rank (the first check verifies all ranks agree).
         self._check_every_call = F.check_every_call()
 
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: Any = None
+    ) -> torch.nn.Module:
+        """torch's spelling, ``SyncBatchNorm.convert_sync_batchnorm(module,
+        process_group=None)``: :func:`convert_sync_batchnorm` with
+        ``process_group`` (a ``torch.distributed`` group, or any arraysyncbn
+        communicator)."""
+        return convert_sync_batchnorm(module, process_group)
+
     # -- communicator and the state derived from it --------------------------------
     @property
     def comm(self) -> Communicator:
@@ -369,7 +378,7 @@ class SyncBatchNorm(_BatchNorm):
 
     @comm.setter
     def comm(self, value: Communicator | None) -> None:
-        comm = as_communicator(value)
+        comm = as_communicator(_communicator(value, None))
         if comm is getattr(self, "_comm", None):
             return  # the same ranks: keep the center, the check and the numbering
         self._comm = comm
@@ -420,6 +429,8 @@ class SyncBatchNorm(_BatchNorm):
         if isinstance(input, torch.fx.Proxy):
             return _fx_leaf(self, input)
         self._check_input_dim(input)
+        if self.training and _is_exporting():
+            raise RuntimeError(_NO_EXPORT_TRAINING)
         if torch.compiler.is_compiling():
             return self._opaque_step(input)
         if torch.jit.is_tracing():  # scripting stops at __prepare_scriptable__
@@ -473,6 +484,8 @@ class SyncBatchNorm(_BatchNorm):
             center = state.center if state.device == x.device else None
             check = not state.checked or self._check_every_call
             if state.layer is None:
+                if self._comm.size == 1:
+                    _warn_if_distributed()
                 state.layer = next_layer(self._comm)
             state.calls += 1
             label = CallLabel._trusted("forward", state.calls, state.layer)
@@ -556,6 +569,57 @@ _NO_DEVICE_THREAD_RANKS = (
     "called directly in the threads"
 )
 
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+_NO_EXPORT_TRAINING = (
+    "arraysyncbn.torch.SyncBatchNorm cannot be exported in training mode (torch.export): "
+    "its training step runs compiled kernels and collectives outside torch's operators. "
+    "Export the model in eval mode (model.eval(): plain batch norm with the running "
+    "statistics), or revert_sync_batchnorm(model) first"
+)
+
+
+def _warn_if_distributed() -> None:
+    """Warn where a layer over a world of one trains in a torch.distributed job of
+    several processes: torch.nn.SyncBatchNorm's ``process_group=None`` means the
+    default group there, ours (``comm=None``) this process only."""
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    size = dist.get_world_size()
+    if size > 1:
+        warnings.warn(
+            f"arraysyncbn.torch.SyncBatchNorm with comm=None normalizes over this process "
+            f"only, but torch.distributed is initialized with {size} processes. Unlike "
+            "torch.nn.SyncBatchNorm, process_group=None is not the default group here: "
+            "pass process_group=torch.distributed.group.WORLD, or "
+            "comm=arraysyncbn.TorchDistributedCommunicator(), to synchronize",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _communicator(comm: Any, process_group: Any) -> Communicator | None:
+    """``comm``, with torch's ``process_group`` (or a ``torch.distributed``
+    group given as ``comm``) wrapped in a TorchDistributedCommunicator."""
+    if process_group is not None:
+        if comm is not None:
+            raise TypeError("give process_group or comm, not both")
+        comm = process_group
+    dist = getattr(torch, "distributed", None)
+    if (
+        comm is not None
+        and dist is not None
+        and dist.is_available()
+        and isinstance(comm, dist.ProcessGroup)
+    ):
+        from .comm.torch_dist import TorchDistributedCommunicator
+
+        return TorchDistributedCommunicator(comm)
+    return comm  # type: ignore[no-any-return]
+
+
 _NO_JIT = (
     "arraysyncbn.torch.SyncBatchNorm cannot be traced or scripted by torch.jit (its step "
     "runs compiled kernels and collectives outside TorchScript); use torch.compile, or "
@@ -612,7 +676,7 @@ def _bias_kwarg(module: _BatchNorm) -> dict[str, bool]:
 
 
 def convert_sync_batchnorm(
-    module: torch.nn.Module, comm: Communicator | None = None
+    module: torch.nn.Module, comm: Communicator | None = None, *, process_group: Any = None
 ) -> torch.nn.Module:
     """Replace every batch-norm layer of ``module`` with :class:`SyncBatchNorm`.
 
@@ -629,8 +693,14 @@ def convert_sync_batchnorm(
     ----------
     module : torch.nn.Module
         A model, or a single batch-norm layer.
-    comm : Communicator or None
-        What the new layers synchronize over; None is a world of one.
+    comm : Communicator, torch.distributed.ProcessGroup or None
+        What the new layers synchronize over; None is a world of one. A
+        ``torch.distributed`` group (torch's positional ``process_group``)
+        is wrapped once in :class:`~arraysyncbn.TorchDistributedCommunicator`,
+        shared by every new layer.
+    process_group : torch.distributed.ProcessGroup or None
+        torch's keyword: the same as passing the group as ``comm``. Not
+        together with ``comm``.
 
     Returns
     -------
@@ -644,6 +714,9 @@ def convert_sync_batchnorm(
         A lazy batch-norm layer (``torch.nn.LazyBatchNorm2d``, ...) that has
         not seen an input yet: its number of features is unknown.
     """
+    # Wrapped once: every layer on one communicator object, so that layers are
+    # numbered in the calls' signatures.
+    comm = _communicator(comm, process_group)
     out = module
     if isinstance(module, _BatchNorm):
         if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and (

@@ -763,3 +763,81 @@ def test_setting_the_same_communicator_again_changes_nothing() -> None:
         return bn(torch.randn(4, 3)).shape
 
     assert sbn.run_ranks(rank, comms) == [torch.Size([4, 3])] * 2
+
+
+def test_torch_spellings_of_a_process_group_are_wrapped_once(gloo_world_of_one) -> None:
+    """torch's ways of naming the group: ``convert_sync_batchnorm(model, pg)``
+    (positional), ``process_group=pg``, the classmethod
+    ``SyncBatchNorm.convert_sync_batchnorm``, and a group given as ``comm``.
+    convert wraps it once: every layer is on one communicator object (layers
+    are numbered per communicator in the calls' signatures)."""
+    pg = torch.distributed.group.WORLD
+    converted = [
+        convert_sync_batchnorm(_net(), pg),
+        convert_sync_batchnorm(_net(), process_group=pg),
+        SyncBatchNorm.convert_sync_batchnorm(_net(), pg),
+    ]
+    for model in converted:
+        layers = [m for m in model.modules() if isinstance(m, SyncBatchNorm)]
+        assert len(layers) == 2
+        assert isinstance(layers[0].comm, sbn.TorchDistributedCommunicator)
+        assert layers[0].comm is layers[1].comm
+        model(torch.randn(4, 3, 5, 5))
+    assert isinstance(SyncBatchNorm(C, comm=pg).comm, sbn.TorchDistributedCommunicator)
+    bn = SyncBatchNorm(C)
+    bn.comm = pg
+    assert isinstance(bn.comm, sbn.TorchDistributedCommunicator)
+    with pytest.raises(TypeError, match="process_group or comm"):
+        convert_sync_batchnorm(_net(), sbn.SelfCommunicator(), process_group=pg)
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
+        torch.nn.BatchNorm2d(4),
+    )  # fmt: skip
+
+
+def test_raw_torch_group_is_refused_by_the_functional_api(gloo_world_of_one) -> None:
+    """Accepted as a duck-typed communicator, a ProcessGroup failed inside the
+    first allreduce (pybind's incompatible-arguments error)."""
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match=r"raw torch group.*TorchDistributedCommunicator"):
+        sbn.sync_batch_norm_forward(x, None, None, None, None, comm=torch.distributed.group.WORLD)
+
+
+def test_a_world_of_one_in_a_distributed_job_warns(monkeypatch) -> None:
+    """Swapping torch.nn.SyncBatchNorm for ours under torchrun gave silently
+    unsynchronized batch norm: torch's process_group=None is the default
+    group, our comm=None this process. The first training forward warns
+    (once per layer; eval and a layer with a communicator do not)."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    x = torch.randn(4, C, 2)
+    bn = SyncBatchNorm(C)
+    with pytest.warns(UserWarning, match=r"normalizes over this process only.*2 processes"):
+        bn(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn(x)  # the layer's first call warned already
+        SyncBatchNorm(C).eval()(x)
+        sbn.run_ranks(lambda comm: SyncBatchNorm(C, comm=comm)(x), sbn.thread_group(2))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SyncBatchNorm(C)(x)
+
+
+def test_export_in_training_mode_raises_a_clear_error() -> None:
+    if not hasattr(torch, "export"):
+        pytest.skip("no torch.export")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), SyncBatchNorm(3))
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="cannot be exported in training mode"):
+        torch.export.export(model, (x,))
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    _close(exported.module()(x), model(x), TOL[torch.float32], "exported eval")
