@@ -105,3 +105,28 @@ def test_mpi_docs_snippets_run_as_written(section: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "snippet ran 64" in out.stdout
+
+
+def test_testing_module_example_runs_in_a_fresh_process(tmp_path) -> None:
+    """The example in ``arraysyncbn.testing``'s docstring, run by pytest in a
+    new process as a user would paste it (it used to exceed hypothesis's
+    deadline there, on the first call's kernel load)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import arraysyncbn.testing as testing
+
+    doc = testing.__doc__
+    start = doc.index("Example, testing arraysyncbn itself")
+    code = textwrap.dedent(doc[doc.index("::", start) + 2 :]).strip() + "\n"
+    (tmp_path / "test_example.py").write_text(code)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout, done.stdout[-2000:]

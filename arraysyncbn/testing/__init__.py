@@ -15,12 +15,15 @@
 
 Example, testing arraysyncbn itself with two thread ranks::
 
-    from hypothesis import given
+    from hypothesis import given, settings
     from arraysyncbn import SyncBatchNorm, thread_group, run_ranks
     from arraysyncbn.testing import (reference_forward, forward_bounds,
                                      assert_close_to_reference)
     from arraysyncbn.testing.strategies import sharded_batches
 
+    # No deadline: a process's first call loads the compiled kernels
+    # (~0.3 s), past hypothesis's default 200 ms.
+    @settings(deadline=None)
     @given(sharded_batches())
     def test_forward(batch):
         comms = thread_group(len(batch.shards))
