@@ -43,11 +43,17 @@ def _convert(value: Any, xp: Any, device: Any, dtype: Any) -> Array:
 
     Arrays of another library come over by DLPack (or ``asarray``); the cast
     happens before the move, so a float64 source can land on a device that
-    has no float64.
+    has no float64. A floating source narrower than float32 is widened to
+    float32 in its own library first: exact, and every library reads
+    float32, while torch's bfloat16 has no numpy equivalent and
+    array-api-strict has no float16.
     """
     if not array_api_compat.is_array_api_obj(value):
         return xp.asarray(value, dtype=dtype, device=device, copy=True)
-    if array_api_compat.array_namespace(value) is not xp:
+    src = array_api_compat.array_namespace(value)
+    if src is not xp:
+        if src.isdtype(value.dtype, "real floating") and src.finfo(value.dtype).bits < 32:
+            value = src.astype(value, src.float32)
         try:
             value = xp.from_dlpack(value)
         except (AttributeError, TypeError, ValueError, RuntimeError, BufferError):
@@ -329,7 +335,13 @@ class SyncBatchNorm:
         """Load parameters and buffers saved by :meth:`state_dict` or by PyTorch.
 
         Values are copied into the layer's namespace, device and dtype
-        (before the first forward they are kept and converted then).
+        (before the first forward they are kept and converted then): the
+        layer keeps the dtype it was created with (see the class docstring),
+        whatever the entries' dtype. float16 and bfloat16 entries (say
+        ``torch.nn.BatchNorm2d(C).bfloat16().state_dict()``) are widened
+        exactly to float32 on their side first, so they load also into a
+        namespace without their dtype (numpy has no bfloat16,
+        array-api-strict no float16).
         ``num_batches_tracked`` may be an int or a 0-d integer array. Loading
         is atomic: every entry is checked and converted before any is
         assigned, so a bad entry leaves the layer as it was. It also forgets
