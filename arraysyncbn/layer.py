@@ -8,13 +8,15 @@ of the first input, unless ``xp`` (and ``device``) are given up front.
 
 from __future__ import annotations
 
+import copy
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 import array_api_compat
 
 from . import functional as F
-from .comm.base import Communicator, as_communicator
+from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, next_layer
 from .errors import NoForwardError
 
@@ -41,11 +43,17 @@ def _convert(value: Any, xp: Any, device: Any, dtype: Any) -> Array:
 
     Arrays of another library come over by DLPack (or ``asarray``); the cast
     happens before the move, so a float64 source can land on a device that
-    has no float64.
+    has no float64. A floating source narrower than float32 is widened to
+    float32 in its own library first: exact, and every library reads
+    float32, while torch's bfloat16 has no numpy equivalent and
+    array-api-strict has no float16.
     """
     if not array_api_compat.is_array_api_obj(value):
         return xp.asarray(value, dtype=dtype, device=device, copy=True)
-    if array_api_compat.array_namespace(value) is not xp:
+    src = array_api_compat.array_namespace(value)
+    if src is not xp:
+        if src.isdtype(value.dtype, "real floating") and src.finfo(value.dtype).bits < 32:
+            value = src.astype(value, src.float32)
         try:
             value = xp.from_dlpack(value)
         except (AttributeError, TypeError, ValueError, RuntimeError, BufferError):
@@ -172,6 +180,22 @@ class SyncBatchNorm:
     silently differentiating an older training forward (use
     :func:`~arraysyncbn.sync_batch_norm_backward` for the frozen-statistics
     gradient).
+
+    ``copy.deepcopy`` (an EMA or evaluation copy of a model) shares the
+    communicator, a handle on a group of ranks, and copies everything else:
+    parameters, running statistics, gradients and the merge center (the
+    same bits on every rank, so a copy made on every rank alike merges as
+    the original would); ``copy.copy`` shares the arrays too. Either copy is
+    a new layer to the communicator, numbered at its own first communicating
+    call: ranks that call the copy where others call the original raise
+    :class:`~arraysyncbn.CollectiveMismatchError` instead of merging two
+    layers' statistics. A copy that never communicates (eval mode with
+    running statistics, as an EMA copy is used) may live on some ranks only;
+    one trained, or evaluated without running statistics, must be made and
+    used on every rank alike, like any layer. A copy has no forward to
+    differentiate: ``backward`` needs a forward of its own. Pickling keeps
+    what ``copy.deepcopy`` keeps, for a world of one only: pickling a layer
+    over other ranks is a TypeError (save ``state_dict()`` instead).
 
     Examples
     --------
@@ -311,7 +335,13 @@ class SyncBatchNorm:
         """Load parameters and buffers saved by :meth:`state_dict` or by PyTorch.
 
         Values are copied into the layer's namespace, device and dtype
-        (before the first forward they are kept and converted then).
+        (before the first forward they are kept and converted then): the
+        layer keeps the dtype it was created with (see the class docstring),
+        whatever the entries' dtype. float16 and bfloat16 entries (say
+        ``torch.nn.BatchNorm2d(C).bfloat16().state_dict()``) are widened
+        exactly to float32 on their side first, so they load also into a
+        namespace without their dtype (numpy has no bfloat16,
+        array-api-strict no float16).
         ``num_batches_tracked`` may be an int or a 0-d integer array. Loading
         is atomic: every entry is checked and converted before any is
         assigned, so a bad entry leaves the layer as it was. It also forgets
@@ -368,6 +398,55 @@ class SyncBatchNorm:
         # merge center (the old statistics' mean) and the last forward.
         self._center = self._center_comm = None
         self._saved = None
+
+    # -- copies (see the class docstring) ------------------------------------
+    def _copy_state(self) -> dict[str, Any]:
+        """The attributes a copy starts from: this layer's, less its number on
+        the communicator, its call count, its last forward (which holds the
+        input itself and that forward's call) and a merge center left from
+        another communicator (of no use, and its communicator may not copy)."""
+        state = {**self.__dict__, "_layer": None, "_layer_comm": None, "_calls": 0, "_saved": None}
+        if self._center_comm is not self.comm:
+            state["_center"] = state["_center_comm"] = None
+        return state
+
+    def __copy__(self) -> SyncBatchNorm:
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self._copy_state())
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        # Shared, not copied: the communicator often cannot be (locks, MPI
+        # handles), and the namespace is a module.
+        memo[id(self.comm)] = self.comm
+        memo[id(self._xp)] = self._xp
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self._copy_state(), memo))
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.comm is not None and not isinstance(self.comm, SelfCommunicator):
+            raise TypeError(
+                f"a SyncBatchNorm synchronized over {self.comm!r} cannot be pickled (its "
+                "communicator is a handle on other processes or threads): save "
+                "layer.state_dict() instead, or set layer.comm = None first"
+            )
+        state = self._copy_state()
+        # Modules cannot be pickled: the namespace goes by name.
+        state["_xp"] = None if self._xp is None else self._xp.__name__
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state["_xp"] is not None:
+            state["_xp"] = importlib.import_module(state["_xp"])
+        if state["comm"] is not None:  # the world of one, as a new layer has it
+            world = as_communicator(None)
+            if state["_center_comm"] is state["comm"]:
+                state["_center_comm"] = world
+            state["comm"] = world
+        self.__dict__.update(state)
 
     # -- modes ---------------------------------------------------------------
     def train(self, mode: bool = True) -> SyncBatchNorm:

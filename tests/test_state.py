@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -318,3 +319,36 @@ def test_a_load_on_some_ranks_only_still_gives_the_global_statistics(module) -> 
     # Before the load the ranks hold the same running statistics (after it,
     # rank 0's started from the loaded ones).
     assert np.array_equal(got[0][0][1], got[1][0][1])
+
+
+# -- half-precision torch state dicts ---------------------------------------------------
+@pytest.mark.parametrize("xp", _namespaces())
+@pytest.mark.parametrize("dtype", ["float32", "float64", None], ids=["f32", "f64", "lazy"])
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_a_half_precision_torch_state_dict_loads_exactly(xp, dtype, half: str) -> None:
+    """numpy and array-api-strict have no bfloat16: its values are widened
+    (exactly) to float32 and land in the layer's dtype like any other's."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(3).to(getattr(torch, half))
+    with torch.no_grad():
+        for t in (ref.weight, ref.bias, ref.running_mean, ref.running_var):
+            t.uniform_(0.1, 3.0)
+    state = ref.state_dict()
+    if dtype is None:  # built at the first forward, in the input's dtype
+        bn = sbn.SyncBatchNorm(3)
+        bn.load_state_dict(state)
+        bn.eval()(xp.ones((2, 3), dtype=xp.float32))
+    else:
+        bn = sbn.SyncBatchNorm(3, xp=xp, dtype=dtype)
+        bn.load_state_dict(state)
+    want = getattr(xp, dtype or "float32")
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        value = getattr(bn, key)
+        assert array_api_compat.array_namespace(value) is array_api_compat.array_namespace(
+            xp.zeros(0)
+        )
+        assert value.dtype == want, key
+        exact = state[key].double().numpy()
+        assert np.array_equal(to_numpy(value).astype(np.float64), exact), key
+    assert bn.num_batches_tracked == 0
