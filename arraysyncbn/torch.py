@@ -130,6 +130,16 @@ class _SyncState:
         self.layer: int | None = None
         self.calls = 0
 
+    def for_copy(self, center: torch.Tensor | None) -> _SyncState:
+        """The state a copy of the layer starts from: a new layer to the
+        communicator (numbered at its own first communicating call, checked
+        then), so that ranks calling the copy where others call the original
+        fail alike instead of mixing the two; the merge center (the same
+        bits on every rank) is kept."""
+        new = _SyncState()
+        new.center, new.device = center, self.device
+        return new
+
 
 def _forward(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, call: _Call
@@ -399,11 +409,16 @@ class SyncBatchNorm(_BatchNorm):
     def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
         """A copy that shares the communicator (a handle on a group of ranks, which
         often cannot be copied: locks, MPI or torch.distributed groups), so that
-        ``copy.deepcopy(model)`` (EMA copies, evaluation copies) works."""
+        ``copy.deepcopy(model)`` (EMA copies, evaluation copies) works. The copy
+        is a new layer to the communicator, numbered at its own first
+        communicating call: an eval copy on one rank only upsets nothing, and
+        ranks that train the copy where others train the original raise
+        :class:`~arraysyncbn.CollectiveMismatchError` alike."""
         memo[id(self._comm)] = self._comm
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new._sync = self._sync.for_copy(new._sync.center)
         return new
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
@@ -452,10 +467,11 @@ class SyncBatchNorm(_BatchNorm):
 
     def __copy__(self) -> SyncBatchNorm:
         """A shallow copy, as ``copy.copy`` of any module makes (parameters and
-        the communicator shared), with its own per-call state."""
+        the communicator shared), with its own per-call state: a new layer to
+        the communicator, as for ``copy.deepcopy``."""
         new = self.__class__.__new__(self.__class__)
         new.__dict__.update(self.__dict__)
-        new._sync = copy.copy(self._sync)
+        new._sync = self._sync.for_copy(self._sync.center)
         return new
 
     def __prepare_scriptable__(self) -> SyncBatchNorm:

@@ -841,3 +841,36 @@ def test_export_in_training_mode_raises_a_clear_error() -> None:
     model.eval()
     exported = torch.export.export(model, (x,))
     _close(exported.module()(x), model(x), TOL[torch.float32], "exported eval")
+
+
+def test_a_copy_is_a_new_layer_to_the_communicator() -> None:
+    """Copies used to keep the original's layer number and call count, so
+    ranks that trained the copy where others trained the original mixed the
+    two layers' statistics without an error. Now a copy is numbered at its
+    own first communicating call: that case raises on every rank, and a copy
+    trained on every rank matches the original."""
+    import copy
+
+    x = torch.randn(6, C, 3)
+    for make in (copy.copy, copy.deepcopy):
+        comms = sbn.thread_group(2, timeout=10)
+        layers = [SyncBatchNorm(C, comm=c) for c in comms]
+        for bn in layers:
+            bn._sync.layer, bn._sync.calls = 1, 5  # as after earlier training steps
+        twins = [make(bn) for bn in layers]
+
+        def mixed(comm, layers=layers, twins=twins):
+            chosen = layers if comm.rank == 0 else twins
+            with torch.no_grad():
+                return chosen[comm.rank](x.split(3)[comm.rank])
+
+        results = sbn.run_ranks(mixed, comms, return_exceptions=True)
+        for res in results:
+            assert isinstance(res, sbn.CollectiveMismatchError), (make.__name__, res)
+
+    comms = sbn.thread_group(2, timeout=10)
+    layers = [SyncBatchNorm(C, comm=c) for c in comms]
+    twins = [copy.deepcopy(bn) for bn in layers]
+    ys = sbn.run_ranks(lambda comm: twins[comm.rank](x.split(3)[comm.rank]).detach(), comms)
+    ref = torch.nn.BatchNorm1d(C)
+    _close(torch.cat(ys), ref(x).detach(), TOL[torch.float32], "deepcopy trained on every rank")
