@@ -92,6 +92,22 @@ def test_bad_cuda_aware_setting_is_a_setup_error() -> None:
     assert "ARRAYSYNCBN_CUDA_AWARE='maybe' is not understood" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("ARRAYSYNCBN_THREADS", "abc", "ARRAYSYNCBN_THREADS must be a positive integer, got 'abc'"),
+        ("ARRAYSYNCBN_THREADS", "0", "ARRAYSYNCBN_THREADS must be a positive integer, got '0'"),
+    ],
+)
+def test_bad_fast_route_settings_are_a_one_line_setup_error(
+    variable: str, value: str, message: str
+) -> None:
+    """As a bad ARRAYSYNCBN_TIMEOUT: one line and exit 2, not a traceback and 1."""
+    out = run("--steps", "0", extra_env={variable: value})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and message in out.stderr, out.stderr
+
+
 def test_unloadable_mpi_outside_a_launcher_runs_as_a_world_of_one() -> None:
     pytest.importorskip("mpi4py")
     out = run("--json", "--steps", "0", extra_env={"MPI4PY_LIBMPI": "/nonexistent/libmpi.so"})

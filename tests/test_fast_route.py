@@ -238,6 +238,20 @@ def test_fast_switch_and_missing_numba_fall_back_to_portable(monkeypatch) -> Non
     assert "numba cannot be imported" in _fast.route_info()
 
 
+@pytest.mark.parametrize("threads", ["abc", "0", "-1", "1.5", "\u00b2"])
+def test_check_environment_refuses_a_bad_thread_count(threads, monkeypatch) -> None:
+    """Up front, whatever the input size: the kernels ask only for inputs
+    large enough to thread, so a job saw it mid-run, on some ranks only."""
+    monkeypatch.delenv("ARRAYSYNCBN_FAST", raising=False)
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", threads)
+    with pytest.raises(
+        ValueError, match=f"ARRAYSYNCBN_THREADS must be a positive integer, got '{threads}'"
+    ):
+        _fast.check_environment()
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", " 2 ")
+    _fast.check_environment()
+
+
 @pytest.mark.parametrize("fast, route", [("1", "host"), ("0", "portable")])
 def test_half_precision_runs_the_host_route(fast, route, monkeypatch) -> None:
     monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
