@@ -56,6 +56,7 @@ import numpy as np
 
 from . import __version__
 from . import functional as F
+from ._fast import check_environment
 
 __all__ = ["main"]
 
@@ -587,6 +588,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or args.repeats < 3:
         _parser().error("--threads must be at least 1 and --repeats at least 3")
     _set_threads(args.threads)  # before machine(): its route line names the threads
+    try:
+        check_environment()
+    except ValueError as exc:  # a bad ARRAYSYNCBN_FAST: say so, as the job does
+        print(f"arraysyncbn bench: {exc}", file=sys.stderr)
+        return 2
     world = _mpi_world()
     if world is not None:
         result = {"machine": machine(), "mpi": measure_sync(args, world)}

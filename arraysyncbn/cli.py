@@ -271,8 +271,8 @@ def open_world() -> World:
 
 
 def check_settings() -> None:
-    """Raise SetupError for an ``ARRAYSYNCBN_THREADS`` value the kernels
-    refuse (they would raise mid-run, on some ranks only)."""
+    """Raise SetupError for an ``ARRAYSYNCBN_FAST`` or ``ARRAYSYNCBN_THREADS``
+    value the kernels refuse (they would raise mid-run, on some ranks only)."""
     try:
         check_environment()
     except ValueError as exc:

@@ -97,6 +97,11 @@ def test_bad_cuda_aware_setting_is_a_setup_error() -> None:
     [
         ("ARRAYSYNCBN_THREADS", "abc", "ARRAYSYNCBN_THREADS must be a positive integer, got 'abc'"),
         ("ARRAYSYNCBN_THREADS", "0", "ARRAYSYNCBN_THREADS must be a positive integer, got '0'"),
+        (
+            "ARRAYSYNCBN_FAST",
+            "foo",
+            "ARRAYSYNCBN_FAST must be 0, 1, true, false, yes, no, on or off",
+        ),
     ],
 )
 def test_bad_fast_route_settings_are_a_one_line_setup_error(
@@ -106,6 +111,12 @@ def test_bad_fast_route_settings_are_a_one_line_setup_error(
     out = run("--steps", "0", extra_env={variable: value})
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.splitlines()) == 1 and message in out.stderr, out.stderr
+
+
+def test_bench_refuses_a_bad_fast_switch_in_one_line() -> None:
+    out = run("bench", "--quick", "--repeats", "3", extra_env={"ARRAYSYNCBN_FAST": "foo"})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "ARRAYSYNCBN_FAST must be" in out.stderr
 
 
 def test_unloadable_mpi_outside_a_launcher_runs_as_a_world_of_one() -> None:

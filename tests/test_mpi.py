@@ -274,7 +274,9 @@ def test_cli_help_and_argument_errors_print_once(args, status: int, text: str) -
     assert "Traceback" not in job.stderr, str(job)
 
 
-@pytest.mark.parametrize("variable, value", [("ARRAYSYNCBN_THREADS", "abc")])
+@pytest.mark.parametrize(
+    "variable, value", [("ARRAYSYNCBN_THREADS", "abc"), ("ARRAYSYNCBN_FAST", "foo")]
+)
 def test_cli_bad_fast_route_setting_is_one_line_and_exit_2(variable: str, value: str) -> None:
     """Not a traceback per rank and exit 1: the default shape put some ranks'
     inputs over the threading size, and only those read ARRAYSYNCBN_THREADS."""
