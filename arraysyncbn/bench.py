@@ -125,7 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=15, help="timed repeats per contender (15, at least 3)"
     )
-    p.add_argument("--quick", action="store_true", help="four small cases (a smoke run)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{len(QUICK_CASES)} small cases, a smoke run (under mpiexec: the first one)",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--markdown", action="store_true", help="print Markdown tables")

@@ -233,6 +233,14 @@ def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
     assert "default allocator" in out.stdout
 
 
+def test_bench_help_counts_the_quick_cases() -> None:
+    """It said "four small cases" after a fifth was added."""
+    from arraysyncbn import bench
+
+    text = " ".join(bench._parser().format_help().split())
+    assert f"--quick {len(bench.QUICK_CASES)} small cases" in text, text
+
+
 def test_bench_rejects_bad_arguments() -> None:
     out = run("bench", "--repeats", "1")
     assert out.returncode == 2 and "--repeats" in out.stderr
