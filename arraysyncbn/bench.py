@@ -56,6 +56,7 @@ import numpy as np
 
 from . import __version__
 from . import functional as F
+from ._fast import check_environment
 
 __all__ = ["main"]
 
@@ -124,7 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=15, help="timed repeats per contender (15, at least 3)"
     )
-    p.add_argument("--quick", action="store_true", help="four small cases (a smoke run)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{len(QUICK_CASES)} small cases, a smoke run (under mpiexec: the first one)",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     out.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -587,6 +592,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or args.repeats < 3:
         _parser().error("--threads must be at least 1 and --repeats at least 3")
     _set_threads(args.threads)  # before machine(): its route line names the threads
+    try:
+        check_environment()
+    except ValueError as exc:  # a bad ARRAYSYNCBN_FAST: say so, as the job does
+        print(f"arraysyncbn bench: {exc}", file=sys.stderr)
+        return 2
     world = _mpi_world()
     if world is not None:
         result = {"machine": machine(), "mpi": measure_sync(args, world)}

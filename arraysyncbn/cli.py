@@ -43,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import kernels
+from ._fast import check_environment
 from .comm.base import Communicator, SelfCommunicator
 from .layer import SyncBatchNorm
 from .testing import (
@@ -267,6 +268,15 @@ def open_world() -> World:
     except ValueError as exc:  # a bad ARRAYSYNCBN_CUDA_AWARE
         raise SetupError(str(exc)) from exc
     return World(comm, MPI.COMM_WORLD, library, f"MPI {major}.{minor}")
+
+
+def check_settings() -> None:
+    """Raise SetupError for an ``ARRAYSYNCBN_FAST`` or ``ARRAYSYNCBN_THREADS``
+    value the kernels refuse (they would raise mid-run, on some ranks only)."""
+    try:
+        check_environment()
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
 
 
 def run_aborting(main_fn: Callable[[], int]) -> int:
@@ -707,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work: Workload | None = None
     problem = ""
     try:
+        check_settings()
         backend = open_backend(args.backend, world)
         work = make_workload(args, world.rank, world.size)
     except SetupError as exc:

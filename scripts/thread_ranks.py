@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             if g.size:
                 e = np.abs(g.astype(np.float64) - w)
                 err = max(err, float(np.max(e)))
-                ratio = max(ratio, float(np.max(e / channel_bound(bound, e.ndim, 1))))
+                axis = 1 if e.ndim > 1 else 0  # (N, C, ...) batches; (C,) parameters and stats
+                ratio = max(ratio, float(np.max(e / channel_bound(bound, e.ndim, axis))))
         return err, ratio
 
     rows = [

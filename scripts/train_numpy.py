@@ -48,6 +48,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import training_common as tc
@@ -232,11 +233,9 @@ def eval_loss(net: Net, task: Task, dtype: str) -> float:
 
 # -- main ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    doc = __doc__ or ""
     return tc.build_parser(
-        prog="mpiexec -n 4 python scripts/train_numpy.py",
-        description=doc.split("\n\n")[0],
-        epilog="\n\n".join(doc.split("\n\n")[2:]),
+        script=Path(__file__).name,
+        doc=__doc__ or "",
         default_steps=150,
         faults=("local-bn", "equal-weights"),
     )

@@ -55,6 +55,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -221,11 +222,9 @@ def train(plan: RunPlan, task: Task, args: argparse.Namespace, world: World) -> 
 
 # -- main ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    doc = __doc__ or ""
     return tc.build_parser(
-        prog="mpiexec -n 4 python scripts/train_torch.py",
-        description=doc.split("\n\n")[0],
-        epilog="\n\n".join(doc.split("\n\n")[1:]),
+        script=Path(__file__).name,
+        doc=__doc__ or "",
         default_steps=100,
         faults=("local-bn", "equal-weights"),
     )

@@ -133,13 +133,22 @@ def _seed(text: str) -> int:
 
 
 def build_parser(
-    prog: str, description: str, epilog: str, default_steps: int, faults: Sequence[str]
+    script: str, doc: str, default_steps: int, faults: Sequence[str]
 ) -> argparse.ArgumentParser:
-    """The options both demos take; ``faults`` are the ``--fault`` choices."""
+    """The options both demos take; ``faults`` are the ``--fault`` choices.
+
+    ``script`` is the demo's file name, the program name in usage and
+    errors: true however it was launched (``mpiexec -n K``, ``torchrun``,
+    ``python``), where a full command such as ``mpiexec -n 4 python ...``
+    would misquote every other launch. ``doc`` is its docstring: the first
+    two paragraphs (what it does, how to launch it) are the description,
+    the rest the epilog.
+    """
+    paragraphs = doc.split("\n\n")
     parser = RankZeroParser(
-        prog=prog,
-        description=description,
-        epilog=epilog,
+        prog=script,
+        description="\n\n".join(paragraphs[:2]),
+        epilog="\n\n".join(paragraphs[2:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -166,7 +175,7 @@ def build_parser(
     )  # fmt: skip
     parser.add_argument(
         "--csv", type=Path, default=None, metavar="PATH",
-        help=f"where to write the per-step losses (default: {Path(prog.split()[-1]).stem}.csv "
+        help=f"where to write the per-step losses (default: {Path(script).stem}.csv "
         "in the current directory; - for stdout)",
     )  # fmt: skip
     parser.add_argument(

@@ -92,6 +92,33 @@ def test_bad_cuda_aware_setting_is_a_setup_error() -> None:
     assert "ARRAYSYNCBN_CUDA_AWARE='maybe' is not understood" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("ARRAYSYNCBN_THREADS", "abc", "ARRAYSYNCBN_THREADS must be a positive integer, got 'abc'"),
+        ("ARRAYSYNCBN_THREADS", "0", "ARRAYSYNCBN_THREADS must be a positive integer, got '0'"),
+        (
+            "ARRAYSYNCBN_FAST",
+            "foo",
+            "ARRAYSYNCBN_FAST must be 0, 1, true, false, yes, no, on or off",
+        ),
+    ],
+)
+def test_bad_fast_route_settings_are_a_one_line_setup_error(
+    variable: str, value: str, message: str
+) -> None:
+    """As a bad ARRAYSYNCBN_TIMEOUT: one line and exit 2, not a traceback and 1."""
+    out = run("--steps", "0", extra_env={variable: value})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and message in out.stderr, out.stderr
+
+
+def test_bench_refuses_a_bad_fast_switch_in_one_line() -> None:
+    out = run("bench", "--quick", "--repeats", "3", extra_env={"ARRAYSYNCBN_FAST": "foo"})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "ARRAYSYNCBN_FAST must be" in out.stderr
+
+
 def test_unloadable_mpi_outside_a_launcher_runs_as_a_world_of_one() -> None:
     pytest.importorskip("mpi4py")
     out = run("--json", "--steps", "0", extra_env={"MPI4PY_LIBMPI": "/nonexistent/libmpi.so"})
@@ -204,6 +231,14 @@ def test_bench_plot_writes_a_png(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "default allocator" in out.stdout
+
+
+def test_bench_help_counts_the_quick_cases() -> None:
+    """It said "four small cases" after a fifth was added."""
+    from arraysyncbn import bench
+
+    text = " ".join(bench._parser().format_help().split())
+    assert f"--quick {len(bench.QUICK_CASES)} small cases" in text, text
 
 
 def test_bench_rejects_bad_arguments() -> None:

@@ -238,6 +238,45 @@ def test_fast_switch_and_missing_numba_fall_back_to_portable(monkeypatch) -> Non
     assert "numba cannot be imported" in _fast.route_info()
 
 
+@pytest.mark.parametrize(
+    "fast, route",
+    [("1", "host"), ("", "host"), (" Yes ", "host"), ("on", "host"), ("TRUE", "host"),
+     ("0", "portable"), ("off", "portable"), (" No", "portable"), ("False", "portable")],
+)  # fmt: skip
+def test_fast_switch_takes_the_usual_words_for_on_and_off(fast, route, monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+    x, dy, params = _data((4, 3, 10), 1)
+    assert _step(x, dy, *params)["route"] == route
+
+
+@pytest.mark.parametrize("fast", ["foo", "2", "of", "disable"])
+def test_fast_switch_refuses_other_values(fast, monkeypatch) -> None:
+    """A typo used to run the fast route silently, as if the switch were on."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+    x, dy, params = _data((4, 3, 10), 1)
+    want = (
+        f"ARRAYSYNCBN_FAST must be 0, 1, true, false, yes, no, on or off (any case), got '{fast}'"
+    )
+    for call in (lambda: _step(x, dy, *params), _fast.route_info, _fast.check_environment):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == want
+
+
+@pytest.mark.parametrize("threads", ["abc", "0", "-1", "1.5", "\u00b2"])
+def test_check_environment_refuses_a_bad_thread_count(threads, monkeypatch) -> None:
+    """Up front, whatever the input size: the kernels ask only for inputs
+    large enough to thread, so a job saw it mid-run, on some ranks only."""
+    monkeypatch.delenv("ARRAYSYNCBN_FAST", raising=False)
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", threads)
+    with pytest.raises(
+        ValueError, match=f"ARRAYSYNCBN_THREADS must be a positive integer, got '{threads}'"
+    ):
+        _fast.check_environment()
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", " 2 ")
+    _fast.check_environment()
+
+
 @pytest.mark.parametrize("fast, route", [("1", "host"), ("0", "portable")])
 def test_half_precision_runs_the_host_route(fast, route, monkeypatch) -> None:
     monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)

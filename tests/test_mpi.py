@@ -274,6 +274,19 @@ def test_cli_help_and_argument_errors_print_once(args, status: int, text: str) -
     assert "Traceback" not in job.stderr, str(job)
 
 
+@pytest.mark.parametrize(
+    "variable, value", [("ARRAYSYNCBN_THREADS", "abc"), ("ARRAYSYNCBN_FAST", "foo")]
+)
+def test_cli_bad_fast_route_setting_is_one_line_and_exit_2(variable: str, value: str) -> None:
+    """Not a traceback per rank and exit 1: the default shape put some ranks'
+    inputs over the threading size, and only those read ARRAYSYNCBN_THREADS."""
+    job = mpirun(2, "-m", "arraysyncbn", "--steps", "0", mpi4py=False, timeout=60,
+                 env={variable: value})  # fmt: skip
+    assert job.returncode == 2, str(job)
+    assert job.stderr.count(f"{variable} must be") == 1, str(job)
+    assert "Traceback" not in job.stderr, str(job)
+
+
 def test_cli_fails_when_the_check_fails() -> None:
     """A planted error in the kernels must turn into exit status 1 on the job."""
     plant = (

@@ -1,5 +1,6 @@
-"""The shell scripts and ``scripts/thread_ranks.py``: argument checks, and how
-``run.sh`` and ``test.sh`` install the package.
+"""The shell scripts and ``scripts/thread_ranks.py``: argument checks, a run of
+``thread_ranks.py`` end to end, and how ``run.sh`` and ``test.sh`` install the
+package.
 
 The install tests run the real scripts in a copy of the checkout's metadata
 and scripts, with a fake ``.venv`` whose ``python`` (and ``ruff``,
@@ -143,16 +144,40 @@ def test_run_sh_passes_a_good_rank_count_to_mpiexec(checkout: Path) -> None:
     ],
 )
 def test_thread_ranks_rejects_bad_arguments_clearly(args: list[str], match: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run(
+    out = run_thread_ranks(args)
+    assert out.returncode == 2, out
+    assert match in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ranks", "3", "--channels", "2"],  # uneven shards, rank 2's empty
+        ["--ranks", "1", "--channels", "2", "--dtype", "float16"],
+    ],
+)
+def test_thread_ranks_runs_and_reports_every_quantity_within_its_bound(args: list[str]) -> None:
+    """The script end to end: its table lists every quantity, each ``ok``."""
+    out = run_thread_ranks(args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("quantity"))
+    verdicts = {line.split()[0]: line.split()[-1] for line in lines[header + 1 : -1]}
+    assert verdicts == dict.fromkeys(
+        ["y", "dx", "grad_weight", "grad_bias", "running_mean", "running_var"], "ok"
+    ), out.stdout
+    assert lines[-1] == "all within bounds", out.stdout
+
+
+def run_thread_ranks(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/thread_ranks.py ARGS`` with this checkout's package."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "thread_ranks.py"), *args],
-        env=env,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert out.returncode == 2, out
-    assert match in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 # -- scripts/gpu_check.sh ---------------------------------------------------------------

@@ -169,6 +169,8 @@ def test_numpy_says_once_when_shards_and_ranks_disagree(tmp_path: Path) -> None:
     job = mpiexec("train_numpy.py", "--steps", "2", ranks=2, cwd=tmp_path)
     assert job.returncode == 2, f"{job.stdout}\n{job.stderr}"
     assert_printed_once(job.stderr, "--shards gives 4 shard sizes but the job has 2 ranks")
+    # Not "usage: mpiexec -n 4 python ...", which misquoted this launch.
+    assert_printed_once(job.stderr, "usage: train_numpy.py [-h]")
     assert "Traceback" not in job.stderr, job.stderr
 
 
@@ -198,6 +200,17 @@ def test_help_says_how_to_run_it(script: str) -> None:
     assert job.returncode == 0, job
     for text in (f"mpiexec -n 4 python scripts/{script}", "--fault", "--plot", "--csv"):
         assert text in job.stdout, job.stdout
+
+
+@pytest.mark.parametrize("script", ["train_numpy.py", "train_torch.py"])
+def test_usage_and_errors_name_the_script_not_one_launch_command(script: str) -> None:
+    """They said "mpiexec -n 4 python scripts/...", untrue under mpiexec -n 2
+    or torchrun; the command is shown in the description instead."""
+    job = launch([sys.executable, str(SCRIPTS / script), "--steps", "0"], 60, ROOT)
+    assert job.returncode == 2, job
+    assert job.stderr.startswith(f"usage: {script} [-h]"), job.stderr
+    assert f"\n{script}: error: argument --steps: must be at least 1" in job.stderr, job.stderr
+    assert "mpiexec" not in job.stderr, job.stderr
 
 
 # -- train_torch.py --------------------------------------------------------------

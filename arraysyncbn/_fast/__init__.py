@@ -38,8 +38,11 @@ __all__ = [
     "CUDA_ENV",
     "F16_BITS",
     "FAST_ENV",
+    "THREADS_ENV",
     "HostIO",
+    "check_environment",
     "cuda_kernels",
+    "explicit_threads",
     "host_io",
     "host_kernels",
     "route_info",
@@ -47,7 +50,15 @@ __all__ = [
 ]
 
 FAST_ENV = "ARRAYSYNCBN_FAST"
-"""Set to 0 to force the portable route everywhere."""
+"""Set to 0 (or false, no, off) to force the portable route everywhere; 1
+(true, yes, on), empty or unset for the fast routes. Other values raise
+ValueError."""
+_FAST_OFF = ("0", "false", "no", "off")
+_FAST_ON = ("", "1", "true", "yes", "on")
+
+THREADS_ENV = "ARRAYSYNCBN_THREADS"
+"""Threads per rank for the host route (:func:`.host.thread_count`): a
+positive integer, or empty or unset for the default."""
 
 CUDA_ENV = "ARRAYSYNCBN_CUDA_KERNELS"
 """Set to 1 to run cupy arrays on the experimental CUDA route (:mod:`.cuda`);
@@ -70,10 +81,51 @@ _host_module: Any = None
 
 
 def _disabled() -> bool:
+    """Whether ``ARRAYSYNCBN_FAST`` turns the fast routes off.
+
+    Raises ValueError for a value that is neither on nor off: a typo must
+    not pass for "on" silently.
+    """
     value = os.environ.get(FAST_ENV)
     if value is None or value == "1":  # the common cases, checked first: every call asks
         return False
-    return value.strip().lower() in ("0", "false", "no", "off")
+    word = value.strip().lower()
+    if word in _FAST_OFF:
+        return True
+    if word in _FAST_ON:
+        return False
+    raise ValueError(
+        f"{FAST_ENV} must be 0, 1, true, false, yes, no, on or off (any case), got {value!r}"
+    )
+
+
+def explicit_threads() -> int | None:
+    """``ARRAYSYNCBN_THREADS`` as a positive integer, None when unset or empty.
+
+    Raises ValueError, naming the variable, for anything else.
+    """
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value: int | None = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {text!r}")
+    return value
+
+
+def check_environment() -> None:
+    """Raise ValueError, naming the variable, if ``ARRAYSYNCBN_FAST`` or
+    ``ARRAYSYNCBN_THREADS`` holds a value the fast routes refuse.
+
+    The routes read them on each call, ``ARRAYSYNCBN_THREADS`` only for
+    inputs large enough to run threaded, so a bad value would surface in
+    the middle of a job, on some ranks and not others; a job checks up front.
+    """
+    _disabled()
+    explicit_threads()
 
 
 def _load_host() -> Any:

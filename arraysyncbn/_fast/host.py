@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _F16, BF16_BITS, F16_BITS, HostIO, values
+from . import _F16, BF16_BITS, F16_BITS, HostIO, explicit_threads, values
 from . import host_jit as hk
 
 __all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
@@ -84,19 +84,6 @@ _LOCAL_SIZE_VARS = (
 )
 
 
-def _env_int(name: str) -> int | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {text!r}")
-    return value
-
-
 def _lenient_int(name: str) -> int | None:
     """A launcher's or OpenMP's variable as a positive integer, None when
     absent or unreadable (not ours to refuse). ``OMP_NUM_THREADS`` may list
@@ -120,7 +107,7 @@ def thread_count(library: str = "numpy") -> int:
     # The pool's size, not get_num_threads(): the kernels' set_num_threads
     # changes the latter.
     available = numba.config.NUMBA_NUM_THREADS
-    explicit = _env_int("ARRAYSYNCBN_THREADS")
+    explicit = explicit_threads()
     if explicit is not None:
         return min(explicit, available)
     local = next((v for v in map(_lenient_int, _LOCAL_SIZE_VARS) if v is not None), 1)
