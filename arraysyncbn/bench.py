@@ -89,6 +89,9 @@ FULL_CASES = (
     Case("(8,256,14,14) NCHW bfloat16", (8, 256, 14, 14), 1, "bfloat16"),
     Case("(8,256,14,14) NCHW float16", (8, 256, 14, 14), 1, "float16"),
     Case("(4,8) tiny", (4, 8), 1),
+    # Two images per rank, SyncBN's own use: the layers of a ResNet's last stages.
+    Case("(2,256,14,14) NCHW", (2, 256, 14, 14), 1),
+    Case("(2,2048,7,7) NCHW", (2, 2048, 7, 7), 1),
 )
 QUICK_CASES = (
     Case("(4,64,28,28) NCHW", (4, 64, 28, 28), 1),
