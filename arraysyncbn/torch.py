@@ -49,9 +49,11 @@ import copy
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _fast
 from . import functional as F
 from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, next_layer
@@ -85,6 +87,7 @@ class _Call:
         "running_var",
         "saved",
         "training",
+        "views",
     )
 
     def __init__(
@@ -105,6 +108,9 @@ class _Call:
         self.comm, self.num_batches_tracked, self.check = comm, num_batches_tracked, check
         self.center, self.label = center, label
         self.new_mean = self.new_var = self.saved = None
+        # numpy views of (x, weight, bias, running_mean, running_var) where
+        # the call runs on them (see _host_views), else None.
+        self.views: tuple[Any, ...] | None = None
 
 
 class _SyncState:
@@ -144,13 +150,17 @@ class _SyncState:
 def _forward(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, call: _Call
 ) -> torch.Tensor:
-    """The functional forward of ``call``; its other results go into ``call``."""
+    """The functional forward of ``call``; its other results go into ``call``
+    (numpy arrays where it ran on ``call.views``)."""
+    views = call.views
+    if views is not None:
+        x, weight, bias = views[0], views[1], views[2]
     y, call.new_mean, call.new_var, call.saved = F.sync_batch_norm_forward(
         x,
         weight,
         bias,
-        call.running_mean,
-        call.running_var,
+        views[3] if views is not None else call.running_mean,
+        views[4] if views is not None else call.running_var,
         training=call.training,
         momentum=call.momentum,
         eps=call.eps,
@@ -161,7 +171,58 @@ def _forward(
         center=call.center,
         label=call.label,
     )
-    return y  # type: ignore[no-any-return]
+    return y if views is None else torch.from_numpy(y)  # type: ignore[no-any-return]
+
+
+_HOST_DTYPES = (torch.float32, torch.float64)
+# torch ≥ 2.1; without it the numpy route's buffer writes go through torch ops.
+_increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+
+
+def _host_views(
+    x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
+) -> tuple[Any, ...] | None:
+    """numpy views of ``x`` and ``tensors`` (None kept) where all are plain CPU
+    float32/float64 tensors and the host route is on, else None.
+
+    The layer then calls the functional API on numpy arrays: the same
+    kernels and results as on the tensors (whose host route converts them to
+    these very views), without converting each argument and result between
+    torch and numpy inside every call; that cost tens of microseconds a step
+    once the kernels have streamed the input through the caches. Half
+    precision keeps the tensor route, which rounds as torch does.
+    """
+    if (
+        x.dtype not in _HOST_DTYPES
+        or x.device.type != "cpu"
+        or x.layout != torch.strided
+        or x.is_neg()
+        or _fast.host_io(x) is None
+    ):
+        return None
+    out = []
+    try:  # numpy refuses tensor subclasses (torch.export's fake tensors)
+        out.append(x.detach().numpy())
+        for t in tensors:
+            if t is None:
+                out.append(None)
+            elif t.dtype in _HOST_DTYPES and t.device.type == "cpu" and not t.is_neg():
+                out.append(t.detach().numpy())
+            else:
+                return None
+    except (RuntimeError, TypeError):
+        return None
+    return tuple(out)
+
+
+def _tensor(a: Any) -> torch.Tensor | None:
+    """``a`` as a tensor: a numpy result of the layer's numpy route wrapped (no copy)."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+def _array(t: torch.Tensor | None) -> Any:
+    """A CPU tensor as the numpy route takes it (a view); numpy arrays and None as they are."""
+    return t.detach().numpy() if isinstance(t, torch.Tensor) else t
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -180,6 +241,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # autograd's version counter catch an in-place change before backward.
         ctx.save_for_backward(x)
         ctx.saved = call.saved
+        ctx.numpy = call.views is not None
         return y
 
     @staticmethod
@@ -190,11 +252,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if dy is None:  # only with set_materialize_grads(False); kept for safety
             dy = torch.zeros_like(x)
         create_graph = torch.is_grad_enabled()
+        dy = dy.detach()
+        if ctx.numpy:  # the forward ran on numpy views: so does the backward
+            dy = dy.resolve_neg().numpy() if dy.dtype in _HOST_DTYPES else dy.double().numpy()
         with torch.no_grad():
             # Every rank runs the whole backward, dx included, even where x
             # needs no gradient: the backward's allreduce must happen on every
             # rank alike, and needs_input_grad need not agree across ranks.
-            dx, dweight, dbias = F.sync_batch_norm_backward(dy.detach(), ctx.saved)
+            dx, dweight, dbias = F.sync_batch_norm_backward(dy, ctx.saved)
+        if ctx.numpy:
+            dx, dweight, dbias = _tensor(dx), _tensor(dweight), _tensor(dbias)
         grads = [
             g if need else None
             for g, need in zip((dx, dweight, dbias), ctx.needs_input_grad[:3], strict=True)
@@ -400,7 +467,7 @@ class SyncBatchNorm(_BatchNorm):
 
     @property
     def _center(self) -> torch.Tensor | None:
-        return self._sync.center
+        return _tensor(self._sync.center)
 
     @property
     def _checked(self) -> bool:
@@ -522,6 +589,8 @@ class SyncBatchNorm(_BatchNorm):
             label,
         )
         weight, bias = self.weight, self.bias
+        call.views = _host_views(x, (weight, bias, call.running_mean, call.running_var))
+        call.center = _array(center) if call.views is not None else _tensor(center)
         if torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)
@@ -537,18 +606,36 @@ class SyncBatchNorm(_BatchNorm):
             state.checked = True
         if training and saved.count:  # type: ignore[union-attr]
             if tracking:
-                with torch.no_grad():
-                    for buf, new in (
-                        (self.running_mean, call.new_mean),
-                        (self.running_var, call.new_var),
-                    ):
-                        if new is not buf:
-                            buf.copy_(new)  # type: ignore[union-attr]
-                    self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+                self._store_statistics(call)
             # Not saved.mean: a channel whose batch was not finite keeps its
             # last finite center, or one NaN batch would poison every merge.
             state.center, state.device = saved.center, x.device  # type: ignore[union-attr]
         return y
+
+    def _store_statistics(self, call: _Call) -> None:
+        """Write the step's running statistics into the buffers and count it."""
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        views = call.views
+        if views is not None and _increment_version is not None:
+            # numpy writes, then the version bump torch's in-place ops make
+            # (autograd then still catches a saved buffer changed in place).
+            for view, new in ((views[3], call.new_mean), (views[4], call.new_var)):
+                if new is not view:
+                    np.copyto(view, new)
+            count = buffers[2]
+            if count.device.type == "cpu":  # type: ignore[union-attr]
+                view = count.numpy()  # type: ignore[union-attr]
+                view += 1
+            else:
+                with torch.no_grad():
+                    count.add_(1)  # type: ignore[union-attr]
+            _increment_version(buffers)
+            return
+        with torch.no_grad():
+            for buf, new in zip(buffers[:2], (call.new_mean, call.new_var), strict=True):
+                if new is not buf:
+                    buf.copy_(_tensor(new))  # type: ignore[union-attr]
+            buffers[2].add_(1)  # type: ignore[union-attr]
 
     def _check_thread_ranks(self, x: torch.Tensor) -> None:
         """Refuse a training step that autograd would deadlock: torch's engine runs

@@ -874,3 +874,77 @@ def test_a_copy_is_a_new_layer_to_the_communicator() -> None:
     ys = sbn.run_ranks(lambda comm: twins[comm.rank](x.split(3)[comm.rank]).detach(), comms)
     ref = torch.nn.BatchNorm1d(C)
     _close(torch.cat(ys), ref(x).detach(), TOL[torch.float32], "deepcopy trained on every rank")
+
+
+# -- the layer's numpy route (float32/float64 CPU tensors) ------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_numpy_route_is_the_tensor_route_bit_for_bit(dtype, channels_last, monkeypatch) -> None:
+    """float32/float64 CPU layers call the functional API on numpy views of
+    their tensors (no conversions per argument and result inside the call):
+    y, the gradients, the running statistics and the merge center are the
+    tensor route's bits, over training steps, a far-from-zero batch and eval."""
+    import arraysyncbn.torch as abt
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, C, 3, 3, generator=gen, dtype=dtype) * 2 + 1e3 * k for k in (0, 1, 0)]
+    dys = [torch.randn(4, C, 3, 3, generator=gen, dtype=dtype) for _ in xs]
+    results = {}
+    for route in ("numpy", "tensor"):
+        if route == "tensor":
+            monkeypatch.setattr(abt, "_host_views", lambda x, tensors: None)
+        bn = SyncBatchNorm(C, momentum=None, dtype=dtype)
+        out = []
+        for x, dy in zip(xs, dys, strict=True):
+            x = x.contiguous(memory_format=fmt).requires_grad_()
+            y = bn(x)
+            y.backward(dy)
+            out += [y.detach(), x.grad, bn.weight.grad.clone(), bn.bias.grad.clone()]
+            out += [bn.running_mean.clone(), bn.running_var.clone(), bn._center]
+            bn.weight.grad = bn.bias.grad = None
+        out.append(bn.num_batches_tracked.clone())
+        with torch.no_grad():
+            out.append(bn.eval()(xs[0]))
+        results[route] = out
+    for i, (a, b) in enumerate(zip(results["numpy"], results["tensor"], strict=True)):
+        assert torch.equal(a, b), i
+    assert results["numpy"][-2].item() == 3
+
+
+def test_numpy_route_runs_where_it_applies(monkeypatch) -> None:
+    """float32/float64 CPU input runs the functional API on numpy arrays;
+    bfloat16 and float16 keep torch tensors (rounded as torch rounds), and a
+    layer switching between them keeps working."""
+    import arraysyncbn.torch as abt
+
+    seen = []
+    real = abt.F.sync_batch_norm_forward
+
+    def spy(x, *args, **kwargs):
+        seen.append(type(x).__module__.partition(".")[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(abt.F, "sync_batch_norm_forward", spy)
+    bn = SyncBatchNorm(C)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float32):
+        bn(torch.randn(4, C, 2).to(dtype)).float().sum().backward()
+    assert seen == ["numpy", "torch", "torch", "numpy"]
+    assert bn.num_batches_tracked.item() == 4
+
+
+def test_numpy_route_bumps_the_buffers_versions() -> None:
+    """The numpy route writes the running statistics through numpy, then bumps
+    their version as torch's in-place ops do (as the tensor route's copy_
+    did): a graph that saved a buffer refuses a backward after a training
+    step changed it, instead of a silently wrong gradient. (torch 2.13's own
+    BatchNorm1d does not bump it: its backward here runs, with the new values.)"""
+    bn = SyncBatchNorm(C)
+    w = torch.ones(C, requires_grad=True)
+    loss = (w * bn.running_mean).sum()  # saves running_mean for w's gradient
+    version = bn.running_mean._version
+    bn(torch.randn(4, C, 2))
+    assert bn.running_mean._version > version
+    assert bn.running_var._version > 0 and bn.num_batches_tracked._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
