@@ -608,3 +608,24 @@ def test_eval_factors_are_the_portable_routes_bit_for_bit(
     assert got["1"]["route"] == "host" and got["0"]["route"] == "portable"
     for key in ("y", "dx"):
         np.testing.assert_array_equal(got["1"][key], got["0"][key], err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("training", [False, True])
+def test_infinite_means_give_the_portable_routes_bits(dtype, training, monkeypatch) -> None:
+    """An infinite mean (running or batch) split into hi + lo: the host
+    kernels computed lo = inf − inf = NaN for float64 work, where the
+    portable route has no lo (hi holds a float64 mean exactly): y was NaN on
+    one route and −inf on the other."""
+    x = np.ones((2, 1, 2), dtype)
+    if training:
+        x[0, 0, 0] = np.inf
+    got = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got[fast] = sbn.sync_batch_norm_forward(
+                x, None, None, np.array([np.inf]), np.array([1.0]), training=training
+            )[0]
+    np.testing.assert_array_equal(got["1"], got["0"])

@@ -560,8 +560,8 @@ def finalize_forward(
     # statistics' dtype) with round-to-nearest, like the portable astype.
     for c in range(c_count):
         hi[c] = mean[c]
+    split_low(mean, hi, lo)
     for c in range(c_count):
-        lo[c] = mean[c] - np.float64(hi[c])
         scale[c] = inv[c] * np.float64(weight[c])
         shift[c] = bias[c]
     if momentum >= 0.0:
@@ -598,10 +598,22 @@ def eval_factors(rm, rv, eps, weight, bias, stats, hi, lo, scale, shift):  # pra
         inv[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
     for c in range(hi.shape[0]):
         hi[c] = mean[c]
+    split_low(mean, hi, lo)
     for c in range(hi.shape[0]):
-        lo[c] = mean[c] - np.float64(hi[c])
         scale[c] = inv[c] * np.float64(weight[c])
         shift[c] = bias[c]
+
+
+@numba.njit(**_OPTS)
+def split_low(mean, hi, lo):  # pragma: no cover - compiled
+    """``lo = mean − hi`` in the work dtype; zero where that is float64 (hi
+    holds the mean exactly: the portable route has no ``lo`` then, and an
+    infinite mean must not make ``inf − inf = NaN`` of it)."""
+    if hi.itemsize == 8:  # float64 (the work dtypes are float32 and float64)
+        lo[:] = 0.0
+    else:
+        for c in range(hi.shape[0]):
+            lo[c] = mean[c] - np.float64(hi[c])
 
 
 @numba.njit(**_OPTS)
