@@ -53,9 +53,24 @@ class _MethodRank:
         return buf
 
 
-def test_rank_and_size_must_be_ints() -> None:
-    with pytest.raises(TypeError, match=r"rank and size \(ints\)"):
+class _Ranked:
+    def __init__(self, rank, size) -> None:
+        self.rank, self.size = rank, size
+
+    def allreduce(self, buf, op="sum"):
+        return buf
+
+
+def test_rank_and_size_must_be_integers() -> None:
+    """Methods (torch.distributed's spelling) and strings are refused, numpy
+    integers accepted; every instance is checked, not only a class's first."""
+    with pytest.raises(TypeError, match=r"rank and size \(integers\)"):
         sbn.SyncBatchNorm(3, comm=_MethodRank())
+    x = np.ones((2, 3), np.float32)
+    y = sbn.sync_batch_norm_forward(x, None, None, None, None, comm=_Ranked(np.int64(0), 1))[0]
+    np.testing.assert_array_equal(y, np.zeros_like(x))
+    with pytest.raises(TypeError, match=r"rank and size \(integers\)"):
+        sbn.SyncBatchNorm(3, comm=_Ranked("0", 1))
 
 
 def test_a_raw_mpi4py_communicator_is_refused_when_the_layer_is_built() -> None:

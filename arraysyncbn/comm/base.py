@@ -18,6 +18,7 @@ rank; MPICH's ``Allreduce`` gives identical results on every rank in practice.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import array_api_compat
@@ -84,6 +85,8 @@ def as_communicator(comm: Any) -> Communicator:
     if comm is None:
         return _WORLD_OF_ONE
     if type(comm) in _CHECKED:
+        if not _integral_rank_and_size(comm):  # per instance: cheap, unlike the protocol's
+            raise TypeError(_NOT_A_COMMUNICATOR.format(type(comm).__name__))
         return comm  # type: ignore[no-any-return]
     library = type(comm).__module__.partition(".")[0]
     if library in _WRAPPERS:
@@ -96,16 +99,29 @@ def as_communicator(comm: Any) -> Communicator:
             f"not an arraysyncbn communicator: wrap it once, {_WRAPPERS[library]}, and "
             "pass that to every layer"
         )
-    if not isinstance(comm, Communicator) or not (
-        isinstance(comm.rank, int) and isinstance(comm.size, int)
-    ):
-        raise TypeError(
-            "comm must provide rank and size (ints) and allreduce(buf, op) "
-            f"(the arraysyncbn.Communicator protocol), got {type(comm).__name__}; "
-            "wrap an mpi4py communicator with arraysyncbn.MPICommunicator"
-        )
+    if not isinstance(comm, Communicator) or not _integral_rank_and_size(comm):
+        raise TypeError(_NOT_A_COMMUNICATOR.format(type(comm).__name__))
     _CHECKED.add(type(comm))
     return comm
+
+
+_NOT_A_COMMUNICATOR = (
+    "comm must provide rank and size (integers) and allreduce(buf, op) (the "
+    "arraysyncbn.Communicator protocol), got {}; wrap an mpi4py communicator with "
+    "arraysyncbn.MPICommunicator"
+)
+
+
+def _integral_rank_and_size(comm: Any) -> bool:
+    """Whether ``comm.rank`` and ``comm.size`` are integers (numpy's too), not
+    methods (torch.distributed's spelling) or strings."""
+    rank, size = comm.rank, comm.size
+    return (
+        isinstance(rank, numbers.Integral)
+        and isinstance(size, numbers.Integral)
+        and not isinstance(rank, bool)
+        and not isinstance(size, bool)
+    )
 
 
 _WRAPPERS = {
