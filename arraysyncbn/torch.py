@@ -46,7 +46,9 @@ This module imports torch; ``import arraysyncbn`` does not import it.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -153,9 +155,25 @@ def _forward(
     """The functional forward of ``call``; its other results go into ``call``
     (numpy arrays where it ran on ``call.views``)."""
     views = call.views
-    if views is not None:
-        x, weight, bias = views[0], views[1], views[2]
-    y, call.new_mean, call.new_var, call.saved = F.sync_batch_norm_forward(
+    if views is None:
+        y, call.new_mean, call.new_var, call.saved = _functional_forward(x, weight, bias, call)
+        return y
+    token = _fast.THREADS_AS.set("torch")  # at most torch's threads, as on the tensors
+    try:
+        y, call.new_mean, call.new_var, call.saved = _functional_forward(
+            views[0], views[1], views[2], call
+        )
+    finally:
+        _fast.THREADS_AS.reset(token)
+    return torch.from_numpy(y)
+
+
+def _functional_forward(x: Any, weight: Any, bias: Any, call: _Call) -> tuple[Any, ...]:
+    """``sync_batch_norm_forward`` of ``call`` on x and the parameters given
+    (tensors, or their numpy views with the running statistics'
+    views from ``call.views``)."""
+    views = call.views
+    return F.sync_batch_norm_forward(  # type: ignore[no-any-return]
         x,
         weight,
         bias,
@@ -171,7 +189,14 @@ def _forward(
         center=call.center,
         label=call.label,
     )
-    return y if views is None else torch.from_numpy(y)  # type: ignore[no-any-return]
+
+
+def _forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (dual tensors need not require
+    grad): the autograd Function then runs, and says it has no jvp, rather
+    than the tangent being dropped."""
+    level = getattr(getattr(torch.autograd, "forward_ad", None), "_current_level", -1)
+    return bool(level >= 0)
 
 
 _HOST_DTYPES = (torch.float32, torch.float64)
@@ -180,7 +205,7 @@ _increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_
 
 
 def _host_views(
-    x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
+    x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], comm: Communicator | None
 ) -> tuple[Any, ...] | None:
     """numpy views of ``x`` and ``tensors`` (None kept) where all are plain CPU
     float32/float64 tensors and the host route is on, else None.
@@ -190,8 +215,13 @@ def _host_views(
     these very views), without converting each argument and result between
     torch and numpy inside every call; that cost tens of microseconds a step
     once the kernels have streamed the input through the caches. Half
-    precision keeps the tensor route, which rounds as torch does.
+    precision keeps the tensor route, which rounds as torch does, and so
+    does a communicator of another kind than this package's (``comm``;
+    None: no communication), which is promised buffers of the caller's
+    library. The kernels use at most torch's thread count, as on tensors.
     """
+    if comm is not None and type(comm) not in _numpy_comms():
+        return None
     if (
         x.dtype not in _HOST_DTYPES
         or x.device.type != "cpu"
@@ -213,6 +243,17 @@ def _host_views(
     except (RuntimeError, TypeError):
         return None
     return tuple(out)
+
+
+@functools.cache
+def _numpy_comms() -> frozenset[type]:
+    """This package's communicators: they take numpy buffers from any rank's route."""
+    from .comm.mpi import MPICommunicator
+    from .comm.torch_dist import TorchDistributedCommunicator
+
+    return frozenset(
+        {SelfCommunicator, ThreadCommunicator, MPICommunicator, TorchDistributedCommunicator}
+    )
 
 
 def _tensor(a: Any) -> torch.Tensor | None:
@@ -255,11 +296,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dy = dy.detach()
         if ctx.numpy:  # the forward ran on numpy views: so does the backward
             dy = dy.resolve_neg().numpy() if dy.dtype in _HOST_DTYPES else dy.double().numpy()
-        with torch.no_grad():
-            # Every rank runs the whole backward, dx included, even where x
-            # needs no gradient: the backward's allreduce must happen on every
-            # rank alike, and needs_input_grad need not agree across ranks.
-            dx, dweight, dbias = F.sync_batch_norm_backward(dy, ctx.saved)
+        token = _fast.THREADS_AS.set("torch" if ctx.numpy else None)
+        try:
+            with torch.no_grad():
+                # Every rank runs the whole backward, dx included, even where x
+                # needs no gradient: the backward's allreduce must happen on every
+                # rank alike, and needs_input_grad need not agree across ranks.
+                dx, dweight, dbias = F.sync_batch_norm_backward(dy, ctx.saved)
+        finally:
+            _fast.THREADS_AS.reset(token)
         if ctx.numpy:
             dx, dweight, dbias = _tensor(dx), _tensor(dweight), _tensor(dbias)
         grads = [
@@ -567,7 +612,7 @@ class SyncBatchNorm(_BatchNorm):
             center = state.center if state.device == x.device else None
             check = not state.checked or self._check_every_call
             if state.layer is None:
-                if self._comm.size == 1:
+                if isinstance(self._comm, SelfCommunicator):
                     _warn_if_distributed()
                 state.layer = next_layer(self._comm)
             state.calls += 1
@@ -589,12 +634,15 @@ class SyncBatchNorm(_BatchNorm):
             label,
         )
         weight, bias = self.weight, self.bias
-        call.views = _host_views(x, (weight, bias, call.running_mean, call.running_var))
+        call.views = _host_views(x, (weight, bias, call.running_mean, call.running_var), call.comm)
         call.center = _array(center) if call.views is not None else _tensor(center)
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
+        if _forward_ad_active() or (
+            torch.is_grad_enabled()
+            and (
+                x.requires_grad
+                or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+            )
         ):
             y = _SyncBatchNormFunction.apply(x, weight, bias, call)
         else:
@@ -629,7 +677,8 @@ class SyncBatchNorm(_BatchNorm):
             else:
                 with torch.no_grad():
                     count.add_(1)  # type: ignore[union-attr]
-            _increment_version(buffers)
+            for buf in buffers:  # one tensor a call: older torch takes no tuple
+                _increment_version(buf)
             return
         with torch.no_grad():
             for buf, new in zip(buffers[:2], (call.new_mean, call.new_var), strict=True):
@@ -679,7 +728,8 @@ _NO_EXPORT_TRAINING = (
     "arraysyncbn.torch.SyncBatchNorm cannot be exported in training mode (torch.export): "
     "its training step runs compiled kernels and collectives outside torch's operators. "
     "Export the model in eval mode (model.eval(): plain batch norm with the running "
-    "statistics), or revert_sync_batchnorm(model) first"
+    "statistics; torch.export's default non-strict tracing, strict=True cannot trace "
+    "the layer), or revert_sync_batchnorm(model) first"
 )
 
 
@@ -699,7 +749,7 @@ def _warn_if_distributed() -> None:
             "pass process_group=torch.distributed.group.WORLD, or "
             "comm=arraysyncbn.TorchDistributedCommunicator(), to synchronize",
             UserWarning,
-            stacklevel=4,
+            stacklevel=6,  # the model's call (through _step, forward and torch's call)
         )
 
 
@@ -717,10 +767,19 @@ def _communicator(comm: Any, process_group: Any) -> Communicator | None:
         and dist.is_available()
         and isinstance(comm, dist.ProcessGroup)
     ):
-        from .comm.torch_dist import TorchDistributedCommunicator
+        # One wrapper per group, whichever spelling and layer asks: layers are
+        # numbered per communicator object in the calls' signatures.
+        wrapper = _GROUP_WRAPPERS.get(comm)
+        if wrapper is None:
+            from .comm.torch_dist import TorchDistributedCommunicator
 
-        return TorchDistributedCommunicator(comm)
+            wrapper = _GROUP_WRAPPERS[comm] = TorchDistributedCommunicator(comm)
+        return wrapper  # type: ignore[no-any-return]
     return comm  # type: ignore[no-any-return]
+
+
+_GROUP_WRAPPERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+"""The TorchDistributedCommunicator of each torch.distributed group given as a group."""
 
 
 _NO_JIT = (
@@ -817,8 +876,8 @@ def convert_sync_batchnorm(
         A lazy batch-norm layer (``torch.nn.LazyBatchNorm2d``, ...) that has
         not seen an input yet: its number of features is unknown.
     """
-    # Wrapped once: every layer on one communicator object, so that layers are
-    # numbered in the calls' signatures.
+    # One communicator object for every layer, so that layers are numbered in
+    # the calls' signatures.
     comm = _communicator(comm, process_group)
     out = module
     if isinstance(module, _BatchNorm):

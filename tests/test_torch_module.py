@@ -825,6 +825,11 @@ def test_a_world_of_one_in_a_distributed_job_warns(monkeypatch) -> None:
         bn(x)  # the layer's first call warned already
         SyncBatchNorm(C).eval()(x)
         sbn.run_ranks(lambda comm: SyncBatchNorm(C, comm=comm)(x), sbn.thread_group(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # A group of one chosen on purpose (a thread group here, a
+        # new_group([rank]) under torchrun) is not the mistake warned about.
+        SyncBatchNorm(C, comm=sbn.thread_group(1)[0])(x)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -893,7 +898,7 @@ def test_numpy_route_is_the_tensor_route_bit_for_bit(dtype, channels_last, monke
     results = {}
     for route in ("numpy", "tensor"):
         if route == "tensor":
-            monkeypatch.setattr(abt, "_host_views", lambda x, tensors: None)
+            monkeypatch.setattr(abt, "_host_views", lambda x, tensors, comm: None)
         bn = SyncBatchNorm(C, momentum=None, dtype=dtype)
         out = []
         for x, dy in zip(xs, dys, strict=True):
@@ -948,3 +953,74 @@ def test_numpy_route_bumps_the_buffers_versions() -> None:
     assert bn.running_var._version > 0 and bn.num_batches_tracked._version > 0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_group_is_wrapped_once_whichever_spelling(gloo_world_of_one) -> None:
+    """Every spelling of one torch.distributed group gives the same
+    communicator object, so layers built separately are numbered apart in
+    the calls' signatures (a fresh wrapper per layer made each "layer 1")."""
+    pg = torch.distributed.group.WORLD
+    a, b = SyncBatchNorm(C, process_group=pg), SyncBatchNorm(C, comm=pg)
+    c = SyncBatchNorm(C)
+    c.comm = pg
+    model = convert_sync_batchnorm(_net(), pg)
+    assert a.comm is b.comm is c.comm is model[1].comm
+
+
+def test_a_custom_communicator_gets_tensors_from_a_float32_layer() -> None:
+    """The layer's numpy route is for this package's communicators; a user's
+    own is promised buffers of the caller's library (torch tensors here)."""
+    seen = []
+
+    class Custom:
+        rank, size = 0, 1
+
+        def allreduce(self, buf, op="sum"):
+            seen.append(type(buf))
+            return buf.clone()
+
+    bn = SyncBatchNorm(C, comm=Custom())
+    bn(torch.randn(4, C, 3, requires_grad=True)).sum().backward()
+    assert seen and all(t is torch.Tensor for t in seen), seen
+
+
+def test_numpy_route_keeps_torch_thread_count(monkeypatch) -> None:
+    """float32 layers run on numpy views, but their kernels take at most
+    torch's thread count, as on tensors (torch.set_num_threads, torchrun)."""
+    import numba
+
+    from arraysyncbn._fast import host
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba's pool has one thread")
+    monkeypatch.delenv("ARRAYSYNCBN_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    parts = []
+    real_bind = host.HostKernels.bind
+
+    def bind(self, *args):
+        bound = real_bind(self, *args)
+        parts.append(self.parts)
+        return bound
+
+    monkeypatch.setattr(host.HostKernels, "bind", bind)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(64, C, 32, 32)  # above the size that goes parallel
+        assert x.numel() * 4 >= host.PARALLEL_MIN_BYTES
+        SyncBatchNorm(C)(x.requires_grad_()).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    assert parts and set(parts) == {1}, parts
+
+
+def test_forward_mode_ad_is_refused_not_dropped() -> None:
+    """Dual tensors need not require grad: the layer used to skip its autograd
+    Function then and return no tangent; it now says it has no jvp."""
+    import torch.autograd.forward_ad as fwad
+
+    bn = SyncBatchNorm(C).eval().requires_grad_(False)
+    x = torch.randn(4, C, 3)
+    with fwad.dual_level(), pytest.raises(NotImplementedError):
+        bn(fwad.make_dual(x, torch.ones_like(x)))

@@ -26,6 +26,7 @@ out as the portable route's.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 from dataclasses import dataclass
@@ -222,6 +223,14 @@ class HostIO:
             except (RuntimeError, TypeError):
                 return None
         return tuple(out)
+
+
+THREADS_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "arraysyncbn_threads_as", default=None
+)
+"""Set to ``"torch"`` around calls made on numpy views of torch tensors (the
+torch module's route): their kernels then use at most torch's thread count,
+as the tensors themselves would (:func:`.host.thread_count`)."""
 
 
 _NUMPY_IO = HostIO("numpy")

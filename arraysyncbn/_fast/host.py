@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _F16, BF16_BITS, F16_BITS, HostIO, explicit_threads, values
+from . import _F16, BF16_BITS, F16_BITS, THREADS_AS, HostIO, explicit_threads, values
 from . import host_jit as hk
 
 __all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
@@ -225,7 +225,10 @@ class HostKernels:
         if out is not None and self._view(out, x) is None:
             return None
         # Small inputs never ask for the thread count (nor wake the pool).
-        self.parts = 1 if x.nbytes < PARALLEL_MIN_BYTES else thread_count(self.io.library)
+        if x.nbytes < PARALLEL_MIN_BYTES:
+            self.parts = 1
+        else:
+            self.parts = thread_count(THREADS_AS.get() or self.io.library)
         return self
 
     def _view(self, a: np.ndarray, x: np.ndarray) -> np.ndarray | None:
