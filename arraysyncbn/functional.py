@@ -684,8 +684,9 @@ def _guarded_running_update(
     old_m, old_v = _to(running_mean, xp, sdev, sdt), _to(running_var, xp, sdev, sdt)
     new_m = (1.0 - momentum) * old_m + momentum * mean
     new_v = (1.0 - momentum) * old_v + momentum * unbiased_var
-    ok = ok & xp.isfinite(xp.astype(new_m, running_mean.dtype))
-    ok = ok & xp.isfinite(xp.astype(new_v, running_var.dtype))
+    with np.errstate(over="ignore"):  # the overflow is judged here, and warned of once
+        ok = ok & xp.isfinite(xp.astype(new_m, running_mean.dtype))
+        ok = ok & xp.isfinite(xp.astype(new_v, running_var.dtype))
     new_m, new_v = xp.where(ok, new_m, old_m), xp.where(ok, new_v, old_v)
     return (
         _to(new_m, xp, array_api_compat.device(running_mean), running_mean.dtype),

@@ -198,7 +198,8 @@ class HostIO:
         arrays), rounded as the caller's library rounds: torch casts float64 to
         float16 and bfloat16 through float32 (two roundings), numpy directly."""
         if self.library == "numpy" or not (dtype is BF16_BITS or dtype is _F16):
-            return v.astype(dtype, copy=False)
+            with np.errstate(over="ignore"):  # judged by the caller, warned of once
+                return v.astype(dtype, copy=False)
         torch = _torch()
         target = torch.bfloat16 if dtype is BF16_BITS else torch.float16
         return self.to_numpy(torch.from_numpy(np.ascontiguousarray(v)).to(target))
