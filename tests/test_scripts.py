@@ -1,6 +1,6 @@
-"""The shell scripts and ``scripts/thread_ranks.py``: argument checks, a run of
-``thread_ranks.py`` end to end, and how ``run.sh`` and ``test.sh`` install the
-package.
+"""The shell scripts, ``scripts/thread_ranks.py`` and ``scripts/model_step.py``:
+argument checks, short runs of both end to end, and how ``run.sh`` and
+``test.sh`` install the package.
 
 The install tests run the real scripts in a copy of the checkout's metadata
 and scripts, with a fake ``.venv`` whose ``python`` (and ``ruff``,
@@ -263,3 +263,25 @@ def test_gpu_check_runs_both_cupy_routes_within_the_files_the_device_returns(che
     ]
     files = sorted(p.name for p in out_dir.iterdir())
     assert files == ["bench.txt", "env.txt", "mpi.txt", "pytest_gpu.txt", "summary.txt"], files
+
+
+# -- scripts/model_step.py ---------------------------------------------------------------
+def test_model_step_times_both_models_and_reports_the_ratio() -> None:
+    """A small run: both models train a step each repeat and the line names
+    the layer count, both medians and their ratio; bad arguments exit 2."""
+    pytest.importorskip("torch")
+    script = str(ROOT / "scripts" / "model_step.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, script, "--size", "32", "--repeats", "3"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith("9 batch-norm layers, batch 2, 32x32, 1 thread(s), median of 3"), line
+    ratio = float(line.rsplit("ratio ", 1)[1])
+    assert ratio > 0, line
+    bad = subprocess.run(
+        [sys.executable, script, "--repeats", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "positive integer" in bad.stderr, bad.stderr
