@@ -138,57 +138,45 @@ class _SyncState:
         self.layer: int | None = None
         self.calls = 0
 
-    def for_copy(self, center: torch.Tensor | None) -> _SyncState:
+    def for_copy(self) -> _SyncState:
         """The state a copy of the layer starts from: a new layer to the
         communicator (numbered at its own first communicating call, checked
         then), so that ranks calling the copy where others call the original
         fail alike instead of mixing the two; the merge center (the same
         bits on every rank) is kept."""
         new = _SyncState()
-        new.center, new.device = center, self.device
+        new.center, new.device = self.center, self.device
         return new
 
 
 def _forward(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, call: _Call
 ) -> torch.Tensor:
-    """The functional forward of ``call``; its other results go into ``call``
-    (numpy arrays where it ran on ``call.views``)."""
+    """The functional forward of ``call`` on the tensors, or on their numpy
+    views (``call.views``: the kernels then take at most torch's threads, as
+    on the tensors); its other results go into ``call``."""
     views = call.views
     if views is None:
-        y, call.new_mean, call.new_var, call.saved = _functional_forward(x, weight, bias, call)
-        return y
-    token = _fast.THREADS_AS.set("torch")  # at most torch's threads, as on the tensors
+        args = (x, weight, bias, call.running_mean, call.running_var)
+    else:
+        args = views
+    token = _fast.THREADS_AS.set(None if views is None else "torch")
     try:
-        y, call.new_mean, call.new_var, call.saved = _functional_forward(
-            views[0], views[1], views[2], call
+        y, call.new_mean, call.new_var, call.saved = F.sync_batch_norm_forward(
+            *args,
+            training=call.training,
+            momentum=call.momentum,
+            eps=call.eps,
+            axis=1,
+            comm=call.comm,
+            num_batches_tracked=call.num_batches_tracked,
+            check=call.check,
+            center=call.center,
+            label=call.label,
         )
     finally:
         _fast.THREADS_AS.reset(token)
-    return torch.from_numpy(y)
-
-
-def _functional_forward(x: Any, weight: Any, bias: Any, call: _Call) -> tuple[Any, ...]:
-    """``sync_batch_norm_forward`` of ``call`` on x and the parameters given
-    (tensors, or their numpy views with the running statistics'
-    views from ``call.views``)."""
-    views = call.views
-    return F.sync_batch_norm_forward(  # type: ignore[no-any-return]
-        x,
-        weight,
-        bias,
-        views[3] if views is not None else call.running_mean,
-        views[4] if views is not None else call.running_var,
-        training=call.training,
-        momentum=call.momentum,
-        eps=call.eps,
-        axis=1,
-        comm=call.comm,
-        num_batches_tracked=call.num_batches_tracked,
-        check=call.check,
-        center=call.center,
-        label=call.label,
-    )
+    return y if views is None else torch.from_numpy(y)  # type: ignore[no-any-return]
 
 
 def _forward_ad_active() -> bool:
@@ -295,7 +283,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         dy = dy.detach()
         if ctx.numpy:  # the forward ran on numpy views: so does the backward
-            dy = dy.resolve_neg().numpy() if dy.dtype in _HOST_DTYPES else dy.double().numpy()
+            dy = dy.resolve_neg().numpy()  # y's dtype: float32 or float64
         token = _fast.THREADS_AS.set("torch" if ctx.numpy else None)
         try:
             with torch.no_grad():
@@ -530,7 +518,7 @@ class SyncBatchNorm(_BatchNorm):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        new._sync = self._sync.for_copy(new._sync.center)
+        new._sync = self._sync.for_copy()
         return new
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
@@ -583,7 +571,7 @@ class SyncBatchNorm(_BatchNorm):
         the communicator, as for ``copy.deepcopy``."""
         new = self.__class__.__new__(self.__class__)
         new.__dict__.update(self.__dict__)
-        new._sync = self._sync.for_copy(self._sync.center)
+        new._sync = self._sync.for_copy()
         return new
 
     def __prepare_scriptable__(self) -> SyncBatchNorm:
@@ -662,29 +650,22 @@ class SyncBatchNorm(_BatchNorm):
 
     def _store_statistics(self, call: _Call) -> None:
         """Write the step's running statistics into the buffers and count it."""
-        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
-        views = call.views
-        if views is not None and _increment_version is not None:
+        buffers = (self.running_mean, self.running_var)
+        news = (call.new_mean, call.new_var)
+        if call.views is not None and _increment_version is not None:
             # numpy writes, then the version bump torch's in-place ops make
             # (autograd then still catches a saved buffer changed in place).
-            for view, new in ((views[3], call.new_mean), (views[4], call.new_var)):
+            for buf, view, new in zip(buffers, call.views[3:], news, strict=True):
                 if new is not view:
                     np.copyto(view, new)
-            count = buffers[2]
-            if count.device.type == "cpu":  # type: ignore[union-attr]
-                view = count.numpy()  # type: ignore[union-attr]
-                view += 1
-            else:
-                with torch.no_grad():
-                    count.add_(1)  # type: ignore[union-attr]
-            for buf in buffers:  # one tensor a call: older torch takes no tuple
-                _increment_version(buf)
-            return
+                    _increment_version(buf)
+        else:
+            with torch.no_grad():
+                for buf, new in zip(buffers, news, strict=True):
+                    if new is not buf:
+                        buf.copy_(_tensor(new))  # type: ignore[union-attr]
         with torch.no_grad():
-            for buf, new in zip(buffers[:2], (call.new_mean, call.new_var), strict=True):
-                if new is not buf:
-                    buf.copy_(_tensor(new))  # type: ignore[union-attr]
-            buffers[2].add_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
 
     def _check_thread_ranks(self, x: torch.Tensor) -> None:
         """Refuse a training step that autograd would deadlock: torch's engine runs

@@ -123,12 +123,11 @@ PYTEST=("$PY" -m pytest -v -m gpu -p no:cacheprovider -rfEs --tb=short -o faulth
 # The torch module's CUDA tests first, in a step of their own: they are what an
 # open issue waits for, and a slow or hung test elsewhere must not crowd them out.
 TORCH_CUDA=(tests/test_torch_module.py tests/test_gradcheck.py tests/test_torch_distributed.py)
+IGNORE=()
 if [ $HAS_TORCH_CUDA = 1 ]; then
     step "pytest -m gpu, torch CUDA tensors" "$OUT/pytest_gpu.txt" 150 "${PYTEST[@]}" "${TORCH_CUDA[@]}"
+    for f in "${TORCH_CUDA[@]}"; do IGNORE+=(--ignore "$f"); done
 fi
-IGNORE=()
-for f in "${TORCH_CUDA[@]}"; do IGNORE+=(--ignore "$f"); done
-[ $HAS_TORCH_CUDA = 1 ] || IGNORE=()
 step "pytest -m gpu, the rest" "$OUT/pytest_gpu.txt" 300 "${PYTEST[@]}" "${IGNORE[@]}"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/pytest_gpu.txt" | tee -a "$SUMMARY"
 
