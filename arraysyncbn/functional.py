@@ -739,7 +739,7 @@ def _numpy_args_valid(
         or np.may_share_memory(out, x)
     ):
         return False
-    if center is not None and not np.isfinite(_fast.values(center)).all():
+    if center is not None and not _fast.host_all_finite(center):
         return False
     if type(eps) is not float or not 0.0 < eps < math.inf:
         return False

@@ -45,6 +45,7 @@ This module imports torch; ``import arraysyncbn`` does not import it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
@@ -285,8 +286,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.numpy:  # the forward ran on numpy views: so does the backward
             dy = dy.resolve_neg().numpy()  # y's dtype: float32 or float64
         token = _fast.THREADS_AS.set("torch" if ctx.numpy else None)
+        # autograd runs a backward with grad mode off, unless create_graph.
+        mode = torch.no_grad() if create_graph else contextlib.nullcontext()
         try:
-            with torch.no_grad():
+            with mode:
                 # Every rank runs the whole backward, dx included, even where x
                 # needs no gradient: the backward's allreduce must happen on every
                 # rank alike, and needs_input_grad need not agree across ranks.
@@ -606,12 +609,15 @@ class SyncBatchNorm(_BatchNorm):
             state.calls += 1
             label = CallLabel._trusted("forward", state.calls, state.layer)
         momentum = self.momentum
+        # The dicts behind nn.Module's attribute lookup, read directly: its
+        # __getattr__ costs microseconds a name once a kernel has run.
+        parameters, buffers = self._parameters, self._buffers
         count = 0
         if training and tracking and momentum is None:
-            count = int(self.num_batches_tracked)  # type: ignore[arg-type]
+            count = int(buffers["num_batches_tracked"])  # type: ignore[arg-type]
         call = _Call(
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
+            buffers["running_mean"] if tracking else None,
+            buffers["running_var"] if tracking else None,
             training,
             momentum,
             self.eps,
@@ -621,7 +627,7 @@ class SyncBatchNorm(_BatchNorm):
             center,
             label,
         )
-        weight, bias = self.weight, self.bias
+        weight, bias = parameters["weight"], parameters["bias"]
         call.views = _host_views(x, (weight, bias, call.running_mean, call.running_var), call.comm)
         call.center = _array(center) if call.views is not None else _tensor(center)
         if _forward_ad_active() or (
@@ -650,7 +656,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def _store_statistics(self, call: _Call) -> None:
         """Write the step's running statistics into the buffers and count it."""
-        buffers = (self.running_mean, self.running_var)
+        registered = self._buffers
+        buffers = (registered["running_mean"], registered["running_var"])
         news = (call.new_mean, call.new_var)
         if call.views is not None and _increment_version is not None:
             # numpy writes, then the version bump torch's in-place ops make
@@ -664,8 +671,8 @@ class SyncBatchNorm(_BatchNorm):
                 for buf, new in zip(buffers, news, strict=True):
                     if new is not buf:
                         buf.copy_(_tensor(new))  # type: ignore[union-attr]
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        # A buffer never requires grad: its in-place add records nothing.
+        registered["num_batches_tracked"].add_(1)  # type: ignore[union-attr]
 
     def _check_thread_ranks(self, x: torch.Tensor) -> None:
         """Refuse a training step that autograd would deadlock: torch's engine runs

@@ -629,3 +629,38 @@ def test_infinite_means_give_the_portable_routes_bits(dtype, training, monkeypat
                 x, None, None, np.array([np.inf]), np.array([1.0]), training=training
             )[0]
     np.testing.assert_array_equal(got["1"], got["0"])
+
+
+def test_gradient_casts_round_like_numpy_and_overflow_without_a_warning() -> None:
+    """dweight and dbias (float64 sums) reach float32 parameters through a
+    compiled cast: numpy's rounding bit for bit (ties to even, subnormals,
+    ±0, NaN), ±inf on overflow like numpy's cast, and no RuntimeWarning (the
+    step judges and warns of non-finite values itself)."""
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    v = np.array(
+        [1.0, 1 / 3, -2.5e-8, 1 + 2.0**-24, 1 + 3 * 2.0**-24, 3.4028235e38, 3.4028236e38,
+         3.5e38, -1e39, np.inf, -np.inf, np.nan, 0.5 * tiny, 0.51 * tiny, 1e-46, -0.0, 0.0]
+    )  # fmt: skip
+    v = np.concatenate(
+        [v, np.random.default_rng(5).normal(size=200) * 10.0 ** np.arange(-40, 40, 0.4)]
+    )
+    kern = _fast.host_kernels(_fast.host_io(np.ones((2, 2))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = kern.cast(v, np.dtype(np.float32))
+    with np.errstate(over="ignore"):
+        want = v.astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_all_finite_sees_every_kind_of_non_finite(dtype) -> None:
+    """The lean path's center check (one compiled loop) against numpy's."""
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, 3, 6):
+            v = np.arange(7, dtype=dtype)
+            v[where] = bad
+            assert not host.all_finite(v)
+    assert host.all_finite(np.array([np.finfo(dtype).max, -0.0, np.finfo(dtype).tiny], dtype))
+    assert host.all_finite(np.zeros(0, dtype))

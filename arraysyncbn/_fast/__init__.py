@@ -44,6 +44,7 @@ __all__ = [
     "check_environment",
     "cuda_kernels",
     "explicit_threads",
+    "host_all_finite",
     "host_io",
     "host_kernels",
     "route_info",
@@ -145,6 +146,12 @@ def _load_host() -> Any:
 def _torch() -> Any:
     """torch, once the caller has imported it (never imported here)."""
     return sys.modules["torch"]
+
+
+def host_all_finite(v: np.ndarray) -> bool:
+    """Whether a per-channel host-route vector is all finite (only asked once
+    :func:`host_io` has loaded the host kernels)."""
+    return _host_module.all_finite(v)  # type: ignore[no-any-return,union-attr]
 
 
 def values(a: np.ndarray) -> np.ndarray:

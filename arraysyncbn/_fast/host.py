@@ -174,6 +174,7 @@ def empty_in_layout(x: np.ndarray, axis: int, mode: str, dtype: Any = None) -> n
 
 
 _F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -189,8 +190,20 @@ def _half(a: np.ndarray) -> bool:
     return a.dtype is _F16 or a.dtype is BF16_BITS
 
 
+def all_finite(v: np.ndarray) -> bool:
+    """Whether every element of a per-channel host vector is finite (one
+    compiled loop for float32/float64; numpy's isfinite and all, with their
+    temporaries, for the 16-bit kinds)."""
+    if v.dtype is _F32 or v.dtype is _F64:
+        return bool(hk.all_finite(v))
+    return bool(np.isfinite(values(v)).all())
+
+
 def _any_half(vectors: tuple[Any, ...]) -> bool:
-    return any(a is not None and _half(a) for a in vectors)
+    for a in vectors:  # a loop, not any(genexpr): asked on every call
+        if a is not None and _half(a):
+            return True
+    return False
 
 
 class HostKernels:
@@ -231,16 +244,27 @@ class HostKernels:
             self.parts = thread_count(THREADS_AS.get() or self.io.library)
         return self
 
+    def _block(self, a: np.ndarray) -> np.ndarray | None:
+        """``a`` (x's shape and dtype) as a block walked like x's, or None.
+
+        A C-contiguous ``a`` with C-contiguous x is reshaped to x's block
+        shape directly: the common case, asked several times a step, where
+        :func:`block_view`'s general walk costs more than the reshape.
+        """
+        if self.mode == "c" and a.flags.c_contiguous:
+            return _bits(a).reshape(self.xb.shape)
+        return block_view(_bits(a), self.axis, self.mode)
+
     def _view(self, a: np.ndarray, x: np.ndarray) -> np.ndarray | None:
         """``a``'s block view walked like x's, or None (other shape, dtype or layout)."""
         if a.shape != x.shape or a.dtype != x.dtype:
             return None
-        return block_view(_bits(a), self.axis, self.mode)
+        return self._block(a)
 
     def _new(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A fresh output like x and its block view."""
         a = empty_in_layout(x, self.axis, self.mode)
-        return a, block_view(_bits(a), self.axis, self.mode)  # type: ignore[return-value]
+        return a, self._block(a)  # type: ignore[return-value]
 
     def _like_x(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``a`` (dy) as a block in x's layout and dtype, copied only if needed
@@ -379,6 +403,12 @@ class HostKernels:
     def cast(self, v: np.ndarray, dtype: Any) -> np.ndarray:
         """Per-channel float64 ``v`` (dweight, dbias) in ``dtype``, rounded as the
         caller's library rounds."""
+        if dtype is _F32:
+            # numpy's astype would need np.errstate to keep an overflow quiet
+            # (judged by the caller); the kernel rounds alike and warns of nothing.
+            out = np.empty(v.shape, _F32)
+            hk.cast_into(v, out)
+            return out
         return self.io.cast(v, dtype)
 
     def normalize(self, x: np.ndarray, f: Any, out: np.ndarray | None) -> np.ndarray:

@@ -458,6 +458,23 @@ def backward_input_parallel(dy, x, hi, lo, scale, mdy, k, dx, nparts):  # pragma
         _binput_body(dy, x, hi, lo, scale, mdy, k, dx, nparts, i)
 
 
+@numba.njit(**_OPTS)
+def all_finite(v):  # pragma: no cover - compiled
+    """Whether every element of the 1-D float array ``v`` is finite."""
+    for i in range(v.shape[0]):
+        if not np.isfinite(v[i]):
+            return False
+    return True
+
+
+@numba.njit(**_OPTS)
+def cast_into(src, dst):  # pragma: no cover - compiled
+    """``dst[:] = src`` in dst's dtype, rounded to nearest (an overflow is ±inf,
+    as numpy's cast gives, without its warning)."""
+    for i in range(src.shape[0]):
+        dst[i] = src[i]
+
+
 @numba.njit(parallel=True, **_OPTS)
 def copy_parallel(src, dst, parts):  # pragma: no cover - compiled
     """``dst[:] = src`` in ``parts`` threads: the benchmark's bandwidth floor."""
