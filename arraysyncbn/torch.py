@@ -211,21 +211,16 @@ def _host_views(
     """
     if comm is not None and type(comm) not in _numpy_comms():
         return None
-    if (
-        x.dtype not in _HOST_DTYPES
-        or x.device.type != "cpu"
-        or x.layout != torch.strided
-        or x.is_neg()
-        or _fast.host_io(x) is None
-    ):
+    # host_io: a CPU tensor without conj or neg bits, the host route on.
+    if x.dtype not in _HOST_DTYPES or x.layout != torch.strided or _fast.host_io(x) is None:
         return None
     out = []
-    try:  # numpy refuses tensor subclasses (torch.export's fake tensors)
+    try:  # numpy refuses tensor subclasses (torch.export's fake tensors) and neg bits
         out.append(x.detach().numpy())
         for t in tensors:
             if t is None:
                 out.append(None)
-            elif t.dtype in _HOST_DTYPES and t.device.type == "cpu" and not t.is_neg():
+            elif t.dtype in _HOST_DTYPES and t.is_cpu:
                 out.append(t.detach().numpy())
             else:
                 return None

@@ -255,7 +255,7 @@ def host_io(x: Any) -> HostIO | None:
     if torch is None or not isinstance(x, torch.Tensor):
         return None
     if (
-        x.device.type != "cpu"
+        not x.is_cpu
         or x.dtype not in _torch_host_dtypes(torch)
         or x.is_conj()
         or x.is_neg()

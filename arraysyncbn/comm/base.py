@@ -116,6 +116,8 @@ def _integral_rank_and_size(comm: Any) -> bool:
     """Whether ``comm.rank`` and ``comm.size`` are integers (numpy's too), not
     methods (torch.distributed's spelling) or strings."""
     rank, size = comm.rank, comm.size
+    if type(rank) is int and type(size) is int:  # the common case, asked every call
+        return True
     return (
         isinstance(rank, numbers.Integral)
         and isinstance(size, numbers.Integral)
