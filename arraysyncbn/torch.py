@@ -604,15 +604,13 @@ class SyncBatchNorm(_BatchNorm):
             state.calls += 1
             label = CallLabel._trusted("forward", state.calls, state.layer)
         momentum = self.momentum
-        # The dicts behind nn.Module's attribute lookup, read directly: its
-        # __getattr__ costs microseconds a name once a kernel has run.
-        parameters, buffers = self._parameters, self._buffers
+        weight, bias, running_mean, running_var, tracked = self._tensors()
         count = 0
         if training and tracking and momentum is None:
-            count = int(buffers["num_batches_tracked"])  # type: ignore[arg-type]
+            count = int(tracked)  # type: ignore[arg-type]
         call = _Call(
-            buffers["running_mean"] if tracking else None,
-            buffers["running_var"] if tracking else None,
+            running_mean if tracking else None,
+            running_var if tracking else None,
             training,
             momentum,
             self.eps,
@@ -622,7 +620,6 @@ class SyncBatchNorm(_BatchNorm):
             center,
             label,
         )
-        weight, bias = parameters["weight"], parameters["bias"]
         call.views = _host_views(x, (weight, bias, call.running_mean, call.running_var), call.comm)
         call.center = _array(center) if call.views is not None else _tensor(center)
         if _forward_ad_active() or (
@@ -649,10 +646,36 @@ class SyncBatchNorm(_BatchNorm):
             state.center, state.device = saved.center, x.device  # type: ignore[union-attr]
         return y
 
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """weight, bias, running_mean, running_var, num_batches_tracked.
+
+        Read from the dicts behind nn.Module's attribute lookup, whose
+        __getattr__ costs microseconds a name once a kernel has run; through
+        that lookup where a name has moved (torch.nn.utils.parametrize turns
+        a parameter or buffer into a property).
+        """
+        parameters, buffers = self._parameters, self._buffers
+        try:
+            return (
+                parameters["weight"],
+                parameters["bias"],
+                buffers["running_mean"],
+                buffers["running_var"],
+                buffers["num_batches_tracked"],
+            )
+        except KeyError:
+            return (
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+            )
+
     def _store_statistics(self, call: _Call) -> None:
         """Write the step's running statistics into the buffers and count it."""
-        registered = self._buffers
-        buffers = (registered["running_mean"], registered["running_var"])
+        _, _, running_mean, running_var, tracked = self._tensors()
+        buffers = (running_mean, running_var)
         news = (call.new_mean, call.new_var)
         if call.views is not None and _increment_version is not None:
             # numpy writes, then the version bump torch's in-place ops make
@@ -667,7 +690,7 @@ class SyncBatchNorm(_BatchNorm):
                     if new is not buf:
                         buf.copy_(_tensor(new))  # type: ignore[union-attr]
         # A buffer never requires grad: its in-place add records nothing.
-        registered["num_batches_tracked"].add_(1)  # type: ignore[union-attr]
+        tracked.add_(1)  # type: ignore[union-attr]
 
     def _check_thread_ranks(self, x: torch.Tensor) -> None:
         """Refuse a training step that autograd would deadlock: torch's engine runs

@@ -159,6 +159,41 @@ def test_gradients_only_where_asked_and_odd_dy() -> None:
     _close(xg.grad, xr.grad, 1e-5, "dx for a transposed dy")
 
 
+def test_parametrized_weight_and_bias_match_batchnorm2d() -> None:
+    """torch.nn.utils.parametrize turns a parameter into a property (the
+    module's dict no longer holds it): the layer reads it through that
+    property, and gradients reach the original tensors as torch's do."""
+    parametrize = torch.nn.utils.parametrize
+
+    class Positive(torch.nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    class Doubled(torch.nn.Module):
+        def forward(self, b):
+            return 2.0 * b
+
+    ours, ref = _pair(torch.float64)
+    for module in (ours, ref):
+        parametrize.register_parametrization(module, "weight", Positive())
+        parametrize.register_parametrization(module, "bias", Doubled())
+    x = torch.randn(5, C, 3, 4, dtype=torch.float64)
+    dy = torch.randn(5, C, 3, 4, dtype=torch.float64)
+    results = []
+    for module in (ours, ref):
+        xg = x.clone().requires_grad_(True)
+        y = module(xg)
+        originals = [module.parametrizations[n].original for n in ("weight", "bias")]
+        results.append((y, torch.autograd.grad(y, [xg, *originals], dy)))
+    (y, got), (y_ref, want) = results
+    _close(y, y_ref, TOL[torch.float64], "y")
+    for g, w, what in zip(got, want, ("dx", "dweight", "dbias"), strict=True):
+        assert float(w.abs().max()) > 0.1, what  # a gradient that can tell them apart
+        _close(g, w, SUM_TOL[torch.float64], what)
+    _close(ours.running_mean, ref.running_mean, TOL[torch.float64], "running_mean")
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
 def test_no_grad_and_inference_mode_update_running_statistics() -> None:
     ours, ref = _pair()
     x = torch.randn(4, C, 3, 3)
