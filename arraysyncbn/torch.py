@@ -640,7 +640,7 @@ class SyncBatchNorm(_BatchNorm):
             state.checked = True
         if training and saved.count:  # type: ignore[union-attr]
             if tracking:
-                self._store_statistics(call)
+                self._store_statistics(call, tracked)
             # Not saved.mean: a channel whose batch was not finite keeps its
             # last finite center, or one NaN batch would poison every merge.
             state.center, state.device = saved.center, x.device  # type: ignore[union-attr]
@@ -672,10 +672,10 @@ class SyncBatchNorm(_BatchNorm):
                 self.num_batches_tracked,
             )
 
-    def _store_statistics(self, call: _Call) -> None:
-        """Write the step's running statistics into the buffers and count it."""
-        _, _, running_mean, running_var, tracked = self._tensors()
-        buffers = (running_mean, running_var)
+    def _store_statistics(self, call: _Call, tracked: torch.Tensor) -> None:
+        """Write the step's running statistics into the buffers and count it in
+        ``tracked`` (num_batches_tracked)."""
+        buffers = (call.running_mean, call.running_var)
         news = (call.new_mean, call.new_var)
         if call.views is not None and _increment_version is not None:
             # numpy writes, then the version bump torch's in-place ops make
