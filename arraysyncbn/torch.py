@@ -370,6 +370,12 @@ def _fx_leaf(module: _BatchNorm, x: Any) -> Any:
     return tracer.create_proxy("call_module", path, (x,), {})
 
 
+_TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# Layer classes that define none of _TENSOR_NAMES: their tensors are read
+# from nn.Module's dicts (see SyncBatchNorm._tensors).
+_DICT_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+
+
 class SyncBatchNorm(_BatchNorm):
     """Batch normalization over the global batch of every rank of ``comm``.
 
@@ -654,6 +660,12 @@ class SyncBatchNorm(_BatchNorm):
         that lookup where a name has moved (torch.nn.utils.parametrize turns
         a parameter or buffer into a property).
         """
+        cls = type(self)
+        if cls not in _DICT_CLASSES:
+            if any(hasattr(cls, name) for name in _TENSOR_NAMES):
+                # A class that defines one of them (a property): its own lookup.
+                return tuple(getattr(self, name) for name in _TENSOR_NAMES)
+            _DICT_CLASSES.add(cls)
         parameters, buffers = self._parameters, self._buffers
         try:
             return (
@@ -664,13 +676,7 @@ class SyncBatchNorm(_BatchNorm):
                 buffers["num_batches_tracked"],
             )
         except KeyError:
-            return (
-                self.weight,
-                self.bias,
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked,
-            )
+            return tuple(getattr(self, name) for name in _TENSOR_NAMES)
 
     def _store_statistics(self, call: _Call, tracked: torch.Tensor) -> None:
         """Write the step's running statistics into the buffers and count it in

@@ -194,6 +194,23 @@ def test_parametrized_weight_and_bias_match_batchnorm2d() -> None:
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 1
 
 
+def test_a_subclass_property_over_a_registered_parameter_is_used() -> None:
+    """A subclass that defines ``weight`` as a property, with the parameter
+    still registered under that name: the layer uses the property, as
+    nn.Module's attribute lookup does."""
+
+    class Scaled(SyncBatchNorm):
+        @property
+        def weight(self):
+            return 2.0 * self._parameters["weight"]
+
+    layer = SyncBatchNorm(C)
+    layer.__class__ = Scaled  # nn.Module refuses to register a name the class defines
+    x = torch.randn(6, C, 4, dtype=torch.float32)
+    y = layer(x)
+    _close(y.std(dim=(0, 2), unbiased=False), torch.full((C,), 2.0), 1e-4, "std of y")
+
+
 def test_no_grad_and_inference_mode_update_running_statistics() -> None:
     ours, ref = _pair()
     x = torch.randn(4, C, 3, 3)
