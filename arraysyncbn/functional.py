@@ -28,7 +28,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
@@ -52,9 +52,11 @@ __all__ = [
 Array = Any
 
 
-@dataclass(frozen=True)
-class _Factors:
-    """Per-channel normalization factors in the work dtype on x's device."""
+class _Factors(NamedTuple):
+    """Per-channel normalization factors in the work dtype on x's device.
+
+    A NamedTuple, built once or twice a call: its constructor is one line of
+    Python, a dataclass's one a field (see tests/test_overhead.py)."""
 
     hi: Array
     lo: Array | None
@@ -342,9 +344,9 @@ def _factors(
     return _Factors(hi_w, lo_w, _to(scale, xp, device, wdtype), offset)
 
 
-@dataclass(slots=True)
-class _Step:
-    """What finalizing the reduced statistics gives the rest of the step."""
+class _Step(NamedTuple):
+    """What finalizing the reduced statistics gives the rest of the step (a
+    NamedTuple, as :class:`_Factors`)."""
 
     mean: Array
     var: Array
@@ -613,8 +615,10 @@ def _again(
 
 def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
     """Sum ``packed`` across ranks under ``label`` (named if the wait times out)."""
+    if type(comm) is SelfCommunicator:  # a world of one returns its input, never waits
+        return packed
     with current_call(label):
-        if io is None or type(comm) is SelfCommunicator:  # the latter returns its input
+        if io is None:
             return comm.allreduce(packed)
         return io.to_numpy(comm.allreduce(io.from_numpy(packed)))
 
@@ -721,13 +725,13 @@ def _numpy_args_valid(
     """
     if type(axis) is not int or not -x.ndim <= axis < x.ndim or x.ndim < 2:
         return False
-    channels = x.shape[axis]
+    shape = (x.shape[axis],)
+    dtypes = _fast.HOST_DTYPES if bits is None else (*_fast.HOST_DTYPES, bits)
     for a in (*params, center):
-        if a is not None and (
-            type(a) is not np.ndarray
-            or a.shape != (channels,)
-            or (a.dtype not in _fast.HOST_DTYPES and a.dtype is not bits)
-        ):
+        if a is None:
+            continue
+        # One line: a condition spread over several is traced (and run) line by line.
+        if type(a) is not np.ndarray or a.shape != shape or a.dtype not in dtypes:
             return False
     if (params[2] is None) != (params[3] is None):
         return False

@@ -293,10 +293,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             _fast.THREADS_AS.reset(token)
         if ctx.numpy:
             dx, dweight, dbias = _tensor(dx), _tensor(dweight), _tensor(dbias)
-        grads = [
-            g if need else None
-            for g, need in zip((dx, dweight, dbias), ctx.needs_input_grad[:3], strict=True)
-        ]
+        need = ctx.needs_input_grad
+        grads = [dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None]
         if create_graph:
             grads = _refuse_double_backward(grads)
         return (*grads, None)

@@ -25,6 +25,7 @@ run serially, because waking idle pool threads costs more than they save.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -146,13 +147,7 @@ def block_view(a: np.ndarray, axis: int, mode: str | None = None) -> np.ndarray 
     if mode is None:
         mode = layout(a, axis)
     if mode == "c" and a.flags.c_contiguous:
-        p = 1
-        for s in shape[:axis]:
-            p *= s
-        q = 1
-        for s in shape[axis + 1 :]:
-            q *= s
-        return a.reshape(p, channels, q)
+        return a.reshape(math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
     if mode == "last":
         moved = np.moveaxis(a, axis, -1)
         if moved.flags.c_contiguous:

@@ -112,9 +112,6 @@ class CallLabel:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        # Computed once: every collective of the call reads it. Not a field,
-        # so equality and hashing stay those of (pass_, call, layer).
-        self.__dict__["_code"] = _code_of(self.pass_, self.call, self.layer)
 
     @classmethod
     def _trusted(cls, pass_: str, call: int | None, layer: int | None) -> CallLabel:
@@ -124,7 +121,6 @@ class CallLabel:
         object.__setattr__(label, "pass_", pass_)
         object.__setattr__(label, "call", call)
         object.__setattr__(label, "layer", layer)
-        label.__dict__["_code"] = _code_of(pass_, call, layer)
         return label
 
     @property
@@ -135,7 +131,11 @@ class CallLabel:
         and call numbers modulo 4096: calls that differ by less than that
         in both always have different codes.
         """
-        code: int = self.__dict__["_code"]
+        # Computed on first use and kept (a world of one never signs), not a
+        # field, so equality and hashing stay those of (pass_, call, layer).
+        code: int | None = self.__dict__.get("_code")
+        if code is None:
+            code = self.__dict__["_code"] = _code_of(self.pass_, self.call, self.layer)
         return code
 
     @classmethod
