@@ -730,7 +730,6 @@ def _numpy_args_valid(
     for a in (*params, center):
         if a is None:
             continue
-        # One line: a condition spread over several is traced (and run) line by line.
         if type(a) is not np.ndarray or a.shape != shape or a.dtype not in dtypes:
             return False
     if (params[2] is None) != (params[3] is None):
