@@ -122,7 +122,7 @@ class _SyncState:
     ``torch.nn.Module.__setattr__`` costs microseconds, and these change
     on every call."""
 
-    __slots__ = ("calls", "center", "checked", "device", "layer")
+    __slots__ = ("buffers", "calls", "center", "checked", "device", "layer")
 
     def __init__(self) -> None:
         # The merge center: the last reduced mean, the same bits on every
@@ -138,6 +138,9 @@ class _SyncState:
         # every collective of this layer carries.
         self.layer: int | None = None
         self.calls = 0
+        # The running statistics and count last found writable through numpy
+        # views (see _numpy_writable), kept to compare by identity.
+        self.buffers: tuple[torch.Tensor | None, ...] = ()
 
     def for_copy(self) -> _SyncState:
         """The state a copy of the layer starts from: a new layer to the
@@ -188,7 +191,9 @@ def _forward_ad_active() -> bool:
     return bool(level >= 0)
 
 
-_HOST_DTYPES = (torch.float32, torch.float64)
+# numpy's dtypes of the views of float32 and float64 tensors (numpy's own
+# instances, compared by identity: asked for every tensor of every call).
+_NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # torch ≥ 2.1; without it the numpy route's buffer writes go through torch ops.
 _increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
 
@@ -208,25 +213,63 @@ def _host_views(
     does a communicator of another kind than this package's (``comm``;
     None: no communication), which is promised buffers of the caller's
     library. The kernels use at most torch's thread count, as on tensors.
+
+    ``Tensor.numpy()`` itself refuses what the host route must not view (a
+    tensor off the CPU, with the neg bit, sparse, a subclass such as
+    torch.export's fake tensors, bfloat16); float16 and complex views are
+    refused by their dtype. Asking it, rather than each of the tensor's
+    properties first, keeps the step to one kind of torch call: after the
+    kernels have streamed x, each kind costs microseconds the first time.
     """
     if comm is not None and type(comm) not in _numpy_comms():
         return None
-    # host_io: a CPU tensor without conj or neg bits, the host route on.
-    if x.dtype not in _HOST_DTYPES or x.layout != torch.strided or _fast.host_io(x) is None:
+    if _fast.host_io_disabled():
         return None
+    floats = _NUMPY_FLOATS
     out = []
-    try:  # numpy refuses tensor subclasses (torch.export's fake tensors) and neg bits
-        out.append(x.detach().numpy())
+    try:
+        v = x.detach().numpy()
+        if v.dtype is not floats[0] and v.dtype is not floats[1]:
+            return None
+        out.append(v)
         for t in tensors:
             if t is None:
                 out.append(None)
-            elif t.dtype in _HOST_DTYPES and t.is_cpu:
-                out.append(t.detach().numpy())
-            else:
+                continue
+            v = t.detach().numpy()
+            if v.dtype is not floats[0] and v.dtype is not floats[1]:
                 return None
+            out.append(v)
     except (RuntimeError, TypeError):
         return None
     return tuple(out)
+
+
+def _numpy_writable(state: _SyncState, mean: Any, var: Any, tracked: torch.Tensor | None) -> bool:
+    """Whether the running statistics (``mean``, ``var``: tensors with numpy
+    views) and ``tracked`` may be written through numpy views: plain CPU
+    tensors that are not inference tensors. Outside inference mode, torch
+    refuses in-place writes to inference tensors (a layer built under
+    ``torch.inference_mode()``, then trained): so does this, with torch's
+    error, before writing any. Known buffers are recognized by identity."""
+    known = state.buffers
+    if known and known[0] is mean and known[1] is var and known[2] is tracked:
+        return True
+    tensors = (mean, var) if tracked is None else (mean, var, tracked)
+    if tracked is not None and (
+        tracked.layout != torch.strided or not tracked.is_cpu or tracked.requires_grad
+    ):
+        return False  # torch's own add_ then counts it, or says why not
+    if any(t.is_inference() for t in tensors):
+        if not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Inplace update to inference tensor outside InferenceMode is not allowed: "
+                "the layer's running statistics were made under torch.inference_mode(); "
+                "clone them (or build the layer outside it) to train"
+            )
+        return True
+    state.buffers = (mean, var, tracked)
+    return True
 
 
 @functools.cache
@@ -277,9 +320,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if dy is None:  # only with set_materialize_grads(False); kept for safety
             dy = torch.zeros_like(x)
         create_graph = torch.is_grad_enabled()
-        dy = dy.detach()
-        if ctx.numpy:  # the forward ran on numpy views: so does the backward
-            dy = dy.resolve_neg().numpy()  # y's dtype: float32 or float64
+        if not ctx.numpy:
+            dy = dy.detach()
+        else:  # the forward ran on numpy views: so does the backward
+            try:  # autograd's dy, as a rule: needs no grad, no neg bit to resolve
+                dy = dy.numpy()  # y's dtype: float32 or float64
+            except RuntimeError:
+                dy = dy.detach().resolve_neg().numpy()
         token = _fast.THREADS_AS.set("torch" if ctx.numpy else None)
         # autograd runs a backward with grad mode off, unless create_graph.
         mode = torch.no_grad() if create_graph else contextlib.nullcontext()
@@ -611,7 +658,10 @@ class SyncBatchNorm(_BatchNorm):
         weight, bias, running_mean, running_var, tracked = self._tensors()
         count = 0
         if training and tracking and momentum is None:
-            count = int(tracked)  # type: ignore[arg-type]
+            if tracked is None:  # as torch: no count, no cumulative average
+                momentum = 0.0
+            else:
+                count = int(tracked)
         call = _Call(
             running_mean if tracking else None,
             running_var if tracking else None,
@@ -659,7 +709,8 @@ class SyncBatchNorm(_BatchNorm):
         a parameter or buffer into a property).
         """
         cls = type(self)
-        if cls not in _DICT_CLASSES:
+        # This class defines none of them (a WeakSet lookup costs ~1 µs a call).
+        if cls is not SyncBatchNorm and cls not in _DICT_CLASSES:
             if any(hasattr(cls, name) for name in _TENSOR_NAMES):
                 # A class that defines one of them (a property): its own lookup.
                 return tuple(getattr(self, name) for name in _TENSOR_NAMES)
@@ -676,25 +727,35 @@ class SyncBatchNorm(_BatchNorm):
         except KeyError:
             return tuple(getattr(self, name) for name in _TENSOR_NAMES)
 
-    def _store_statistics(self, call: _Call, tracked: torch.Tensor) -> None:
+    def _store_statistics(self, call: _Call, tracked: torch.Tensor | None) -> None:
         """Write the step's running statistics into the buffers and count it in
-        ``tracked`` (num_batches_tracked)."""
+        ``tracked`` (num_batches_tracked; None, as torch allows: not counted)."""
         buffers = (call.running_mean, call.running_var)
         news = (call.new_mean, call.new_var)
-        if call.views is not None and _increment_version is not None:
+        if (
+            call.views is not None
+            and _increment_version is not None
+            and _numpy_writable(self._sync, *buffers, tracked)
+        ):
             # numpy writes, then the version bump torch's in-place ops make
             # (autograd then still catches a saved buffer changed in place).
             for buf, view, new in zip(buffers, call.views[3:], news, strict=True):
                 if new is not view:
                     np.copyto(view, new)
                     _increment_version(buf)
-        else:
-            with torch.no_grad():
-                for buf, new in zip(buffers, news, strict=True):
-                    if new is not buf:
-                        buf.copy_(_tensor(new))  # type: ignore[union-attr]
-        # A buffer never requires grad: its in-place add records nothing.
-        tracked.add_(1)  # type: ignore[union-attr]
+            if tracked is not None:
+                # Through its numpy view too: torch's add_ is one more kind of
+                # call, ~30 µs the first time after the kernels have run.
+                count = tracked.numpy()
+                count[()] += 1
+                _increment_version(tracked)
+            return
+        with torch.no_grad():
+            for buf, new in zip(buffers, news, strict=True):
+                if new is not buf:
+                    buf.copy_(_tensor(new))  # type: ignore[union-attr]
+            if tracked is not None:
+                tracked.add_(1)
 
     def _check_thread_ranks(self, x: torch.Tensor) -> None:
         """Refuse a training step that autograd would deadlock: torch's engine runs

@@ -226,6 +226,75 @@ def test_no_grad_and_inference_mode_update_running_statistics() -> None:
     assert int(ours.num_batches_tracked) == 2
 
 
+def test_training_counts_num_batches_tracked_in_place_with_a_version_bump() -> None:
+    """The count is written through its numpy view: still in place (the same
+    tensor), and bumped in torch's version counter as add_ would."""
+    ours, ref = _pair()
+    tracked = ours.num_batches_tracked
+    version = tracked._version
+    for _ in range(3):
+        x = torch.randn(4, C, 3, 3)
+        ours(x)
+        ref(x)
+    assert ours.num_batches_tracked is tracked
+    assert int(tracked) == int(ref.num_batches_tracked) == 3
+    assert tracked._version >= version + 3
+    _close(ours.running_var, ref.running_var, TOL[torch.float32], "running_var")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_num_batches_tracked_set_to_none_trains_as_torch_does(momentum) -> None:
+    """torch lets num_batches_tracked be None (not counted; with momentum None
+    its running statistics then stay put); ours raised midway through a
+    step, after writing the running statistics."""
+    ours, ref = _pair(momentum=momentum)
+    ours.num_batches_tracked = ref.num_batches_tracked = None
+    for _ in range(2):
+        x = torch.randn(4, C, 3, 3)
+        _close(ours(x), ref(x), TOL[torch.float32], "y")
+    assert ours.num_batches_tracked is None
+    _close(ours.running_mean, ref.running_mean, TOL[torch.float32], "running_mean")
+    _close(ours.running_var, ref.running_var, TOL[torch.float32], "running_var")
+
+
+def test_buffers_made_under_inference_mode_refuse_training_before_any_write() -> None:
+    """As torch's batch norm: in-place writes to inference tensors outside
+    inference mode raise. Ours writes through numpy views, which torch does
+    not police, so the layer checks, and writes nothing before raising."""
+    with torch.inference_mode():
+        ours, ref = _pair()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(4, C, 3, 3)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        ref(x)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        ours(x)
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with torch.inference_mode():  # inside, both train
+        _close(ours(x), ref(x), TOL[torch.float32], "y in inference mode")
+    _close(ours.running_mean, ref.running_mean, TOL[torch.float32], "running_mean")
+    assert int(ours.num_batches_tracked) == 1
+
+
+def test_a_negative_bit_input_trains_like_its_values() -> None:
+    """The layer's numpy views refuse a tensor with the negative bit (numpy
+    cannot see it): the step then runs on the tensors, with the same values."""
+    ours, ref = _pair()
+    base = torch.randn(4, C, 5, 2)
+    x = torch.complex(torch.zeros_like(base), base).conj().imag  # -base, neg bit set
+    assert x.is_neg()
+    x.requires_grad_(True)
+    plain = (-base).requires_grad_(True)
+    y, y_ref = ours(x), ref(plain)
+    _close(y, y_ref, TOL[torch.float32], "y")
+    dy = torch.randn_like(base)
+    y.backward(dy)
+    y_ref.backward(dy)
+    _close(x.grad, plain.grad, TOL[torch.float32], "dx")
+    _close(ours.running_mean, ref.running_mean, TOL[torch.float32], "running_mean")
+
+
 def test_clear_errors() -> None:
     bn = SyncBatchNorm(C)
     with pytest.raises(ValueError, match="at least 2 dimensions"):

@@ -218,7 +218,7 @@ class HostKernels:
         self.io = io
         self.axis = 0
         self.mode = "c"
-        self.xb: np.ndarray = np.empty((0, 0, 0))
+        self.xb: np.ndarray = _NO_BLOCK
         self.parts = 1
         # The last dy and its block view: the backward's two kernels read the
         # same dy, which may need one copy into x's layout, not two.
@@ -505,6 +505,7 @@ def _put(buf: np.ndarray, start: int, values: tuple[float, ...]) -> None:
 
 
 _DUMMY = np.empty(0)
+_NO_BLOCK = np.empty((0, 0, 0))  # x's block before bind()
 
 
 def _zeros(n: int) -> np.ndarray:
