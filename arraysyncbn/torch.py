@@ -202,7 +202,7 @@ def _host_views(
     x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], comm: Communicator | None
 ) -> tuple[Any, ...] | None:
     """numpy views of ``x`` and ``tensors`` (None kept) where all are plain CPU
-    float32/float64 tensors and the host route is on, else None.
+    float32/float64 tensors, else None.
 
     The layer then calls the functional API on numpy arrays: the same
     kernels and results as on the tensors (whose host route converts them to
@@ -213,6 +213,8 @@ def _host_views(
     does a communicator of another kind than this package's (``comm``;
     None: no communication), which is promised buffers of the caller's
     library. The kernels use at most torch's thread count, as on tensors.
+    Where the host route is off (``ARRAYSYNCBN_FAST=0``, no numba) the
+    functional API runs the portable route on the views: numpy arrays.
 
     ``Tensor.numpy()`` itself refuses what the host route must not view (a
     tensor off the CPU, with the neg bit, sparse, a subclass such as
@@ -222,8 +224,6 @@ def _host_views(
     kernels have streamed x, each kind costs microseconds the first time.
     """
     if comm is not None and type(comm) not in _numpy_comms():
-        return None
-    if _fast.host_io_disabled():
         return None
     floats = _NUMPY_FLOATS
     out = []

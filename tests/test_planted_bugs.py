@@ -138,14 +138,16 @@ def test_property_finds_a_communicator_without_identical_bits() -> None:
 # -- the same hunt on the host route (numba kernels) ---------------------------------
 # Each plant replaces one compiled kernel with plain numpy code that makes a
 # plausible mistake; the property over the host backends must catch it.
-def _host_naive_stats(x, k, part):
-    """Σx and Σx² summed in the input dtype, re-expressed around the shift k:
-    the classic E[x²]−E[x]² cancellation."""
-    n = x.shape[0] * x.shape[2]
+def _host_naive_stats(x, center, n, buf):
+    """Σx and Σx² summed in the input dtype, re-expressed about the center:
+    the classic E[x²]−E[x]² cancellation (packed as the real kernel packs)."""
+    c = x.shape[1]
+    center = np.zeros(c) if center.shape[0] == 0 else center.astype(np.float64)
     s1 = np.sum(x, axis=(0, 2), dtype=x.dtype).astype(np.float64)
     s2 = np.sum(x * x, axis=(0, 2), dtype=x.dtype).astype(np.float64)
-    part[0, 0] = s1 - n * k
-    part[0, 1] = s2 - 2.0 * k * s1 + n * k * k
+    buf[0] = n
+    buf[1 : 1 + c] = s1 - n * center
+    buf[1 + c : 1 + 2 * c] = s2 - 2.0 * center * s1 + n * center * center
 
 
 def _host_uncompensated_normalize(x, hi, lo, scale, shift, y):
@@ -161,7 +163,7 @@ def _host_first_partial_only(part):
 
 
 HOST_PLANTED = {
-    "host: E[x²]−E[x]² in float32": (NUMPY_HOST, "stats_serial", _host_naive_stats),
+    "host: E[x²]−E[x]² in float32": (NUMPY_HOST, "stats_packed_serial", _host_naive_stats),
     "host: mean rounded before centering": (
         NUMPY_HOST, "normalize_serial", _host_uncompensated_normalize,
     ),

@@ -1059,6 +1059,38 @@ def test_numpy_route_runs_where_it_applies(monkeypatch) -> None:
     assert bn.num_batches_tracked.item() == 4
 
 
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_numpy_views_take_the_route_the_environment_asks_for(fast, monkeypatch) -> None:
+    """The layer hands float32 CPU tensors to the functional API as numpy
+    views whatever ARRAYSYNCBN_FAST says; the functional API reads it and
+    runs the portable route on them when it is 0, with BatchNorm2d's results."""
+    import arraysyncbn.torch as abt
+
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+    routes = []
+    real = abt.F.sync_batch_norm_forward
+
+    def spy(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        routes.append((type(x).__module__.partition(".")[0], out[3].route))
+        return out
+
+    monkeypatch.setattr(abt.F, "sync_batch_norm_forward", spy)
+    ours, ref = _pair()
+    x = torch.randn(4, C, 3, 3)
+    x_ref = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
+    y, y_ref = ours(x), ref(x_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert routes == [("numpy", "host" if fast == "1" else "portable")]
+    _close(y, y_ref, TOL[torch.float32], "y")
+    _close(x.grad, x_ref.grad, TOL[torch.float32], "dx")
+    _close(ours.weight.grad, ref.weight.grad, SUM_TOL[torch.float32], "dweight")
+    _close(ours.running_var, ref.running_var, TOL[torch.float32], "running_var")
+
+
 def test_numpy_route_bumps_the_buffers_versions() -> None:
     """The numpy route writes the running statistics through numpy, then bumps
     their version as torch's in-place ops do (as the tensor route's copy_

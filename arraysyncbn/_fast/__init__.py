@@ -268,11 +268,6 @@ def host_io(x: Any) -> HostIO | None:
     return _TORCH_IO
 
 
-def host_io_disabled() -> bool:
-    """Whether the host route is off (``ARRAYSYNCBN_FAST``) or cannot load (no numba)."""
-    return _disabled() or _load_host() is None
-
-
 def _torch_host_dtypes(torch: Any) -> tuple[Any, ...]:
     global _TORCH_HOST_DTYPES
     if not _TORCH_HOST_DTYPES:

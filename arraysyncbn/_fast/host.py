@@ -297,14 +297,15 @@ class HostKernels:
         if n == 0:
             buf[:base] = 0.0
             return buf
+        if self.parts == 1:
+            center = _DUMMY if center is None else values(center)
+            hk.stats_packed_serial(xb, center, float(n), buf)
+            return buf
         k = values(xb[0, :, 0]).astype(np.float64)
         part = np.empty((self.parts, 2, channels))
-        if self.parts == 1:
-            hk.stats_serial(xb, k, part)
-        else:
-            _set_threads(self.parts)
-            with _LAUNCH:
-                hk.stats_parallel(xb, k, part)
+        _set_threads(self.parts)
+        with _LAUNCH:
+            hk.stats_parallel(xb, k, part)
         zero = _zeros(channels) if center is None else values(center).astype(np.float64, copy=False)
         hk.pack_statistics(_merged(part), k, zero, float(n), buf)
         return buf
@@ -424,15 +425,15 @@ class HostKernels:
         self._dy = None  # a backward starts here: never reuse an earlier call's dy
         dyb = self._like_x(dy, x)
         channels = self.xb.shape[1]
-        part = np.empty((self.parts, 2, channels))
-        if self.parts == 1:
-            hk.backward_sums_serial(dyb, self.xb, f.hi, f.lo, part)
-        else:
-            _set_threads(self.parts)
-            with _LAUNCH:
-                hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
         packed = np.empty(2 * channels + len(tail))
         _put(packed, 2 * channels, tail)
+        if self.parts == 1:
+            hk.backward_packed_serial(dyb, self.xb, f.hi, f.lo, invstd, packed)
+            return packed
+        part = np.empty((self.parts, 2, channels))
+        _set_threads(self.parts)
+        with _LAUNCH:
+            hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
         hk.pack_backward(_merged(part), invstd, packed)
         return packed
 

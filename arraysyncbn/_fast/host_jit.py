@@ -299,15 +299,27 @@ def _stats_body(x, k, nparts, i, s1, s2):  # pragma: no cover - compiled
 
 
 @numba.njit(**_OPTS)
-def stats_serial(x, k, part):  # pragma: no cover - compiled
-    """Per-channel ``Σ(x−K)``, ``Σ(x−K)²`` into ``part[0]`` (shape (1, 2, C))."""
-    part[0, :, :] = 0.0
+def stats_packed_serial(x, center, n, buf):  # pragma: no cover - compiled
+    """Per-channel ``Σ(x−K)``, ``Σ(x−K)²`` packed about ``center`` into ``buf``
+    as :func:`pack_statistics` packs them, in one call (a small input's
+    cost is mostly per-call work), with K taken here: x's first sample of
+    each channel, as the caller takes it for the threaded kernels.
+    ``center`` of length 0 stands for zeros; ``n`` > 0."""
+    c_count = x.shape[1]
+    k = np.empty(c_count)
+    for c in range(c_count):
+        k[c] = np.float64(work(x[0, c, 0]))
+    part = np.zeros((1, 2, c_count))
     _stats_body(x, k, 1, 0, part[0, 0], part[0, 1])
+    if center.shape[0] == 0:
+        pack_statistics(part, k, np.zeros(c_count), n, buf)
+    else:
+        pack_statistics(part, k, center, n, buf)
 
 
 @numba.njit(parallel=True, **_OPTS)
 def stats_parallel(x, k, part):  # pragma: no cover - compiled
-    """As :func:`stats_serial`, one partial per thread in ``part`` (T, 2, C)."""
+    """Per-channel ``Σ(x−K)``, ``Σ(x−K)²``, one partial per thread in ``part`` (T, 2, C)."""
     nparts = part.shape[0]
     for i in numba.prange(nparts):
         part[i, :, :] = 0.0
@@ -409,14 +421,18 @@ def _bsums_body(dy, x, hi, lo, nparts, i, s1, s2):  # pragma: no cover - compile
 
 
 @numba.njit(**_OPTS)
-def backward_sums_serial(dy, x, hi, lo, part):  # pragma: no cover - compiled
-    """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` into ``part[0]`` (float64)."""
-    part[0, :, :] = 0.0
+def backward_packed_serial(dy, x, hi, lo, invstd, buf):  # pragma: no cover - compiled
+    """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` packed into ``buf`` as
+    :func:`pack_backward` packs them, in one call."""
+    c_count = x.shape[1]
+    part = np.zeros((1, 2, c_count))
     _bsums_body(dy, x, hi, lo, 1, 0, part[0, 0], part[0, 1])
+    pack_backward(part, invstd, buf)
 
 
 @numba.njit(parallel=True, **_OPTS)
 def backward_sums_parallel(dy, x, hi, lo, part):  # pragma: no cover - compiled
+    """Per-channel ``Σdy`` and ``Σdy·(x − mean)``, one partial per thread in ``part``."""
     nparts = part.shape[0]
     for i in numba.prange(nparts):
         part[i, :, :] = 0.0
