@@ -226,6 +226,32 @@ def test_eval_forward_and_its_backward_on_the_host_route(monkeypatch) -> None:
     _close(got["dx"], dy * (w / np.sqrt(rv + 1e-5)).reshape(view))
 
 
+@pytest.mark.parametrize("replace_environ", [False, True])
+def test_the_fast_switch_follows_every_change_of_the_environment(
+    replace_environ, monkeypatch
+) -> None:
+    """The route reads ARRAYSYNCBN_FAST through the dict behind os.environ (a
+    lookup, not os.environ.get's frames): every set, change and unset is
+    seen on the next call, a bad value raises each time it is asked, and an
+    os.environ replaced by another mapping is read through that mapping."""
+    import os
+
+    if replace_environ:
+        monkeypatch.setattr(os, "environ", dict(os.environ))
+    x, dy, params = _data((4, 3, 10), 1)
+    monkeypatch.delenv("ARRAYSYNCBN_FAST", raising=False)
+    assert _step(x, dy, *params)["route"] == "host"
+    for value, route in [("0", "portable"), ("1", "host"), (" OFF ", "portable"), ("yes", "host")]:
+        monkeypatch.setenv("ARRAYSYNCBN_FAST", value)
+        assert _step(x, dy, *params)["route"] == route, value
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "fsat")
+    for _ in range(2):  # never remembered as valid
+        with pytest.raises(ValueError, match="ARRAYSYNCBN_FAST must be"):
+            _fast._disabled()
+    monkeypatch.delenv("ARRAYSYNCBN_FAST")
+    assert _step(x, dy, *params)["route"] == "host"
+
+
 def test_fast_switch_and_missing_numba_fall_back_to_portable(monkeypatch) -> None:
     x, dy, params = _data((4, 3, 10), 1)
     monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")

@@ -82,23 +82,64 @@ _numba_error: str | None = None
 _host_module: Any = None
 
 
+def _environ_reader(name: str) -> Any:
+    """A function returning the raw value of environment variable ``name``, or
+    None when unset, that reads the mapping behind ``os.environ``.
+
+    Asked on every call of the host route: ``os.environ.get`` runs four
+    Python frames of the os module, ~10 µs the first time after the kernels
+    have streamed x. CPython's ``os.environ`` keeps its entries in a dict
+    (``_data``, encoded keys and values), updated by every assignment and
+    deletion through ``os.environ`` (what ``monkeypatch.setenv`` does); a
+    raw value means the same as its decoded text, which is decoded where it
+    is parsed. Elsewhere, or once ``os.environ`` has been replaced, this is
+    ``os.environ.get`` itself.
+    """
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    try:
+        key = environ.encodekey(name)  # type: ignore[attr-defined]
+    except AttributeError:
+        data = None
+    if not isinstance(data, dict):
+        return lambda: os.environ.get(name)
+
+    def read() -> Any:
+        if os.environ is not environ:
+            return os.environ.get(name)
+        return data.get(key)
+
+    return read
+
+
+_read_fast = _environ_reader(FAST_ENV)
+# Verdicts on raw values seen before (None: unset); a value refused is never kept.
+_FAST_VERDICTS: dict[Any, bool] = {None: False}
+
+
 def _disabled() -> bool:
     """Whether ``ARRAYSYNCBN_FAST`` turns the fast routes off.
 
     Raises ValueError for a value that is neither on nor off: a typo must
     not pass for "on" silently.
     """
-    value = os.environ.get(FAST_ENV)
-    if value is None or value == "1":  # the common cases, checked first: every call asks
-        return False
+    raw = _read_fast()
+    verdict = _FAST_VERDICTS.get(raw)
+    if verdict is not None:  # the common case: every call asks
+        return verdict
+    value = raw if isinstance(raw, str) else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
     word = value.strip().lower()
     if word in _FAST_OFF:
-        return True
-    if word in _FAST_ON:
-        return False
-    raise ValueError(
-        f"{FAST_ENV} must be 0, 1, true, false, yes, no, on or off (any case), got {value!r}"
-    )
+        verdict = True
+    elif word in _FAST_ON:
+        verdict = False
+    else:
+        raise ValueError(
+            f"{FAST_ENV} must be 0, 1, true, false, yes, no, on or off (any case), got {value!r}"
+        )
+    if len(_FAST_VERDICTS) < 64:  # a few spellings, not every value a job ever sets
+        _FAST_VERDICTS[raw] = verdict
+    return verdict
 
 
 def explicit_threads() -> int | None:
