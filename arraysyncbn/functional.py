@@ -1071,29 +1071,34 @@ def sync_batch_norm_forward(
         next_center = st.center
         mean, invstd, f = st.mean, st.invstd, st.factors
         new_mean, new_var = st.running_mean, st.running_var
-        if update:
-            new_mean, new_var = _back(io, new_mean), _back(io, new_var)
-        else:
+        if not update:
             new_mean, new_var = caller_params[2], caller_params[3]
+        elif _wraps(io):
+            new_mean, new_var = io.from_numpy(new_mean), io.from_numpy(new_var)
     y = kern.normalize(xk, f, outk)
+    if _wraps(io):
+        mean, next_center = io.from_numpy(mean), io.from_numpy(next_center)
+        if caller_out is None:
+            y = io.from_numpy(y)
     saved = SavedForBackward(
-        xk, f, _back(io, mean), invstd, weight, bias, ax, count, True, communicator, xp, kern, io,
-        _back(io, next_center), label,
+        xk, f, mean, invstd, weight, bias, ax, count, True, communicator, xp, kern, io,
+        next_center, label,
     )  # fmt: skip
-    return _result(io, y, caller_out), new_mean, new_var, saved
+    return y if caller_out is None else caller_out, new_mean, new_var, saved
 
 
 def _result(io: Any, a: Array, out: Array | None) -> Array:
     """The caller's ``out`` itself when given (``a`` was written into it), else
     ``a`` as an array of the caller's library."""
-    return _back(io, a) if out is None else out
+    if out is not None:
+        return out
+    return io.from_numpy(a) if _wraps(io) else a
 
 
-def _back(io: Any, a: Array | None) -> Array | None:
-    """A host-route result as an array of the caller's library (no copy)."""
-    if io is None or io.library == "numpy":  # asked several times a call
-        return a
-    return io.from_numpy(a)
+def _wraps(io: Any) -> bool:
+    """Whether host-route results go back to the caller as another library's
+    arrays (:meth:`~arraysyncbn._fast.HostIO.from_numpy`, no copy)."""
+    return io is not None and io.library != "numpy"
 
 
 def sync_batch_norm_backward(
@@ -1196,7 +1201,9 @@ def sync_batch_norm_backward(
         dweight = kern.cast(packed[channels : 2 * channels], saved.weight.dtype)
     if saved.bias is not None:
         dbias = kern.cast(packed[:channels], saved.bias.dtype)
-    return _result(io, dx, caller_out), _back(io, dweight), _back(io, dbias)
+    if _wraps(io):
+        dweight, dbias = io.from_numpy(dweight), io.from_numpy(dbias)
+    return _result(io, dx, caller_out), dweight, dbias
 
 
 CHECK_ENV = "ARRAYSYNCBN_CHECK"

@@ -338,10 +338,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 dx, dweight, dbias = F.sync_batch_norm_backward(dy, ctx.saved)
         finally:
             _fast.THREADS_AS.reset(token)
-        if ctx.numpy:
-            dx, dweight, dbias = _tensor(dx), _tensor(dweight), _tensor(dbias)
         need = ctx.needs_input_grad
-        grads = [dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None]
+        if ctx.numpy:  # numpy results (None where there is no weight or bias)
+            from_numpy = torch.from_numpy
+            dx = from_numpy(dx) if need[0] else None
+            dweight = from_numpy(dweight) if need[1] else None
+            dbias = from_numpy(dbias) if need[2] else None
+            grads = [dx, dweight, dbias]
+        else:
+            grads = [dx, dweight, dbias]
+            grads = [g if n else None for g, n in zip(grads, need, strict=False)]
         if create_graph:
             grads = _refuse_double_backward(grads)
         return (*grads, None)

@@ -195,8 +195,8 @@ def all_finite(v: np.ndarray) -> bool:
 
 
 def _any_half(vectors: tuple[Any, ...]) -> bool:
-    for a in vectors:  # a loop, not any(genexpr): asked on every call
-        if a is not None and _half(a):
+    for a in vectors:  # a loop, and _half inlined: asked on every call
+        if a is not None and (a.dtype is _F16 or a.dtype is BF16_BITS):
             return True
     return False
 
@@ -246,9 +246,11 @@ class HostKernels:
         shape directly: the common case, asked several times a step, where
         :func:`block_view`'s general walk costs more than the reshape.
         """
+        if a.dtype is _F16:  # _bits, inlined: asked several times a step
+            a = a.view(F16_BITS)
         if self.mode == "c" and a.flags.c_contiguous:
-            return _bits(a).reshape(self.xb.shape)
-        return block_view(_bits(a), self.axis, self.mode)
+            return a.reshape(self.xb.shape)
+        return block_view(a, self.axis, self.mode)
 
     def _view(self, a: np.ndarray, x: np.ndarray) -> np.ndarray | None:
         """``a``'s block view walked like x's, or None (other shape, dtype or layout)."""

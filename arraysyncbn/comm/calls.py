@@ -118,9 +118,8 @@ class CallLabel:
         """A label from values already known valid, without re-checking them:
         one is made for every collective, so the check's cost counts."""
         label = object.__new__(cls)
-        object.__setattr__(label, "pass_", pass_)
-        object.__setattr__(label, "call", call)
-        object.__setattr__(label, "layer", layer)
+        # The frozen dataclass's fields, written as its __init__ would.
+        label.__dict__.update(pass_=pass_, call=call, layer=layer)
         return label
 
     @property
