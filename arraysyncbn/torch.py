@@ -23,8 +23,9 @@ norm (:class:`BatchNormXd`, which like this layer takes input of any rank ≥ 2)
 
 Semantics, as in ``torch.nn.SyncBatchNorm``: training mode normalizes with
 the statistics of the global batch and updates the running statistics in
-place; eval mode uses the running statistics, or, without
-``track_running_stats``, the *local* batch's statistics (eval never
+place (where ``track_running_stats``); eval mode uses the running
+statistics, or, where they are None (built with
+``track_running_stats=False``), the *local* batch's statistics (eval never
 communicates, so evaluating on one rank cannot hang the others). Weight and
 bias gradients are this rank's (not reduced): data-parallel training
 (``DistributedDataParallel``) averages them. Differences: ``comm=None`` is a
@@ -33,8 +34,10 @@ world of one, not torch's default process group (pass
 a global batch of zero elements leaves the running statistics and
 ``num_batches_tracked`` unchanged; double backward raises; ``torch.jit``
 (trace, script) refuses it with a clear error (``torch.compile`` works, with
-a graph break around the layer; ``torch.fx`` traces it as a leaf, as torch's
-batch norm); under ``torch.func`` transforms (vmap, grad) eval mode runs as
+a graph break around the layer in training mode and none in eval mode,
+where the layer is plain batch norm, which also exports with
+``torch.export``, strict or not; ``torch.fx`` traces it as a leaf, as
+torch's batch norm); under ``torch.func`` transforms (vmap, grad) eval mode runs as
 plain torch batch norm and training mode raises; a
 layer with a communicator cannot be pickled (``torch.save(model)``: save
 the state dict, or set ``comm=None`` first); meta tensors give shapes, as
@@ -255,7 +258,9 @@ def _numpy_writable(state: _SyncState, mean: Any, var: Any, tracked: torch.Tenso
     known = state.buffers
     if known and known[0] is mean and known[1] is var and known[2] is tracked:
         return True
-    tensors = (mean, var) if tracked is None else (mean, var, tracked)
+    # Any may be None, as torch allows (track_running_stats with the buffers
+    # set to None: batch statistics, nothing stored).
+    tensors = tuple(t for t in (mean, var, tracked) if t is not None)
     if tracked is not None and (
         tracked.layout != torch.strided or not tracked.is_cpu or tracked.requires_grad
     ):
@@ -381,8 +386,9 @@ def _refuse_double_backward(grads: list[torch.Tensor | None]) -> list[torch.Tens
 
 _GRAPH_BREAK = (
     "arraysyncbn.torch.SyncBatchNorm runs compiled kernels and collectives that "
-    "torch.compile does not trace: the layer is a graph break (fullgraph=True cannot "
-    "hold it; revert_sync_batchnorm(model) gives plain torch batch norm for one process)"
+    "torch.compile does not trace: in training mode the layer is a graph break "
+    "(fullgraph=True cannot hold it; eval mode can; revert_sync_batchnorm(model) gives "
+    "plain torch batch norm for one process)"
 )
 
 
@@ -602,6 +608,10 @@ class SyncBatchNorm(_BatchNorm):
         if self.training and _is_exporting():
             raise RuntimeError(_NO_EXPORT_TRAINING)
         if torch.compiler.is_compiling():
+            if not self.training:
+                # Eval never communicates: it is plain batch norm, which
+                # torch.compile (fullgraph too) and strict torch.export trace.
+                return _local_batch_norm(self, input)
             return self._opaque_step(input)
         if torch.jit.is_tracing():  # scripting stops at __prepare_scriptable__
             raise RuntimeError(_NO_JIT)
@@ -668,9 +678,13 @@ class SyncBatchNorm(_BatchNorm):
                 momentum = 0.0
             else:
                 count = int(tracked)
+        # As torch's batch norm: eval normalizes with the running statistics
+        # wherever they exist (track_running_stats only says whether training
+        # updates them), with the batch's where they are None.
+        stats = tracking or not training
         call = _Call(
-            running_mean if tracking else None,
-            running_var if tracking else None,
+            running_mean if stats else None,
+            running_var if stats else None,
             training,
             momentum,
             self.eps,
@@ -805,8 +819,7 @@ _NO_EXPORT_TRAINING = (
     "arraysyncbn.torch.SyncBatchNorm cannot be exported in training mode (torch.export): "
     "its training step runs compiled kernels and collectives outside torch's operators. "
     "Export the model in eval mode (model.eval(): plain batch norm with the running "
-    "statistics; torch.export's default non-strict tracing, strict=True cannot trace "
-    "the layer), or revert_sync_batchnorm(model) first"
+    "statistics), or revert_sync_batchnorm(model) first"
 )
 
 
@@ -868,14 +881,19 @@ _NO_JIT = (
 
 def _local_batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Plain torch batch norm of ``x`` with ``module``'s parameters and buffers."""
-    tracking = module.track_running_stats
+    # torch's _BatchNorm.forward's choices: training uses batch statistics
+    # (and updates the running ones if tracked); eval the running statistics
+    # where they exist, else the batch's.
+    training = module.training
+    stats = not training or module.track_running_stats
+    mean, var = module.running_mean, module.running_var
     return torch.nn.functional.batch_norm(
         x,
-        module.running_mean if tracking else None,
-        module.running_var if tracking else None,
+        mean if stats else None,
+        var if stats else None,
         module.weight,
         module.bias,
-        module.training or not tracking,
+        training or (mean is None and var is None),
         0.0 if module.momentum is None else module.momentum,
         module.eps,
     )

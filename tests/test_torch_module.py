@@ -257,6 +257,41 @@ def test_num_batches_tracked_set_to_none_trains_as_torch_does(momentum) -> None:
     _close(ours.running_var, ref.running_var, TOL[torch.float32], "running_var")
 
 
+@pytest.mark.parametrize(
+    "change",
+    ["track_running_stats=False", "buffers None", "buffers None, tracking"],
+)
+def test_running_statistics_changed_after_construction_act_as_in_torch(change) -> None:
+    """torch decides by the buffers, not the flag, in eval: a layer whose
+    track_running_stats is turned off after training still evaluates with
+    its running statistics; with the buffers set to None (as test-time
+    adaptation code does) it uses the batch's, in training too, and counts
+    num_batches_tracked if it is still tracking. Ours used the batch's
+    statistics for the first, and crashed on the last."""
+    ours, ref = _pair()
+    x0 = torch.randn(4, C, 3, 3)
+    for layer in (ours, ref):
+        layer(x0)  # running statistics of its own
+        if change == "track_running_stats=False":
+            layer.track_running_stats = False
+        else:
+            layer.running_mean = layer.running_var = None
+            layer.track_running_stats = change.endswith("tracking")
+    x = torch.randn(5, C, 2, 2) * 3 + 1
+    for training in (True, False, True):
+        ours.train(training)
+        ref.train(training)
+        _close(ours(x), ref(x), TOL[torch.float32], f"y, training={training}")
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    if ref.running_mean is not None:
+        _close(ours.running_mean, ref.running_mean, TOL[torch.float32], "running_mean")
+    ours.eval()
+    ref.eval()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    _close(compiled(x), ref(x), TOL[torch.float32], "compiled eval y")
+    torch._dynamo.reset()
+
+
 def test_buffers_made_under_inference_mode_refuse_training_before_any_write() -> None:
     """As torch's batch norm: in-place writes to inference tensors outside
     inference mode raise. Ours writes through numpy views, which torch does
@@ -965,8 +1000,34 @@ def test_export_in_training_mode_raises_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="cannot be exported in training mode"):
         torch.export.export(model, (x,))
     model.eval()
-    exported = torch.export.export(model, (x,))
-    _close(exported.module()(x), model(x), TOL[torch.float32], "exported eval")
+    for strict in (False, True):
+        exported = torch.export.export(model, (x,), strict=strict)
+        _close(exported.module()(x), model(x), TOL[torch.float32], f"exported eval {strict=}")
+
+
+@pytest.mark.parametrize("tracking", [True, False])
+def test_eval_mode_compiles_without_a_graph_break(tracking) -> None:
+    """Eval never communicates: under torch.compile it is plain batch norm,
+    so fullgraph=True holds it (running statistics, or the local batch's
+    without track_running_stats); training mode stays a named graph break."""
+    torch._dynamo.reset()
+    model = convert_sync_batchnorm(_cnn())
+    for m in model.modules():
+        if isinstance(m, SyncBatchNorm):
+            m.track_running_stats = tracking
+    x = torch.randn(4, 3, 6, 6)
+    model(x)  # a training step: running statistics that are not the defaults
+    model.eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    xg = x.clone().requires_grad_(True)
+    y = compiled(xg)
+    _close(y, model(x), 1e-5, "compiled eval y")
+    y.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    model.train()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="SyncBatchNorm runs compiled kernels"):
+        torch.compile(model, backend="aot_eager", fullgraph=True)(x)
 
 
 def test_a_copy_is_a_new_layer_to_the_communicator() -> None:
