@@ -194,6 +194,7 @@ def _forward_ad_active() -> bool:
     return bool(level >= 0)
 
 
+_HOST_DTYPES = (torch.float32, torch.float64)
 # numpy's dtypes of the views of float32 and float64 tensors (numpy's own
 # instances, compared by identity: asked for every tensor of every call).
 _NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -219,14 +220,19 @@ def _host_views(
     Where the host route is off (``ARRAYSYNCBN_FAST=0``, no numba) the
     functional API runs the portable route on the views: numpy arrays.
 
-    ``Tensor.numpy()`` itself refuses what the host route must not view (a
-    tensor off the CPU, with the neg bit, sparse, a subclass such as
-    torch.export's fake tensors, bfloat16); float16 and complex views are
-    refused by their dtype. Asking it, rather than each of the tensor's
-    properties first, keeps the step to one kind of torch call: after the
-    kernels have streamed x, each kind costs microseconds the first time.
+    Past x's dtype, ``Tensor.numpy()`` itself refuses what the host route
+    must not view (a tensor off the CPU, with the neg bit, sparse, a
+    subclass such as torch.export's fake tensors, a bfloat16 parameter); a
+    float16 or complex view is refused by its dtype. Asking it, rather than
+    each of the tensor's properties first, keeps the step to few kinds of
+    torch call: after the kernels have streamed x, each kind costs
+    microseconds the first time.
     """
     if comm is not None and type(comm) not in _numpy_comms():
+        return None
+    if x.dtype not in _HOST_DTYPES:
+        # Half precision keeps the tensor route; asked first because numpy()
+        # of a bfloat16 tensor raises, and a C++ exception costs ~60 µs.
         return None
     floats = _NUMPY_FLOATS
     out = []

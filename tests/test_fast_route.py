@@ -680,6 +680,40 @@ def test_gradient_casts_round_like_numpy_and_overflow_without_a_warning() -> Non
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_gradient_casts_to_half_round_like_torch(half) -> None:
+    """On torch's host route, float64 per-channel values (dweight, dbias,
+    running statistics) reach float16/bfloat16 through a compiled cast:
+    torch's rounding bit for bit (through float32, each step to nearest
+    even: double-rounding cases, ties, subnormals, ±0, overflow to ±inf),
+    NaN where torch gives NaN."""
+    torch = pytest.importorskip("torch")
+    tdtype = getattr(torch, half)
+    v = np.array(
+        [1.0, 1 / 3, -2.5e-8, 1 + 3 * 2.0**-11 - 2.0**-40, 1 + 3 * 2.0**-8 - 2.0**-40,
+         1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 65504.0, 65519.99,
+         65520.0 - 2.0**-10, 65520.0, 3.3961776e38, 3.4e38, 3.5e38, -1e39, np.inf, -np.inf,
+         np.nan, -np.nan, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-26, 3 * 2.0**-134,
+         2.0**-133, 1e-46, -0.0, 0.0]
+    )  # fmt: skip
+    v = np.concatenate(
+        [v, np.random.default_rng(7).normal(size=300) * 10.0 ** np.arange(-45, 45, 0.3)]
+    )
+    x = torch.ones(2, 2, dtype=tdtype)
+    io = _fast.host_io(x)
+    kern = _fast.host_kernels(io)
+    target = io.to_numpy(x).dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = io.from_numpy(kern.cast(v, target))
+    want = torch.from_numpy(v).to(tdtype)
+    assert got.dtype == tdtype and got.shape == want.shape
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    bits = torch.int16
+    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_all_finite_sees_every_kind_of_non_finite(dtype) -> None:
     """The lean path's center check (one compiled loop) against numpy's."""

@@ -112,6 +112,21 @@ def _environ_reader(name: str) -> Any:
     return read
 
 
+_READERS: dict[str, Any] = {}
+
+
+def environ_value(name: str) -> str | None:
+    """``os.environ.get(name)``, read as :func:`_environ_reader` reads (the
+    thread count's variables are asked on every threaded call)."""
+    reader = _READERS.get(name)
+    if reader is None:
+        reader = _READERS[name] = _environ_reader(name)
+    raw = reader()
+    if raw is None or isinstance(raw, str):
+        return raw
+    return os.environ.decodevalue(raw)  # type: ignore[attr-defined,no-any-return]
+
+
 _read_fast = _environ_reader(FAST_ENV)
 # Verdicts on raw values seen before (None: unset); a value refused is never kept.
 _FAST_VERDICTS: dict[Any, bool] = {None: False}
@@ -147,7 +162,7 @@ def explicit_threads() -> int | None:
 
     Raises ValueError, naming the variable, for anything else.
     """
-    text = os.environ.get(THREADS_ENV, "").strip()
+    text = (environ_value(THREADS_ENV) or "").strip()
     if not text:
         return None
     try:

@@ -491,6 +491,15 @@ def cast_into(src, dst):  # pragma: no cover - compiled
         dst[i] = src[i]
 
 
+@numba.njit(**_OPTS)
+def cast_half_into(src, dst):  # pragma: no cover - compiled
+    """float64 ``src`` into ``dst``'s 16-bit format (float16 or bfloat16 bits)
+    as torch casts float64 to those: to float32, then to 16 bits, each to
+    nearest even (an overflow is ±inf, NaN stays NaN)."""
+    for i in range(src.shape[0]):
+        dst[i] = stored(np.float32(src[i]), dst)
+
+
 @numba.njit(parallel=True, **_OPTS)
 def copy_parallel(src, dst, parts):  # pragma: no cover - compiled
     """``dst[:] = src`` in ``parts`` threads: the benchmark's bandwidth floor."""
