@@ -336,8 +336,8 @@ class HostKernels:
         weight, bias, rm, rv = params
         update = momentum is not None and rm is not None
         half = _any_half(params)
-        if half:  # the kernel takes numbers: half vectors as float32
-            weight, bias, rm, rv = (None if a is None else values(a) for a in params)
+        if half:  # float16 as its bits; the kernel reads 16-bit patterns by value
+            weight, bias, rm, rv = (None if a is None else _bits(a) for a in params)
         stats = np.empty((5, channels))
         hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
         center = _zeros(channels) if center is None else values(center)
@@ -369,8 +369,8 @@ class HostKernels:
     def eval_factors(self, params: tuple[Any, ...], eps: float, wdtype: Any) -> tuple[Any, ...]:
         """As :meth:`arraysyncbn.functional.PortableKernels.eval_factors`, in one kernel."""
         channels = self.xb.shape[1]
-        if _any_half(params):  # the kernel takes numbers: half vectors as float32
-            params = tuple(None if a is None else values(a) for a in params)
+        if _any_half(params):  # float16 as its bits; the kernel reads them by value
+            params = tuple(None if a is None else _bits(a) for a in params)
         weight, bias, rm, rv = params
         stats = np.empty((2, channels))
         hi, lo, scale, shift = np.empty((4, channels), dtype=wdtype)
@@ -399,12 +399,8 @@ class HostKernels:
         Writes the kernel's ``stats`` rows 3 and 4 (next center, non-finite flag).
         """
         new_rm, new_rv = self.cast(new_rm, rm.dtype), self.cast(new_rv, rv.dtype)
-        lost = ~(np.isfinite(values(new_rm)) & np.isfinite(values(new_rv))) & (stats[4] == 0.0)
-        if not lost.any():
-            return new_rm, new_rv, 0
-        new_rm[lost], new_rv[lost] = rm[lost], rv[lost]
-        stats[3][lost], stats[4][lost] = center[lost], 1.0
-        return new_rm, new_rv, int(lost.sum())
+        lost = hk.keep_unstored(_bits(new_rm), _bits(new_rv), _bits(rm), _bits(rv), center, stats)
+        return new_rm, new_rv, int(lost)
 
     def cast(self, v: np.ndarray, dtype: Any) -> np.ndarray:
         """Per-channel float64 ``v`` (dweight, dbias) in ``dtype``, rounded as the

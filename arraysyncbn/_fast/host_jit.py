@@ -559,7 +559,8 @@ def finalize_forward(
     new_rm,
     new_rv,
 ):  # pragma: no cover - compiled
-    """Statistics, factors and running statistics from the reduced buffer.
+    """Statistics, factors and running statistics from the reduced buffer
+    (per-channel inputs of a 16-bit format as their bits, read by value).
 
     Rows of ``stats``: mean, biased var, invstd, the next merge center (the
     mean of an unflagged channel, else ``center``) and a non-finite flag (1.0
@@ -604,21 +605,21 @@ def finalize_forward(
         hi[c] = mean[c]
     split_low(mean, hi, lo)
     for c in range(c_count):
-        scale[c] = inv[c] * np.float64(weight[c])
-        shift[c] = bias[c]
+        scale[c] = inv[c] * np.float64(work(weight[c]))
+        shift[c] = work(bias[c])
     if momentum >= 0.0:
         bessel = count / (count - 1.0)
         for c in range(c_count):
-            new_rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
-            new_rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (var[c] * bessel)
+            new_rm[c] = (1.0 - momentum) * np.float64(work(rm[c])) + momentum * mean[c]
+            new_rv[c] = (1.0 - momentum) * np.float64(work(rv[c])) + momentum * (var[c] * bessel)
         # Judged as stored: a float64 1e39 is finite, not once in float32.
         for c in range(c_count):
             if not (np.isfinite(new_rm[c]) and np.isfinite(new_rv[c])):
                 flag[c] = 1.0
         for c in range(c_count):
             if flag[c] != 0.0:
-                new_rm[c] = rm[c]
-                new_rv[c] = rv[c]
+                new_rm[c] = work(rm[c])
+                new_rv[c] = work(rv[c])
     # After the running statistics' verdict: a channel they reject keeps its
     # center too, as in the portable route.
     for c in range(c_count):
@@ -630,20 +631,39 @@ def finalize_forward(
 
 
 @numba.njit(**_OPTS)
+def keep_unstored(new_rm, new_rv, rm, rv, center, stats):  # pragma: no cover - compiled
+    """Running statistics rounded to a 16-bit format (``new_rm``, ``new_rv``;
+    bits, like ``rm``, ``rv``) judged as stored: a channel not flagged yet
+    (``stats[4]``) whose either value is not finite keeps its old ones and
+    its ``center`` (``stats[3]``) and is flagged. Returns how many were."""
+    lost = 0
+    for c in range(new_rm.shape[0]):
+        if stats[4, c] == 0.0 and not (
+            np.isfinite(work(new_rm[c])) and np.isfinite(work(new_rv[c]))
+        ):
+            new_rm[c] = rm[c]
+            new_rv[c] = rv[c]
+            stats[3, c] = center[c]
+            stats[4, c] = 1.0
+            lost += 1
+    return lost
+
+
+@numba.njit(**_OPTS)
 def eval_factors(rm, rv, eps, weight, bias, stats, hi, lo, scale, shift):  # pragma: no cover
     """Mean and invstd of the running statistics (rows of ``stats``) and the
     work-dtype factors, with the portable route's float64 operations in its
     order (``1/sqrt(var + eps)``, then ``invstd·weight``), so bit for bit alike."""
     mean, inv = stats[0], stats[1]
     for c in range(hi.shape[0]):
-        mean[c] = rm[c]
-        inv[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
+        mean[c] = work(rm[c])
+        inv[c] = 1.0 / np.sqrt(np.float64(work(rv[c])) + eps)
     for c in range(hi.shape[0]):
         hi[c] = mean[c]
     split_low(mean, hi, lo)
     for c in range(hi.shape[0]):
-        scale[c] = inv[c] * np.float64(weight[c])
-        shift[c] = bias[c]
+        scale[c] = inv[c] * np.float64(work(weight[c]))
+        shift[c] = work(bias[c])
 
 
 @numba.njit(**_OPTS)
