@@ -218,7 +218,7 @@ def _host_views(
     None: no communication), which is promised buffers of the caller's
     library. The kernels use at most torch's thread count, as on tensors.
     Where the host route is off (``ARRAYSYNCBN_FAST=0``, no numba) the
-    functional API runs the portable route on the views: numpy arrays.
+    portable route runs on the tensors, with torch's operations.
 
     Past x's dtype, ``Tensor.numpy()`` itself refuses what the host route
     must not view (a tensor off the CPU, with the neg bit, sparse, a
@@ -230,6 +230,8 @@ def _host_views(
     """
     if comm is not None and type(comm) not in _numpy_comms():
         return None
+    if _fast._disabled() or _fast._load_host() is None:
+        return None  # the portable route on the tensors themselves, as before
     if x.dtype not in _HOST_DTYPES:
         # Half precision keeps the tensor route; asked first because numpy()
         # of a bfloat16 tensor raises, and a C++ exception costs ~60 µs.
@@ -614,7 +616,7 @@ class SyncBatchNorm(_BatchNorm):
         if self.training and _is_exporting():
             raise RuntimeError(_NO_EXPORT_TRAINING)
         if torch.compiler.is_compiling():
-            if not self.training:
+            if not self.training and _torch_takes_dtypes(self, input):
                 # Eval never communicates: it is plain batch norm, which
                 # torch.compile (fullgraph too) and strict torch.export trace.
                 return _local_batch_norm(self, input)
@@ -883,6 +885,17 @@ _NO_JIT = (
     "runs compiled kernels and collectives outside TorchScript); use torch.compile, or "
     "revert_sync_batchnorm(model) for export"
 )
+
+
+def _torch_takes_dtypes(module: _BatchNorm, x: torch.Tensor) -> bool:
+    """Whether torch's batch norm takes x with the module's parameters and
+    buffers: the same dtype, or 16-bit x with float32 ones (this layer also
+    takes other mixes, which torch refuses)."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    for t in (module.weight, module.bias, module.running_mean, module.running_var):
+        if t is not None and t.dtype != x.dtype and not (half and t.dtype == torch.float32):
+            return False
+    return True
 
 
 def _local_batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:

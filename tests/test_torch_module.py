@@ -1122,9 +1122,10 @@ def test_numpy_route_runs_where_it_applies(monkeypatch) -> None:
 
 @pytest.mark.parametrize("fast", ["0", "1"])
 def test_numpy_views_take_the_route_the_environment_asks_for(fast, monkeypatch) -> None:
-    """The layer hands float32 CPU tensors to the functional API as numpy
-    views whatever ARRAYSYNCBN_FAST says; the functional API reads it and
-    runs the portable route on them when it is 0, with BatchNorm2d's results."""
+    """float32 CPU tensors reach the functional API as numpy views on the
+    host route; with ARRAYSYNCBN_FAST=0 the portable route runs on the
+    tensors themselves (torch's operations: a non-finite batch raises no
+    numpy warning). Both give BatchNorm2d's results."""
     import arraysyncbn.torch as abt
 
     monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
@@ -1145,11 +1146,46 @@ def test_numpy_views_take_the_route_the_environment_asks_for(fast, monkeypatch) 
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy)
-    assert routes == [("numpy", "host" if fast == "1" else "portable")]
+    assert routes == [("numpy", "host") if fast == "1" else ("torch", "portable")]
     _close(y, y_ref, TOL[torch.float32], "y")
     _close(x.grad, x_ref.grad, TOL[torch.float32], "dx")
     _close(ours.weight.grad, ref.weight.grad, SUM_TOL[torch.float32], "dweight")
     _close(ours.running_var, ref.running_var, TOL[torch.float32], "running_var")
+
+
+def test_a_non_finite_batch_with_the_fast_route_off_warns_only_ours(monkeypatch) -> None:
+    """With ARRAYSYNCBN_FAST=0 the layer runs torch's operations, which do not
+    warn of inf − inf: only the package's NonFiniteWarning, and the step
+    completes (numpy's RuntimeWarning raised midway under -W error)."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
+    layer = SyncBatchNorm(C)
+    x = torch.randn(4, C, 3, 3)
+    x[0, 1, 0, 0] = float("inf")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        layer(x)
+    kinds = {type(w.message) for w in seen}
+    assert kinds == {sbn.NonFiniteWarning}, [str(w.message) for w in seen]
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(
+    "x_dtype, layer_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)]
+)
+def test_compiled_eval_takes_the_dtype_mixes_eager_eval_takes(x_dtype, layer_dtype) -> None:
+    """Eval under torch.compile is torch's batch norm only where torch takes
+    the dtypes; other mixes, which the layer takes in eager mode, keep the
+    layer's own step (a graph break) with eager's result."""
+    torch._dynamo.reset()
+    layer = SyncBatchNorm(C, dtype=layer_dtype)
+    layer(torch.randn(4, C, 2, 2, dtype=layer_dtype))
+    layer.eval()
+    x = torch.randn(4, C, 2, 2, dtype=x_dtype)
+    want = layer(x)
+    got = torch.compile(layer, backend="eager")(x)
+    assert got.dtype == want.dtype == x_dtype
+    _close(got, want, TOL[torch.float32], "compiled eval y")
+    torch._dynamo.reset()
 
 
 def test_numpy_route_bumps_the_buffers_versions() -> None:
