@@ -34,9 +34,9 @@ world of one, not torch's default process group (pass
 a global batch of zero elements leaves the running statistics and
 ``num_batches_tracked`` unchanged; double backward raises; ``torch.jit``
 (trace, script) refuses it with a clear error (``torch.compile`` works, with
-a graph break around the layer in training mode and none in eval mode,
-where the layer is plain batch norm, which also exports with
-``torch.export``, strict or not; ``torch.fx`` traces it as a leaf, as
+a graph break around the layer in training mode and none in eval mode
+with dtypes torch's batch norm takes, where the layer is plain batch
+norm, which also exports with ``torch.export``, strict or not; ``torch.fx`` traces it as a leaf, as
 torch's batch norm); under ``torch.func`` transforms (vmap, grad) eval mode runs as
 plain torch batch norm and training mode raises; a
 layer with a communicator cannot be pickled (``torch.save(model)``: save
@@ -230,8 +230,8 @@ def _host_views(
     """
     if comm is not None and type(comm) not in _numpy_comms():
         return None
-    if _fast._disabled() or _fast._load_host() is None:
-        return None  # the portable route on the tensors themselves, as before
+    if _fast.host_route_off():
+        return None  # the portable route, on the tensors themselves
     if x.dtype not in _HOST_DTYPES:
         # Half precision keeps the tensor route; asked first because numpy()
         # of a bfloat16 tensor raises, and a C++ exception costs ~60 µs.
@@ -359,8 +359,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dbias = from_numpy(dbias) if need[2] else None
             grads = [dx, dweight, dbias]
         else:
-            grads = [dx, dweight, dbias]
-            grads = [g if n else None for g, n in zip(grads, need, strict=False)]
+            grads = [g if n else None for g, n in zip((dx, dweight, dbias), need, strict=False)]
         if create_graph:
             grads = _refuse_double_backward(grads)
         return (*grads, None)

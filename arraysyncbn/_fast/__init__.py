@@ -303,10 +303,15 @@ _NUMPY_IO = HostIO("numpy")
 _TORCH_IO = HostIO("torch", BF16_BITS)
 
 
+def host_route_off() -> bool:
+    """Whether ``ARRAYSYNCBN_FAST`` turns the host route off, or numba is missing."""
+    return _disabled() or _load_host() is None
+
+
 def host_io(x: Any) -> HostIO | None:
     """The :class:`HostIO` for x if the host route may run it, else None."""
     if type(x) is np.ndarray:
-        if x.dtype not in HOST_DTYPES or _disabled() or _load_host() is None:
+        if x.dtype not in HOST_DTYPES or host_route_off():
             return None
         return _NUMPY_IO
     torch = sys.modules.get("torch")
@@ -317,8 +322,7 @@ def host_io(x: Any) -> HostIO | None:
         or x.dtype not in _torch_host_dtypes(torch)
         or x.is_conj()
         or x.is_neg()
-        or _disabled()
-        or _load_host() is None
+        or host_route_off()
     ):
         return None
     return _TORCH_IO
