@@ -322,9 +322,17 @@ def _clear_thread_env(monkeypatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_thread_count_divides_the_pool_among_node_ranks(monkeypatch) -> None:
+@pytest.mark.parametrize("replace_environ", [False, True])
+def test_thread_count_divides_the_pool_among_node_ranks(replace_environ, monkeypatch) -> None:
+    """Every change of a variable is seen at the next call (the counts worked
+    out are kept per combination of raw values), also through an
+    ``os.environ`` replaced by another mapping."""
+    import os
+
     import numba
 
+    if replace_environ:
+        monkeypatch.setattr(os, "environ", dict(os.environ))
     pool = numba.config.NUMBA_NUM_THREADS
     _clear_thread_env(monkeypatch)
     assert host.thread_count() == pool

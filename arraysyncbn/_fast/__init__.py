@@ -43,6 +43,7 @@ __all__ = [
     "HostIO",
     "check_environment",
     "cuda_kernels",
+    "environ_reader",
     "explicit_threads",
     "host_all_finite",
     "host_io",
@@ -108,6 +109,31 @@ def _environ_reader(name: str) -> Any:
         if os.environ is not environ:
             return os.environ.get(name)
         return data.get(key)
+
+    return read
+
+
+def environ_reader(names: tuple[str, ...]) -> Any:
+    """A function returning the raw values of environment variables ``names``
+    (a tuple, None for each one unset), read as :func:`_environ_reader` reads
+    one: from the dict behind ``os.environ`` in one C-level pass, or through
+    ``os.environ.get`` where that dict is missing or ``os.environ`` has been
+    replaced. Raw values are hashable, and the same raw value means the same
+    text, so a tuple of them can key what was worked out from them."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    try:
+        keys = tuple(environ.encodekey(name) for name in names)  # type: ignore[attr-defined]
+    except AttributeError:
+        data = None
+    if not isinstance(data, dict):
+        return lambda: tuple(map(os.environ.get, names))
+    get = data.get
+
+    def read() -> tuple[Any, ...]:
+        if os.environ is not environ:
+            return tuple(map(os.environ.get, names))
+        return tuple(map(get, keys))
 
     return read
 

@@ -37,12 +37,15 @@ from . import (
     BF16_BITS,
     F16_BITS,
     THREADS_AS,
+    THREADS_ENV,
     HostIO,
+    environ_reader,
     environ_value,
     explicit_threads,
     values,
 )
 from . import host_jit as hk
+from .host_jit import numba_config
 
 __all__ = ["PARALLEL_MIN_BYTES", "HostKernels", "block_view", "thread_count"]
 
@@ -102,6 +105,13 @@ def _lenient_int(name: str) -> int | None:
     return int(text) if text.isdecimal() and int(text) >= 1 else None
 
 
+# Every variable the thread count depends on, read raw on each threaded call
+# (one C-level pass over them): their values key the counts worked out before.
+_THREAD_VARS = (THREADS_ENV, *_LOCAL_SIZE_VARS, "OMP_NUM_THREADS")
+_read_thread_vars = environ_reader(_THREAD_VARS)
+_THREAD_COUNTS: dict[Any, int] = {}
+
+
 def thread_count(library: str = "numpy") -> int:
     """Threads one rank's kernels use on an input of ``library``'s arrays.
 
@@ -110,12 +120,28 @@ def thread_count(library: str = "numpy") -> int:
     at most torch's own count (``torch.get_num_threads()``: what its batch
     norm would use, and what ``torch.set_num_threads`` and torchrun set).
     Never more than numba's pool, never below one.
-    """
-    import numba
 
+    Asked on every threaded call, and every change of these variables (or of
+    torch's count, or numba's pool) is seen at the next call: the count is
+    worked out once per combination of their values and kept (a value
+    refused raises, every time, and is never kept).
+    """
+    torch_threads = sys.modules["torch"].get_num_threads() if library == "torch" else 0
+    key = (_read_thread_vars(), torch_threads, numba_config.NUMBA_NUM_THREADS)
+    n = _THREAD_COUNTS.get(key)
+    if n is None:
+        n = _thread_count(torch_threads)
+        if len(_THREAD_COUNTS) < 64:  # a few settings, not every value a job sets
+            _THREAD_COUNTS[key] = n
+    return n
+
+
+def _thread_count(torch_threads: int) -> int:
+    """:func:`thread_count` worked out (``torch_threads``: torch's count, or 0
+    for arrays of other libraries)."""
     # The pool's size, not get_num_threads(): the kernels' set_num_threads
     # changes the latter.
-    available = numba.config.NUMBA_NUM_THREADS
+    available = numba_config.NUMBA_NUM_THREADS
     explicit = explicit_threads()
     if explicit is not None:
         return min(explicit, available)
@@ -127,8 +153,8 @@ def thread_count(library: str = "numpy") -> int:
     omp = _lenient_int("OMP_NUM_THREADS")
     if omp is not None:
         n = min(n, omp)
-    if library == "torch":
-        n = min(n, sys.modules["torch"].get_num_threads())
+    if torch_threads:
+        n = min(n, torch_threads)
     return max(1, n)
 
 
