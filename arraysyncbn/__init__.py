@@ -14,6 +14,9 @@ SyncBatchNorm
     The layer (parameters, running statistics, train/eval, state_dict).
 sync_batch_norm_forward, sync_batch_norm_backward
     The functional form.
+batch_norm_inference
+    Eval mode alone (running statistics, no communication, no backward
+    record): the forward's values with less work around the kernel.
 Communicator, SelfCommunicator, thread_group, run_ranks
     Groups of ranks; ``comm=None`` is a world of one.
 MPICommunicator
@@ -45,6 +48,7 @@ from .functional import (
     NonFiniteWarning,
     PrecisionWarning,
     SavedForBackward,
+    batch_norm_inference,
     check_consistency,
     sync_batch_norm_backward,
     sync_batch_norm_forward,
@@ -67,6 +71,7 @@ __all__ = [
     "ThreadCommunicator",
     "TorchDistributedCommunicator",
     "__version__",
+    "batch_norm_inference",
     "check_consistency",
     "run_ranks",
     "sync_batch_norm_backward",

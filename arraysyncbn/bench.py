@@ -14,8 +14,9 @@ Half-precision cases take float32 parameters, as mixed-precision models do;
 ours gets numpy float16 arrays, and torch bfloat16 tensors (numpy has no
 bfloat16; those cases need torch). For NCHW float32 and half-precision
 cases, the modules too (``row["torch_module"]``, forward plus backward
-through autograd): :class:`arraysyncbn.torch.SyncBatchNorm` (``comm=None``)
-against PyTorch's unsynchronized ``torch.nn.BatchNorm2d``.
+through autograd; and eval-mode forward under ``torch.no_grad()``,
+``row["torch_module"]["eval"]``): :class:`arraysyncbn.torch.SyncBatchNorm`
+(``comm=None``) against PyTorch's unsynchronized ``torch.nn.BatchNorm2d``.
 
 Also measured in the same run: the copy bandwidth (a copy of x runs in each
 case's rotation, so it meets the caches the contenders meet), and each
@@ -372,9 +373,10 @@ def _torch(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
 
 
 def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] | None:
-    """The module contender: ``arraysyncbn.torch.SyncBatchNorm`` (comm=None) against
-    ``torch.nn.BatchNorm2d``, forward + backward through autograd, NCHW float32 and half
-    precision (float32 parameters) only."""
+    """The module contenders: ``arraysyncbn.torch.SyncBatchNorm`` (comm=None) against
+    ``torch.nn.BatchNorm2d``, forward + backward through autograd (``"fwd_bwd"``) and
+    eval-mode forward under no_grad (``"eval"``), NCHW float32 and half precision
+    (float32 parameters) only."""
     if case.dtype not in ("float32", *HALF) or case.channels_last or len(case.shape) != 4:
         return None
     try:
@@ -388,6 +390,8 @@ def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] 
     xt = torch.from_numpy(x.copy()).to(tdt).requires_grad_(True)
     dyt = torch.from_numpy(dy.copy()).to(tdt)
 
+    xe = xt.detach()
+
     def step(module: Any) -> Callable[[], Any]:
         def fn() -> Any:
             y = module(xt)
@@ -397,7 +401,25 @@ def _torch_modules(case: Case, x: np.ndarray, dy: np.ndarray) -> dict[str, Any] 
 
         return fn
 
-    return {"ours": step(SyncBatchNorm(channels)), "torch": step(torch.nn.BatchNorm2d(channels))}
+    def inference(module: Any) -> Callable[[], Any]:
+        module.eval()
+
+        def fn() -> Any:
+            with torch.no_grad():
+                return module(xe)
+
+        return fn
+
+    return {
+        "fwd_bwd": {
+            "ours": step(SyncBatchNorm(channels)),
+            "torch": step(torch.nn.BatchNorm2d(channels)),
+        },
+        "eval": {
+            "ours": inference(SyncBatchNorm(channels)),
+            "torch": inference(torch.nn.BatchNorm2d(channels)),
+        },
+    }
 
 
 def _max_error(y: Any, ref: np.ndarray) -> float:
@@ -446,8 +468,14 @@ def run_case(case: Case, repeats: int, threads: int) -> dict[str, Any]:
             }
     modules = _torch_modules(case, x, dy)
     if modules is not None:
-        seconds = _interleaved(modules, repeats)
-        row["torch_module"] = {"fwd_bwd": seconds, "ratio": seconds["torch"] / seconds["ours"]}
+        seconds = _interleaved(modules["fwd_bwd"], repeats)
+        evals = _interleaved(modules["eval"], repeats)
+        row["torch_module"] = {
+            "fwd_bwd": seconds,
+            "ratio": seconds["torch"] / seconds["ours"],
+            "eval": evals,
+            "eval_ratio": evals["torch"] / evals["ours"],
+        }
     if math.prod(case.shape) > 4096:
         # tracemalloc sees numpy's allocations, not torch's (the portable route's
         # on torch tensors): those would read as nothing.

@@ -65,7 +65,15 @@ def rows_table(run: dict[str, Any], title: str) -> Table:
     return t
 
 
-_MODULE_COLUMNS = ("case", "arraysyncbn.torch.SyncBatchNorm", "torch.nn.BatchNorm2d", "ratio")
+_MODULE_COLUMNS = (
+    "case",
+    "arraysyncbn.torch.SyncBatchNorm fwd+bwd",
+    "torch.nn.BatchNorm2d fwd+bwd",
+    "ratio",
+    "ours eval",
+    "BatchNorm2d eval",
+    "eval ratio",
+)
 
 
 def _module_rows(run: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -80,6 +88,9 @@ def _module_rows(run: dict[str, Any]) -> list[tuple[str, ...]]:
                     _fmt_time(m["fwd_bwd"]["ours"]),
                     _fmt_time(m["fwd_bwd"]["torch"]),
                     _fmt(m["ratio"]),
+                    _fmt_time(m["eval"]["ours"]),
+                    _fmt_time(m["eval"]["torch"]),
+                    _fmt(m["eval_ratio"]),
                 )
             )
     return rows
@@ -129,8 +140,8 @@ def print_tables(result: dict[str, Any]) -> None:
         console.print(rows_table(run, title))
         modules = modules_table(
             run,
-            f"{label}: modules, forward + backward through autograd, comm=None "
-            "(ratio = BatchNorm2d time / ours)",
+            f"{label}: modules, comm=None: forward + backward through autograd, and eval "
+            "forward under torch.no_grad() (ratio = BatchNorm2d time / ours)",
         )
         if modules is not None:
             console.print(modules)
@@ -210,8 +221,8 @@ def markdown(result: dict[str, Any]) -> str:
         modules = _module_rows(run)
         if modules:
             lines += [
-                f"Modules ({label}), forward + backward through autograd, comm=None; "
-                "ratio = BatchNorm2d time / ours.",
+                f"Modules ({label}), comm=None: forward + backward through autograd, and "
+                "eval forward under torch.no_grad(); ratio = BatchNorm2d time / ours.",
                 "",
                 "| " + " | ".join(_MODULE_COLUMNS) + " |",
                 "|" + "---|" * len(_MODULE_COLUMNS),

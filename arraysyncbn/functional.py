@@ -42,6 +42,7 @@ __all__ = [
     "NonFiniteWarning",
     "PrecisionWarning",
     "SavedForBackward",
+    "batch_norm_inference",
     "check_consistency",
     "check_input",
     "statistics_device",
@@ -1085,6 +1086,106 @@ def sync_batch_norm_forward(
         next_center, label,
     )  # fmt: skip
     return y if caller_out is None else caller_out, new_mean, new_var, saved
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_HOST_FLOATS = frozenset((_F32, _F64))
+_NDARRAY = {np.ndarray}
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+
+def batch_norm_inference(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    running_mean: Array,
+    running_var: Array,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> Array:
+    """Batch normalization in eval mode: ``x`` normalized with the running statistics.
+
+    ``y = (x − running_mean) / sqrt(running_var + eps) · weight + bias`` per
+    channel, computed as :func:`sync_batch_norm_forward` computes it with
+    ``training=False`` (centered first, never ``x·scale + shift``), with the
+    same result bit for bit. Nothing is communicated and nothing is kept for
+    a backward (call :func:`sync_batch_norm_forward` where gradients are
+    needed), so on the host route the call does far less around its single
+    kernel: that is what counts at small inputs (inference, a batch of one).
+
+    Parameters
+    ----------
+    x : array, at least 2-D, real floating dtype
+        Channels on ``axis``.
+    weight, bias : arrays of shape ``(C,)`` or None
+    running_mean, running_var : arrays of shape ``(C,)``
+        Required (a layer without them normalizes with batch statistics,
+        which :func:`sync_batch_norm_forward` computes across ranks).
+    eps : float > 0
+    axis : int
+        Channel axis.
+
+    Returns
+    -------
+    y : array like ``x`` (namespace, device, dtype, shape)
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`sync_batch_norm_forward`; ValueError if either running
+        statistic is None.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from arraysyncbn import batch_norm_inference
+    >>> x = xp.reshape(xp.arange(6, dtype=xp.float64), (3, 2))
+    >>> mean, var = xp.asarray([2.0, 3.0]), xp.asarray([4.0, 1.0])
+    >>> y = batch_norm_inference(x, None, None, mean, var, eps=1e-12)
+    >>> [float(v) for v in y[:, 0]]
+    [-1.0, 0.0, 1.0]
+    """
+    params = (weight, bias, running_mean, running_var)
+    if (
+        type(x) is np.ndarray
+        and (x.dtype is _F32 or x.dtype is _F64)
+        and _inference_args_valid(x, params, axis, eps)
+        and not _fast.host_route_off()
+    ):
+        library = _fast.THREADS_AS.get() or "numpy"
+        y = _fast.host_inference(x, axis % x.ndim, params, eps, library)
+        if y is not None:
+            return y
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_norm_inference normalizes with running statistics: running_mean and "
+            "running_var must both be given (sync_batch_norm_forward uses batch statistics)"
+        )
+    y, _, _, _ = sync_batch_norm_forward(
+        x, weight, bias, running_mean, running_var, training=False, eps=eps, axis=axis
+    )
+    return y
+
+
+def _inference_args_valid(x: np.ndarray, params: tuple[Any, ...], axis: Any, eps: Any) -> bool:
+    """True when :func:`batch_norm_inference`'s arguments are plainly valid for
+    the host kernel (float32/float64 numpy vectors of x's channel count, both
+    running statistics given); False sends the call through the full
+    validation, which raises the precise error or accepts the rest."""
+    if type(axis) is not int or x.ndim < 2 or not -x.ndim <= axis < x.ndim:
+        return False
+    if params[2] is None or params[3] is None or type(eps) is not float or not 0.0 < eps < math.inf:
+        return False
+    arrays = params
+    if params[0] is None or params[1] is None:  # no weight or no bias
+        arrays = tuple(a for a in params if a is not None)
+    # One set per property, filled by C-level loops: asked on every call.
+    return (
+        set(map(type, arrays)) == _NDARRAY
+        and set(map(_SHAPE, arrays)) == {(x.shape[axis],)}
+        and set(map(_DTYPE, arrays)) <= _HOST_FLOATS
+    )
 
 
 def _result(io: Any, a: Array, out: Array | None) -> Array:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import operator
 import warnings
 import weakref
 from typing import Any
@@ -195,9 +196,12 @@ def _forward_ad_active() -> bool:
 
 
 _HOST_DTYPES = (torch.float32, torch.float64)
-# numpy's dtypes of the views of float32 and float64 tensors (numpy's own
-# instances, compared by identity: asked for every tensor of every call).
-_NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# numpy's dtypes of the views of float32 and float64 tensors (asked for every
+# tensor of every call, in one set operation).
+_NUMPY_FLOATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
+_DETACH, _NUMPY = torch.Tensor.detach, torch.Tensor.numpy
+_DTYPE = operator.attrgetter("dtype")
+_NONE_TYPE = type(None)
 # torch ≥ 2.1; without it the numpy route's buffer writes go through torch ops.
 _increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
 
@@ -236,24 +240,21 @@ def _host_views(
         # Half precision keeps the tensor route; asked first because numpy()
         # of a bfloat16 tensor raises, and a C++ exception costs ~60 µs.
         return None
-    floats = _NUMPY_FLOATS
-    out = []
-    try:
-        v = x.detach().numpy()
-        if v.dtype is not floats[0] and v.dtype is not floats[1]:
-            return None
-        out.append(v)
-        for t in tensors:
-            if t is None:
-                out.append(None)
-                continue
-            v = t.detach().numpy()
-            if v.dtype is not floats[0] and v.dtype is not floats[1]:
-                return None
-            out.append(v)
+    present = (x, *tensors)
+    # affine=False, or no running statistics. By type: `None in tensors`
+    # compares each tensor with None through torch, ~45 µs.
+    if _NONE_TYPE in map(type, tensors):
+        present = tuple(t for t in present if t is not None)
+    try:  # C-level loops: asked on every call
+        arrays = tuple(map(_NUMPY, map(_DETACH, present)))
     except (RuntimeError, TypeError):
         return None
-    return tuple(out)
+    if not set(map(_DTYPE, arrays)) <= _NUMPY_FLOATS:
+        return None
+    if len(arrays) == len(tensors) + 1:
+        return arrays
+    found = iter(arrays)
+    return (next(found), *(None if t is None else next(found) for t in tensors))
 
 
 def _numpy_writable(state: _SyncState, mean: Any, var: Any, tracked: torch.Tensor | None) -> bool:
@@ -660,6 +661,11 @@ class SyncBatchNorm(_BatchNorm):
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         training, tracking = self.training, self.track_running_stats
+        tensors = self._tensors()
+        if not training:
+            y = self._inference(x, tensors)
+            if y is not None:
+                return y
         # Like torch.nn.SyncBatchNorm, only training mode communicates (and
         # uses batch statistics then, whatever track_running_stats says).
         state = self._sync
@@ -678,7 +684,7 @@ class SyncBatchNorm(_BatchNorm):
             state.calls += 1
             label = CallLabel._trusted("forward", state.calls, state.layer)
         momentum = self.momentum
-        weight, bias, running_mean, running_var, tracked = self._tensors()
+        weight, bias, running_mean, running_var, tracked = tensors
         count = 0
         if training and tracking and momentum is None:
             if tracked is None:  # as torch: no count, no cumulative average
@@ -726,6 +732,37 @@ class SyncBatchNorm(_BatchNorm):
             # last finite center, or one NaN batch would poison every merge.
             state.center, state.device = saved.center, x.device  # type: ignore[union-attr]
         return y
+
+    def _inference(
+        self, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
+    ) -> torch.Tensor | None:
+        """Eval mode with nothing to differentiate (no_grad, inference_mode,
+        frozen layers) on plain CPU float32/float64 tensors with running
+        statistics: :func:`arraysyncbn.functional.batch_norm_inference` on
+        their numpy views, the values of the full step with a fraction of
+        its per-call work (inference at small batches). None elsewhere: the
+        full step runs. ``tensors``: :meth:`_tensors`."""
+        weight, bias, running_mean, running_var, _ = tensors
+        if running_mean is None or running_var is None:
+            return None  # batch statistics, as torch's eval without them
+        if (
+            torch.is_grad_enabled()
+            and (
+                x.requires_grad
+                or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+            )
+        ) or _forward_ad_active():
+            return None
+        views = _host_views(x, (weight, bias, running_mean, running_var), None)
+        if views is None:
+            return None
+        token = _fast.THREADS_AS.set("torch")
+        try:
+            y = F.batch_norm_inference(*views, eps=self.eps, axis=1)
+        finally:
+            _fast.THREADS_AS.reset(token)
+        return torch.from_numpy(y)
 
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
         """weight, bias, running_mean, running_var, num_batches_tracked.

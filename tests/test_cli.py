@@ -213,6 +213,7 @@ def test_bench_quick_json_reports_every_contender() -> None:
             if nchw:
                 m = row["torch_module"]
                 assert m["ratio"] > 0 and set(m["fwd_bwd"]) == {"ours", "torch"}
+                assert m["eval_ratio"] > 0 and set(m["eval"]) == {"ours", "torch"}
 
 
 def test_bench_markdown_has_the_module_table() -> None:
@@ -220,7 +221,10 @@ def test_bench_markdown_has_the_module_table() -> None:
     pytest.importorskip("torch")
     out = run("bench", "--quick", "--repeats", "3", "--default-allocator-only", "--markdown")
     assert out.returncode == 0, out.stderr
-    assert "| case | arraysyncbn.torch.SyncBatchNorm | torch.nn.BatchNorm2d | ratio |" in out.stdout
+    assert (
+        "| case | arraysyncbn.torch.SyncBatchNorm fwd+bwd | torch.nn.BatchNorm2d fwd+bwd | ratio "
+        "| ours eval | BatchNorm2d eval | eval ratio |"
+    ) in out.stdout
     assert "| (4,64,28,28) NCHW |" in out.stdout.split("Modules (default allocator)")[1]
 
 

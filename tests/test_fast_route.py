@@ -420,6 +420,61 @@ def test_threaded_kernels_match_serial_ones(monkeypatch) -> None:
         _close(threaded[key], serial[key], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "2-d", "strided"])
+@pytest.mark.parametrize(
+    "x_dtype, p_dtype, affine",
+    [(np.float32, np.float32, True), (np.float32, np.float64, True),
+     (np.float64, np.float32, False), (np.float64, np.float64, True)],
+)  # fmt: skip
+def test_inference_is_the_eval_forward_on_every_host_path(
+    threads, layout, x_dtype, p_dtype, affine, monkeypatch
+) -> None:
+    """batch_norm_inference's one host kernel (serial, and threaded above the
+    threshold) gives the eval forward's bits: float64 running statistics
+    with float32 x exercise the mean's low part; statistics far from zero
+    would show the uncompensated ``x·scale + shift``; a strided x takes the
+    delegated route."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    monkeypatch.setenv("ARRAYSYNCBN_THREADS", threads)
+    rng = np.random.default_rng(7)
+    shape, axis = {
+        "nchw": ((6, 24, 20, 20), 1), "channels-last": ((6, 20, 20, 24), 3),
+        "2-d": ((3000, 24), 1), "strided": ((12, 24, 20, 20), 1),
+    }[layout]  # fmt: skip
+    x = (rng.standard_normal(shape) * 3.0 + 1e4 / 3).astype(x_dtype)
+    if layout == "strided":
+        x = x[::2]
+    c = shape[axis]
+    w, b = (rng.standard_normal((2, c)) + 1).astype(p_dtype) if affine else (None, None)
+    rm = (1e4 / 3 + rng.standard_normal(c)).astype(p_dtype)
+    rv = (9.0 + rng.random(c)).astype(p_dtype)
+    if threads == "2":
+        monkeypatch.setattr(host, "PARALLEL_MIN_BYTES", 0)
+    want = sbn.sync_batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis)[0]
+    got = sbn.batch_norm_inference(x, w, b, rm, rv, axis=axis)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert got.tobytes() == want.tobytes()
+    ref = ref_forward([x], w, b, rm, rv, training=False, axis=axis).ys[0]
+    # A few units of x's precision at |y| ≲ 10 (the forward's bound is the
+    # property tests'; here it only says the bits above are the right ones).
+    assert np.max(np.abs(got - ref)) < 64 * np.finfo(x_dtype).eps * 10
+
+
+def test_inference_refuses_what_the_forward_refuses(monkeypatch) -> None:
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")
+    x = np.ones((4, 3, 5), np.float32)
+    v = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="running_mean and running_var must both be given"):
+        sbn.batch_norm_inference(x, None, None, v, None)
+    with pytest.raises(ValueError, match="weight"):
+        sbn.batch_norm_inference(x, np.ones(4, np.float32), None, v, v)
+    with pytest.raises(ValueError, match="eps"):
+        sbn.batch_norm_inference(x, None, None, v, v, eps=-1.0)
+    with pytest.raises(TypeError):
+        sbn.batch_norm_inference(x.astype(np.int32), None, None, v, v)
+
+
 @pytest.mark.parametrize("shape, axis", [((8, 16, 32, 32), 1), ((8, 32, 32, 16), 3)])
 def test_host_route_allocates_nothing_x_sized_but_y_and_dx(shape, axis, monkeypatch) -> None:
     monkeypatch.setenv("ARRAYSYNCBN_FAST", "1")

@@ -226,6 +226,74 @@ def test_no_grad_and_inference_mode_update_running_statistics() -> None:
     assert int(ours.num_batches_tracked) == 2
 
 
+def _count_inference_calls(monkeypatch) -> list[int]:
+    """A list that grows by one at each call of functional.batch_norm_inference."""
+    calls: list[int] = []
+    inference = sbn.functional.batch_norm_inference
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inference(*args, **kwargs)
+
+    monkeypatch.setattr(sbn.functional, "batch_norm_inference", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "frozen", "threads"])
+def test_eval_without_autograd_takes_the_inference_kernel(
+    dtype, channels_last, how, monkeypatch
+) -> None:
+    """Eval with nothing to differentiate runs batch_norm_inference on numpy
+    views (one kernel, little Python): the bits of the full step (run with
+    x requiring grad), BatchNorm2d's values, a tensor like x, and nothing
+    written to the buffers."""
+    monkeypatch.delenv("ARRAYSYNCBN_FAST", raising=False)
+    calls = _count_inference_calls(monkeypatch)
+    ours, ref = _pair(dtype)
+    ours.eval(), ref.eval()
+    shape = (64, C, 40, 40) if how == "threads" else (4, C, 5, 6)  # above 512 KiB: threaded
+    x = torch.randn(shape, dtype=dtype) * 3 + 20
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    full = ours(x.detach().requires_grad_(True)).detach()
+    assert not calls
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    if how == "frozen":
+        ours.requires_grad_(False)
+        y = ours(x)
+    elif how == "inference_mode":
+        with torch.inference_mode():
+            y = ours(x)
+    else:
+        with torch.no_grad():
+            y = ours(x)
+    assert calls == [1]
+    assert not y.requires_grad and y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    assert torch.equal(y.view(bits), full.view(bits))
+    with torch.no_grad():
+        _close(y, ref(x), TOL[dtype] * 4, "eval y")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_eval_inference_kernel_leaves_other_cases_to_the_full_step(monkeypatch) -> None:
+    """Half precision, no running statistics (batch statistics in eval) and
+    the portable route (ARRAYSYNCBN_FAST=0) keep the full step."""
+    calls = _count_inference_calls(monkeypatch)
+    x = torch.randn(4, C, 5, 6)
+    with torch.no_grad():
+        SyncBatchNorm(C).eval().to(torch.bfloat16)(x.bfloat16())
+        SyncBatchNorm(C, track_running_stats=False).eval()(x)
+        monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
+        ours, ref = _pair()
+        _close(ours.eval()(x), ref.eval()(x), TOL[torch.float32], "portable eval y")
+    assert not calls
+
+
 def test_training_counts_num_batches_tracked_in_place_with_a_version_bump() -> None:
     """The count is written through its numpy view: still in place (the same
     tensor), and bumped in torch's version counter as add_ would."""

@@ -46,6 +46,7 @@ __all__ = [
     "environ_reader",
     "explicit_threads",
     "host_all_finite",
+    "host_inference",
     "host_io",
     "host_kernels",
     "route_info",
@@ -375,6 +376,13 @@ def cuda_kernels(xp: Any, x: Any, axis: int, acc: Any, sdev: Any, sdt: Any, devi
     from . import cuda  # numba.cuda: imported only on request
 
     return cuda.bind(xp, x, axis, acc, sdev, sdt, device)
+
+
+def host_inference(
+    x: np.ndarray, axis: int, params: tuple[Any, ...], eps: float, library: str
+) -> Any:
+    """:func:`.host.inference` (asked once :func:`host_route_off` has loaded the host module)."""
+    return _host_module.inference(x, axis, params, eps, library)
 
 
 def host_kernels(io: HostIO) -> Any:

@@ -514,6 +514,45 @@ class HostKernels:
         return dx
 
 
+def inference(
+    x: np.ndarray, axis: int, params: tuple[Any, ...], eps: float, library: str
+) -> np.ndarray | None:
+    """Batch norm in eval mode on float32/float64 ``x`` (params: weight or None,
+    bias or None, running mean, running variance; float32/float64 vectors):
+    ``HostKernels.eval_factors`` then ``normalize`` in one kernel call, the
+    same bits. None where x cannot be viewed as a block without a copy.
+    ``library``: whose thread count applies (see :func:`thread_count`)."""
+    shape = x.shape
+    channels = shape[axis]
+    if x.flags.c_contiguous:  # the common case, without layout()'s general walk
+        block = (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
+        xb = x.reshape(block)
+        y = np.empty(shape, x.dtype)
+        yb = y.reshape(block)
+    else:
+        mode = layout(x, axis)
+        if mode is None:
+            return None
+        xb = block_view(x, axis, mode)
+        y = empty_in_layout(x, axis, mode)
+        yb = block_view(y, axis, mode)
+    weight, bias, rm, rv = params
+    args = (
+        xb, rm, rv, eps,
+        _ones(channels) if weight is None else weight,
+        _zeros(channels) if bias is None else bias,
+        yb,
+    )  # fmt: skip
+    parts = 1 if x.nbytes < PARALLEL_MIN_BYTES else thread_count(library)
+    if parts == 1:
+        hk.inference_serial(*args)
+    else:
+        _set_threads(parts)
+        with _LAUNCH:
+            hk.inference_parallel(*args, parts)
+    return y
+
+
 class _Types:
     """functional's result types, imported on first use (functional imports
     this module) and kept: an import statement per call costs microseconds."""

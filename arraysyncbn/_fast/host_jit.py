@@ -667,6 +667,32 @@ def eval_factors(rm, rv, eps, weight, bias, stats, hi, lo, scale, shift):  # pra
 
 
 @numba.njit(**_OPTS)
+def _inference_factors(rm, rv, eps, weight, bias, y):  # pragma: no cover - compiled
+    """:func:`eval_factors` into fresh rows ``hi, lo, scale, shift`` of y's
+    dtype (float32 or float64 y: the work dtype)."""
+    channels = rm.shape[0]
+    stats = np.empty((2, channels))
+    f = np.empty((4, channels), y.dtype)
+    eval_factors(rm, rv, eps, weight, bias, stats, f[0], f[1], f[2], f[3])
+    return f
+
+
+@numba.njit(**_OPTS)
+def inference_serial(x, rm, rv, eps, weight, bias, y):  # pragma: no cover - compiled
+    """Eval mode in one call: :func:`eval_factors`, then :func:`normalize_serial`
+    (float32 or float64 x and y; the same operations, so the same bits)."""
+    f = _inference_factors(rm, rv, eps, weight, bias, y)
+    _normalize_body(x, f[0], f[1], f[2], f[3], y, 1, 0)
+
+
+@numba.njit(parallel=True, **_OPTS)
+def inference_parallel(x, rm, rv, eps, weight, bias, y, nparts):  # pragma: no cover - compiled
+    f = _inference_factors(rm, rv, eps, weight, bias, y)
+    for i in numba.prange(nparts):
+        _normalize_body(x, f[0], f[1], f[2], f[3], y, nparts, i)
+
+
+@numba.njit(**_OPTS)
 def split_low(mean, hi, lo):  # pragma: no cover - compiled
     """``lo = mean − hi`` in the work dtype; zero where that is float64 (hi
     holds the mean exactly: the portable route has no ``lo`` then, and an
