@@ -23,6 +23,7 @@ from arraysyncbn._fast import host
 from arraysyncbn.testing import (
     backward_bounds,
     channel_bound,
+    dtype_eps,
     forward_bounds,
     reference_backward,
     to_numpy,
@@ -459,6 +460,35 @@ def test_inference_is_the_eval_forward_on_every_host_path(
     # A few units of x's precision at |y| ≲ 10 (the forward's bound is the
     # property tests'; here it only says the bits above are the right ones).
     assert np.max(np.abs(got - ref)) < 64 * np.finfo(x_dtype).eps * 10
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 3, 5), 1), ((6, 3), 1), ((4, 5, 3), -1)])
+def test_eval_backward_does_not_read_x(backend, shape, axis) -> None:
+    """In eval mode the statistics are constants: dx = scale·dy, whatever x
+    holds. The host route computed ``(dy − 0) − (x − mean)·0``, NaN wherever
+    x was infinite or NaN, where the portable route, the reference and
+    torch give a finite dx (a frozen layer's input gradient)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    x.flat[[0, 5, 7]] = [np.inf, -np.inf, np.nan]
+    dy = rng.standard_normal(shape)
+    c = shape[axis]
+    w, b = rng.random(c) + 0.5, rng.standard_normal(c)
+    rm, rv = rng.standard_normal(c), rng.random(c) + 0.5
+    ref = ref_forward([x], w, b, rm, rv, training=False, axis=axis)
+    want = reference_backward(ref, [dy], w).dxs[0]
+    for dtype in backend.dtypes:
+        pd = backend.param_dtype(dtype)
+        args = [backend.asarray(a, pd) for a in (w, b, rm, rv)]
+        with routed(backend):
+            _, _, _, saved = sbn.sync_batch_norm_forward(
+                backend.asarray(x, dtype), *args, training=False, axis=axis
+            )
+            dx, _, _ = sbn.sync_batch_norm_backward(backend.asarray(dy, dtype), saved)
+        assert saved.route == backend.expected_route(dtype)
+        got = to_numpy(dx).astype(np.float64)
+        assert np.isfinite(got).all(), (dtype, got)
+        np.testing.assert_allclose(got, want, rtol=4 * dtype_eps(dtype), atol=0, err_msg=dtype)
 
 
 def test_inference_refuses_what_the_forward_refuses(monkeypatch) -> None:

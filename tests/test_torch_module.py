@@ -294,6 +294,21 @@ def test_eval_inference_kernel_leaves_other_cases_to_the_full_step(monkeypatch) 
     assert not calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_input_gradient_ignores_non_finite_inputs_like_batchnorm2d(dtype) -> None:
+    """A frozen layer's input gradient is weight·invstd·dy whatever x holds:
+    an infinite x gave NaN in x.grad (BatchNorm2d: finite)."""
+    ours, ref = _pair()
+    ours.eval().to(dtype), ref.eval().to(dtype)
+    x = torch.randn(4, C, 3, 3).to(dtype)
+    x[0, 0, 0, 0], x[1, 2, 1, 1], x[2, 1, 0, 2] = float("inf"), float("-inf"), float("nan")
+    dy = torch.randn(4, C, 3, 3).to(dtype)
+    (_, (dx, *_)), (_, (dx_ref, *_)) = _grads(ours, x, dy), _grads(ref, x, dy)
+    assert torch.isfinite(dx).all()
+    ulps = 2 * torch.finfo(dtype).eps  # both round a float32 product, scales computed apart
+    torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=ulps, atol=0)
+
+
 def test_training_counts_num_batches_tracked_in_place_with_a_version_bump() -> None:
     """The count is written through its numpy view: still in place (the same
     tensor), and bumped in torch's version counter as add_ would."""

@@ -492,22 +492,26 @@ class HostKernels:
         k: Any,
         out: np.ndarray | None,
     ) -> np.ndarray:
-        """Return ``scale·((dy − mean_dy) − (x − mean)·k)`` (``scale·dy`` for None)."""
-        if mean_dy is None or k is None:
-            mean_dy = k = np.zeros_like(f.hi)
+        """Return ``scale·((dy − mean_dy) − (x − mean)·k)`` (``scale·dy`` for None,
+        without reading x)."""
         dyb = self._like_x(dy, x)
         # An out= walked unlike x (the forward's bind() saw only its own
         # out=) gets dx computed in x's layout, then copied in.
         view = None if out is None else self._view(out, x)
         dx, dxb = self._new(x) if view is None else (out, view)
         self._dy = None  # the last use: do not keep dy (or its copy) alive
-        args = (dyb, self.xb, f.hi, f.lo, f.scale, mean_dy, k, dxb)
+        if mean_dy is None or k is None:  # eval: the statistics are constants
+            args: tuple[Any, ...] = (dyb, f.scale, dxb)
+            serial, parallel = hk.backward_scale_serial, hk.backward_scale_parallel
+        else:
+            args = (dyb, self.xb, f.hi, f.lo, f.scale, mean_dy, k, dxb)
+            serial, parallel = hk.backward_input_serial, hk.backward_input_parallel
         if self.parts == 1:
-            hk.backward_input_serial(*args)
+            serial(*args)
         else:
             _set_threads(self.parts)
             with _LAUNCH:
-                hk.backward_input_parallel(*args, self.parts)
+                parallel(*args, self.parts)
         if out is not None and view is None:
             out[...] = dx
             return out

@@ -475,6 +475,40 @@ def backward_input_parallel(dy, x, hi, lo, scale, mdy, k, dx, nparts):  # pragma
 
 
 @numba.njit(**_OPTS)
+def _bscale_body(dy, scale, dx, nparts, i):  # pragma: no cover - compiled
+    c_count = dy.shape[1]
+    if dy.shape[2] == 1:
+        p0, p1 = chunk(dy.shape[0], nparts, i)
+        for p in range(p0, p1):
+            for c in range(c_count):
+                dx[p, c, 0] = stored(work(dy[p, c, 0]) * scale[c], dx)
+    else:
+        u0, u1 = chunk(dy.shape[0] * c_count, nparts, i)
+        for u in range(u0, u1):
+            p = u // c_count
+            c = u - p * c_count
+            s = scale[c]
+            gr = dy[p, c]
+            dr = dx[p, c]
+            for q in range(gr.shape[0]):
+                dr[q] = stored(work(gr[q]) * s, dr)
+
+
+@numba.njit(**_OPTS)
+def backward_scale_serial(dy, scale, dx):  # pragma: no cover - compiled
+    """``dx = scale·dy`` in the work dtype: the backward input of eval mode,
+    whose statistics are constants (x is not read: an infinite x must not
+    turn dx into NaN through ``(x − mean)·0``)."""
+    _bscale_body(dy, scale, dx, 1, 0)
+
+
+@numba.njit(parallel=True, **_OPTS)
+def backward_scale_parallel(dy, scale, dx, nparts):  # pragma: no cover - compiled
+    for i in numba.prange(nparts):
+        _bscale_body(dy, scale, dx, nparts, i)
+
+
+@numba.njit(**_OPTS)
 def all_finite(v):  # pragma: no cover - compiled
     """Whether every element of the 1-D float array ``v`` is finite."""
     for i in range(v.shape[0]):
