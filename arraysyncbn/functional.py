@@ -109,10 +109,47 @@ class SavedForBackward:
     io: Any
     center: Array | None = None
     label: CallLabel | None = None
+    # x's shape and dtype while it is released (see release_input).
+    released: tuple[Any, Any] | None = None
 
     @property
     def route(self) -> str:
         return str(self.kern.name)
+
+    def release_input(self) -> None:
+        """Drop this record's references to the forward's x until
+        :meth:`restore_input` gives it back.
+
+        For framework adapters whose framework keeps x itself for the
+        backward and frees it afterwards (torch's ``save_for_backward``):
+        a record kept past the backward (an autograd node outlives it while
+        anything downstream is referenced) then holds per-channel values
+        only, not an x-sized array. :func:`sync_batch_norm_backward` on a
+        released record raises ValueError.
+        """
+        x = self.x
+        if x is not None:
+            self.released = (x.shape, x.dtype)
+            self.kern.release_input()
+            self.x = None
+
+    def restore_input(self, x: Array) -> None:
+        """Give back the forward's x (the array passed to the forward, or one
+        with its values, shape, dtype and memory layout) after
+        :meth:`release_input`. ValueError for any other shape, dtype or
+        layout."""
+        released = self.released
+        if released is None:
+            return
+        io = self.io
+        xk = x if io is None or io.library == "numpy" else io.to_numpy(x)
+        if xk.shape != released[0] or xk.dtype != released[1]:
+            raise ValueError(
+                f"restore_input got an array of shape {tuple(xk.shape)} and dtype {xk.dtype}; "
+                f"the forward's x had shape {tuple(released[0])} and dtype {released[1]}"
+            )
+        self.kern.restore_input(xk)
+        self.x, self.released = xk, None
 
 
 def _namespace(**arrays: Array | None) -> Any:
@@ -380,6 +417,12 @@ class PortableKernels:
     def __init__(self, xp: Any, axis: int, acc: Any, sdev: Any, sdt: Any, device: Any) -> None:
         self.xp, self.axis, self.acc, self.sdev, self.sdt = xp, axis, acc, sdev, sdt
         self.device = device
+
+    def release_input(self) -> None:
+        """Forget x (see :meth:`SavedForBackward.release_input`): this route keeps none."""
+
+    def restore_input(self, x: Array) -> None:
+        """Take x back after :meth:`release_input`: nothing to do here."""
 
     def pack_statistics(self, x: Array, center: Array | None, tail: tuple[float, ...]) -> Array:
         """``[n, Σ(x − center), Σ(x − center)², *tail]`` on the statistics device
@@ -1234,6 +1277,11 @@ def sync_batch_norm_backward(
         )
     xp, kern, io, f = saved.xp, saved.kern, saved.io, saved.factors
     x, caller_out, caller_dy = saved.x, out, dy
+    if x is None:
+        raise ValueError(
+            "the forward's x was released (SavedForBackward.release_input) and not "
+            "restored: call saved.restore_input(x) before the backward"
+        )
     views = None if io is None else io.views((dy, out))
     if views is not None and _host_grads_valid(x, *views, io.bits):
         dy, out = views  # lean path: plain host arrays

@@ -319,10 +319,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         call: _Call,
     ) -> torch.Tensor:
         y = _forward(x, weight, bias, call)
-        # x itself is kept by ``saved`` (as a view); saving it here too makes
-        # autograd's version counter catch an in-place change before backward.
+        # x is kept by autograd alone, as torch's own layers keep it: freed
+        # after the backward (unless retain_graph), version-checked against
+        # in-place changes. The record on ctx, which lives as long as the
+        # graph, keeps per-channel values only.
         ctx.save_for_backward(x)
-        ctx.saved = call.saved
+        saved = call.saved
+        saved.release_input()  # type: ignore[union-attr]
+        ctx.saved = saved
         ctx.numpy = call.views is not None
         return y
 
@@ -341,6 +345,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 dy = dy.numpy()  # y's dtype: float32 or float64
             except RuntimeError:
                 dy = dy.detach().resolve_neg().numpy()
+        saved = ctx.saved
+        saved.restore_input(x.detach().numpy() if ctx.numpy else x)
         token = _fast.THREADS_AS.set("torch" if ctx.numpy else None)
         # autograd runs a backward with grad mode off, unless create_graph.
         mode = torch.no_grad() if create_graph else contextlib.nullcontext()
@@ -349,9 +355,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 # Every rank runs the whole backward, dx included, even where x
                 # needs no gradient: the backward's allreduce must happen on every
                 # rank alike, and needs_input_grad need not agree across ranks.
-                dx, dweight, dbias = F.sync_batch_norm_backward(dy, ctx.saved)
+                dx, dweight, dbias = F.sync_batch_norm_backward(dy, saved)
         finally:
             _fast.THREADS_AS.reset(token)
+            saved.release_input()
         need = ctx.needs_input_grad
         if ctx.numpy:  # numpy results (None where there is no weight or bias)
             from_numpy = torch.from_numpy

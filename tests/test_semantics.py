@@ -16,6 +16,7 @@ from arraysyncbn.testing import (
     to_numpy,
 )
 
+from backends import routed
 from comms import CountingComm, ForbiddenComm
 
 
@@ -357,3 +358,31 @@ def test_float64_far_from_zero_is_exact_from_the_first_step(backend) -> None:
         assert calls_first[r] == 3 and len(c.calls) == 4
         assert_close_to_reference(first[r], ref.ys[r], 1e-9)
         assert_close_to_reference(second[r], ref.ys[r], 1e-9)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_released_input_is_needed_back_before_the_backward(backend, training) -> None:
+    """SavedForBackward.release_input drops the record's x (a framework keeps
+    it instead); the backward refuses until restore_input gives back an x
+    like the forward's, and then gives the bits of an unreleased record."""
+    rng = np.random.default_rng(5)
+    x_np, dy_np = rng.standard_normal((2, 6, 4, 3)), rng.standard_normal((2, 6, 4, 3))
+    p = [rng.random(6) + 0.5, rng.standard_normal(6), rng.standard_normal(6), rng.random(6) + 1]
+    dtype = backend.dtypes[0]
+    x, dy = backend.asarray(x_np, dtype), backend.asarray(dy_np, dtype)
+    params = [backend.asarray(a, backend.param_dtype(dtype)) for a in p]
+    with routed(backend):
+        want = sbn.sync_batch_norm_backward(
+            dy, sbn.sync_batch_norm_forward(x, *params, training=training)[3]
+        )
+        _, _, _, saved = sbn.sync_batch_norm_forward(x, *params, training=training)
+        saved.release_input()
+        assert saved.x is None
+        with pytest.raises(ValueError, match="released"):
+            sbn.sync_batch_norm_backward(dy, saved)
+        with pytest.raises(ValueError, match="shape"):
+            saved.restore_input(x[:1, ...])
+        saved.restore_input(backend.asarray(x_np, dtype))  # the same values, another array
+        got = sbn.sync_batch_norm_backward(dy, saved)
+    for g, w in zip(got, want, strict=True):
+        assert to_numpy(g).tobytes() == to_numpy(w).tobytes()

@@ -309,6 +309,63 @@ def test_eval_input_gradient_ignores_non_finite_inputs_like_batchnorm2d(dtype) -
     torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=ulps, atol=0)
 
 
+@pytest.mark.parametrize("route", ["numpy views", "bfloat16 tensors", "portable"])
+def test_the_graph_does_not_keep_the_input_alive_after_backward(route, monkeypatch) -> None:
+    """As torch's own layers: x is freed after the backward although the
+    graph (held through the loss, e.g. ``total += loss``) lives on; kept
+    with retain_graph, whose second backward gives the same gradients. The
+    layer's record on the autograd node used to hold x until the graph died."""
+    import gc
+    import weakref
+
+    if route == "portable":
+        monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
+    dtype = torch.bfloat16 if route == "bfloat16 tensors" else torch.float32
+
+    def probe(module, retain):
+        """Whether x is alive after the backward (and, with retain_graph,
+        after the second backward, which frees it)."""
+        buf = np.random.default_rng(0).standard_normal((4, C, 5, 5)).astype(np.float32)
+        if dtype == torch.bfloat16:  # its bit patterns, in memory numpy owns
+            buf = torch.from_numpy(buf).to(dtype).view(torch.int16).numpy().copy()
+        x = torch.from_numpy(buf).view(dtype)
+        alive = weakref.ref(buf)  # x's memory: freed with the last tensor on it
+        del buf
+        loss = module(x).float().square().sum()
+        del x
+        loss.backward(retain_graph=retain)
+        gc.collect()
+        kept = [alive() is not None]
+        if retain:
+            grads = [p.grad.clone() for p in module.parameters()]
+            loss.backward()
+            for g, h in zip(grads, module.parameters(), strict=True):
+                torch.testing.assert_close(h.grad, 2 * g)
+            gc.collect()
+            kept.append(alive() is not None)
+        assert loss.grad_fn is not None  # the graph itself lives on
+        return kept
+
+    for retain in (False, True):
+        ours, ref = _pair()
+        ours.to(dtype), ref.to(dtype)
+        want = [True, False] if retain else [False]
+        assert probe(ref, retain) == want  # torch's own layer, for the record
+        assert probe(ours, retain) == want
+
+
+def test_saved_tensor_hooks_see_the_input(monkeypatch) -> None:
+    """x goes through autograd's saved-tensor machinery, so hooks such as
+    save_on_cpu (which hand back a copy) work, with the same gradients."""
+    ours, _ = _pair()
+    x, dy = torch.randn(4, C, 5, 5), torch.randn(4, C, 5, 5)
+    _, want = _grads(ours, x, dy)
+    with torch.autograd.graph.save_on_cpu():
+        _, got = _grads(ours, x, dy)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_training_counts_num_batches_tracked_in_place_with_a_version_bump() -> None:
     """The count is written through its numpy view: still in place (the same
     tensor), and bumped in torch's version counter as add_ would."""

@@ -74,6 +74,16 @@ class CudaKernels(PortableKernels):
         self.per_channel = int(self.xf.shape[0]) // channels if channels else 0
         return self
 
+    def release_input(self) -> None:
+        """Forget x (see ``SavedForBackward.release_input``)."""
+        self.xf = None
+
+    def restore_input(self, x: Any) -> None:
+        """Take x back after :meth:`release_input`, walked as before."""
+        mode = self.mode
+        if self.bind(x) is None or self.mode != mode:
+            raise ValueError("restore_input got an x laid out unlike the forward's")
+
     # -- arrays in x's layout -----------------------------------------------------
     def _empty(self, x: Any) -> tuple[Any, Any]:
         """A new array like x, walked as x is, and its flat view."""

@@ -253,6 +253,7 @@ class HostKernels:
         self.axis = 0
         self.mode = "c"
         self.xb: np.ndarray = _NO_BLOCK
+        self._released: tuple[int, ...] = ()  # xb's shape while x is released
         self.parts = 1
         # The last dy and its block view: the backward's two kernels read the
         # same dy, which may need one copy into x's layout, not two.
@@ -272,6 +273,23 @@ class HostKernels:
         else:
             self.parts = thread_count(THREADS_AS.get() or self.io.library)
         return self
+
+    def release_input(self) -> None:
+        """Forget x's block (see ``SavedForBackward.release_input``), keeping its shape."""
+        self._released = self.xb.shape
+        self.xb = _NO_BLOCK
+        self._dy = None
+
+    def restore_input(self, x: np.ndarray) -> None:
+        """Take x back after :meth:`release_input`: its block, walked as before."""
+        shape = self._released
+        if self.mode == "c" and x.flags.c_contiguous:  # the common case, as in _block
+            xb = _bits(x).reshape(shape)
+        else:
+            xb = block_view(_bits(x), self.axis, self.mode)
+        if xb is None or xb.shape != shape:
+            raise ValueError("restore_input got an x laid out unlike the forward's")
+        self.xb = xb
 
     def _block(self, a: np.ndarray) -> np.ndarray | None:
         """``a`` (x's shape and dtype) as a block walked like x's, or None.
