@@ -24,6 +24,7 @@ import numbers
 import operator
 import os
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -693,24 +694,41 @@ def _check_signature(
 def _warn_if_imprecise(loss: float, tolerance: float) -> None:
     """Warn (every rank alike: loss comes from reduced values) past the tolerance."""
     if loss > tolerance:
-        warnings.warn(
+        warn_at_caller(
             f"SyncBN statistics may have lost precision (relative variance error up to "
             f"{loss:.1e}) even after a second pass centered on the reduced mean",
             PrecisionWarning,
-            stacklevel=3,
         )
 
 
 def _warn_nonfinite(channels: tuple[int, ...]) -> None:
     """Name the channels whose statistics were not finite (every rank alike)."""
     shown = ", ".join(str(c) for c in channels[:20]) + (", ..." if len(channels) > 20 else "")
-    warnings.warn(
-        f"SyncBN batch statistics are not finite in {len(channels)} channel(s) [{shown}] "
-        "(NaN or inf in some rank's batch, or beyond the running statistics' dtype): "
-        "their running statistics and merge center keep their last finite values",
+    warn_at_caller(
+        f"SyncBN statistics are not finite in {len(channels)} channel(s) [{shown}]: NaN or "
+        "inf in some rank's batch, a batch beyond the running statistics' dtype, or running "
+        "statistics that were not finite already (a checkpoint, an assignment). Those "
+        "channels' running statistics and merge center keep their last values",
         NonFiniteWarning,
-        stacklevel=3,
     )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the user's line: the first frame outside
+    this package and outside torch's module and autograd machinery (a
+    warning raised through ``model(x)`` used to point inside the package)."""
+    skip = [_PACKAGE_DIR]
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        skip.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    prefixes = tuple(skip)
+    frame, level = sys._getframe(1), 2  # level 2: warn_at_caller's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _guarded_running_update(

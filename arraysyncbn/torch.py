@@ -52,7 +52,6 @@ import contextlib
 import copy
 import functools
 import operator
-import warnings
 import weakref
 from typing import Any
 
@@ -184,7 +183,38 @@ def _forward(
         )
     finally:
         _fast.THREADS_AS.reset(token)
-    return y if views is None else torch.from_numpy(y)  # type: ignore[no-any-return]
+    if views is None:
+        return y if y.is_contiguous() else _torch_layout(x, y)  # type: ignore[no-any-return]
+    return _wrapped(x, y)
+
+
+def _wrapped(x: torch.Tensor, y: np.ndarray) -> torch.Tensor:
+    """The numpy route's y as a tensor, in the memory layout torch's batch norm gives."""
+    t = torch.from_numpy(y)
+    return t if y.flags.c_contiguous else _torch_layout(x, t)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+try:  # torch's own rule for an output's layout (private; the fallback is close)
+    from torch._prims_common import suggest_memory_format as _suggest_memory_format
+except ImportError:  # pragma: no cover - other torch versions
+    _suggest_memory_format = None
+
+
+def _torch_layout(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (not contiguous) in the memory layout torch's batch norm gives
+    for ``x`` (``empty_like(x, x.suggest_memory_format())``: channels-last
+    for 4-D and 5-D input strided so, contiguous otherwise). The kernels
+    write y in x's layout, which for other inputs (a transposed (N, L, C)
+    sequence seen as (N, C, L), a transposed 2-D batch) made
+    ``y.view(...)`` fail where torch's output allows it."""
+    if _suggest_memory_format is not None:
+        target = _suggest_memory_format(x)
+    else:
+        fmt = _CHANNELS_LAST.get(x.dim())
+        keep = fmt is not None and x.is_contiguous(memory_format=fmt)
+        target = fmt if keep else torch.contiguous_format
+    return y if y.is_contiguous(memory_format=target) else y.contiguous(memory_format=target)
 
 
 def _forward_ad_active() -> bool:
@@ -490,7 +520,9 @@ class SyncBatchNorm(_BatchNorm):
     ---------------
     Input ``(N, C, *)`` of any rank ≥ 2, contiguous or ``channels_last``,
     float16/bfloat16/float32/float64, on any device; the output has the
-    input's shape, dtype, device and memory layout. float16/bfloat16 input
+    input's shape, dtype and device, and the memory layout torch's batch
+    norm gives (``channels_last`` for 4-D and 5-D input laid out so,
+    contiguous otherwise, also for a transposed input). float16/bfloat16 input
     wants float32 parameters (the default) and is computed in float32.
     Ranks may hold different N (also 0); they must agree on everything else.
 
@@ -569,6 +601,23 @@ class SyncBatchNorm(_BatchNorm):
             return  # the same ranks: keep the center, the check and the numbering
         self._comm = comm
         self._forget()
+
+    @property
+    def process_group(self) -> Any:
+        """torch.nn.SyncBatchNorm's attribute: the ``torch.distributed`` group this
+        layer synchronizes over when its communicator is a
+        :class:`~arraysyncbn.TorchDistributedCommunicator` (None there means
+        torch's default group), else None. Assigning sets :attr:`comm` as the
+        constructor's ``process_group=`` does (a group is wrapped; None is a
+        world of one, as ``comm=None``)."""
+        from .comm.torch_dist import TorchDistributedCommunicator
+
+        comm = self._comm
+        return comm.group if isinstance(comm, TorchDistributedCommunicator) else None
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.comm = group
 
     def _forget(self) -> None:
         """Drop what was derived from past statistics or another communicator."""
@@ -769,7 +818,7 @@ class SyncBatchNorm(_BatchNorm):
             y = F.batch_norm_inference(*views, eps=self.eps, axis=1)
         finally:
             _fast.THREADS_AS.reset(token)
-        return torch.from_numpy(y)
+        return _wrapped(x, y)
 
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
         """weight, bias, running_mean, running_var, num_batches_tracked.
@@ -883,14 +932,13 @@ def _warn_if_distributed() -> None:
         return
     size = dist.get_world_size()
     if size > 1:
-        warnings.warn(
+        F.warn_at_caller(
             f"arraysyncbn.torch.SyncBatchNorm with comm=None normalizes over this process "
             f"only, but torch.distributed is initialized with {size} processes. Unlike "
             "torch.nn.SyncBatchNorm, process_group=None is not the default group here: "
             "pass process_group=torch.distributed.group.WORLD, or "
             "comm=arraysyncbn.TorchDistributedCommunicator(), to synchronize",
             UserWarning,
-            stacklevel=6,  # the model's call (through _step, forward and torch's call)
         )
 
 

@@ -366,6 +366,42 @@ def test_saved_tensor_hooks_see_the_input(monkeypatch) -> None:
         assert torch.equal(g, w)
 
 
+_LAYOUTS = {
+    "contiguous": lambda: torch.randn(4, C, 5, 6),
+    "channels_last": lambda: torch.randn(4, C, 5, 6).contiguous(memory_format=torch.channels_last),
+    # torch's rule for these depends on the sizes: channels-last, then contiguous
+    "channels_last, sliced": lambda: torch.randn(2, 4, 5, C).permute(0, 3, 1, 2)[:, :, ::2],
+    "channels_last, sliced, C = H": lambda: torch.randn(4, 5, 6, C).permute(0, 3, 1, 2)[:, :, ::2],
+    "H and W transposed": lambda: torch.randn(4, C, 5, 6).transpose(2, 3),
+    "(N, L, C) transposed": lambda: torch.randn(4, 7, C).transpose(1, 2),
+    "2-D transposed": lambda: torch.randn(C, 6).t(),
+    "channels_last_3d": lambda: torch.randn(2, C, 3, 4, 5).contiguous(
+        memory_format=torch.channels_last_3d
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_output_has_torch_batch_norm_memory_layout(layout, dtype, training) -> None:
+    """The output's strides are those of torch's batch norm (channels-last
+    kept, everything else contiguous), so code that views the output as
+    torch allows keeps working: a transposed input used to give a transposed
+    output, whose .view(N, -1) raised."""
+    x = _LAYOUTS[layout]().to(dtype)
+    kind = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
+    ref = kind.get(x.dim(), torch.nn.BatchNorm3d)(C).to(dtype).train(training)
+    ours = SyncBatchNorm(C).to(dtype).train(training)
+    y, y_ref = ours(x), ref(x)
+    assert y.stride() == y_ref.stride(), (y.stride(), y_ref.stride())
+    if y_ref.is_contiguous():
+        y.view(x.shape[0], -1)  # as torch's output allows
+    torch.testing.assert_close(
+        y.float(), y_ref.float(), rtol=0, atol=3e-2 if dtype == torch.bfloat16 else 2e-5
+    )
+
+
 def test_training_counts_num_batches_tracked_in_place_with_a_version_bump() -> None:
     """The count is written through its numpy view: still in place (the same
     tensor), and bumped in torch's version counter as add_ would."""
@@ -1087,6 +1123,24 @@ def test_torch_spellings_of_a_process_group_are_wrapped_once(gloo_world_of_one) 
         convert_sync_batchnorm(_net(), sbn.SelfCommunicator(), process_group=pg)
 
 
+def test_process_group_attribute_reads_and_sets_the_communicator(gloo_world_of_one) -> None:
+    """torch.nn.SyncBatchNorm's ``process_group`` attribute: read, the group
+    synchronized over; assigned, the layer's communicator (it used to be a
+    plain attribute that changed nothing)."""
+    pg = torch.distributed.group.WORLD
+    bn = SyncBatchNorm(C, process_group=pg)
+    assert bn.process_group is pg
+    assert SyncBatchNorm(C).process_group is None  # a world of one
+    assert SyncBatchNorm(C, comm=sbn.TorchDistributedCommunicator()).process_group is None
+    bn = SyncBatchNorm(C)
+    bn.process_group = pg
+    assert isinstance(bn.comm, sbn.TorchDistributedCommunicator) and bn.comm.group is pg
+    assert bn.comm is SyncBatchNorm(C, process_group=pg).comm  # one wrapper per group
+    bn.process_group = None
+    assert isinstance(bn.comm, sbn.SelfCommunicator)
+    assert "process_group" not in bn.__dict__
+
+
 def _net() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
@@ -1414,3 +1468,24 @@ def test_forward_mode_ad_is_refused_not_dropped() -> None:
     x = torch.randn(4, C, 3)
     with fwad.dual_level(), pytest.raises(NotImplementedError):
         bn(fwad.make_dual(x, torch.ones_like(x)))
+
+
+def test_warnings_point_at_the_callers_line() -> None:
+    """A NonFiniteWarning raised through the module (torch's call machinery,
+    the layer's step, the functional API) is attributed to the line that
+    called the model, as through the functional API and the numpy layer."""
+    import inspect
+
+    x = torch.randn(4, C, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    calls = [
+        lambda: SyncBatchNorm(C)(x),
+        lambda: sbn.sync_batch_norm_forward(x.numpy(), None, None, rm, rv),
+        lambda: sbn.SyncBatchNorm(C)(x.numpy()),
+    ]
+    for call in calls:
+        with pytest.warns(sbn.NonFiniteWarning, match=r"channel\(s\) \[1\]") as record:
+            call()
+        (w,) = [r for r in record if issubclass(r.category, sbn.NonFiniteWarning)]
+        assert (w.filename, w.lineno) == (__file__, inspect.getsourcelines(call)[1]), w
