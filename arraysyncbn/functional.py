@@ -767,6 +767,15 @@ def _to_host_list(xp: Any, mask: Array) -> list[int]:
     return np.flatnonzero(host_values(mask)).tolist()  # type: ignore[no-any-return]
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_HOST_FLOATS = frozenset((_F32, _F64))
+_NDARRAY = {np.ndarray}
+_NONE = type(None)
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+# The dtypes the lean path takes, per stand-in dtype for floats (None: none).
+_HOST_DTYPE_SETS: dict[Any, frozenset[Any]] = {None: frozenset(_fast.HOST_DTYPES)}
+
+
 def _numpy_args_valid(
     x: Any,
     params: tuple[Any, ...],
@@ -787,14 +796,20 @@ def _numpy_args_valid(
     """
     if type(axis) is not int or not -x.ndim <= axis < x.ndim or x.ndim < 2:
         return False
-    shape = (x.shape[axis],)
-    dtypes = _fast.HOST_DTYPES if bits is None else (*_fast.HOST_DTYPES, bits)
-    for a in (*params, center):
-        if a is None:
-            continue
-        if type(a) is not np.ndarray or a.shape != shape or a.dtype not in dtypes:
-            return False
     if (params[2] is None) != (params[3] is None):
+        return False
+    vectors = (*params, center)
+    if _NONE in map(type, vectors):  # by type: `None in` would compare arrays
+        vectors = tuple(a for a in vectors if a is not None)
+    dtypes = _HOST_DTYPE_SETS.get(bits)
+    if dtypes is None:
+        dtypes = _HOST_DTYPE_SETS[bits] = frozenset((*_fast.HOST_DTYPES, bits))
+    # One set per property, filled by C-level loops: asked on every call.
+    if not (
+        set(map(type, vectors)) <= _NDARRAY
+        and set(map(_SHAPE, vectors)) <= {(x.shape[axis],)}
+        and set(map(_DTYPE, vectors)) <= dtypes
+    ):
         return False
     if out is not None and (
         type(out) is not np.ndarray
@@ -1147,12 +1162,6 @@ def sync_batch_norm_forward(
         next_center, label,
     )  # fmt: skip
     return y if caller_out is None else caller_out, new_mean, new_var, saved
-
-
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_HOST_FLOATS = frozenset((_F32, _F64))
-_NDARRAY = {np.ndarray}
-_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 def batch_norm_inference(
