@@ -767,13 +767,19 @@ def _to_host_list(xp: Any, mask: Array) -> list[int]:
     return np.flatnonzero(host_values(mask)).tolist()  # type: ignore[no-any-return]
 
 
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_HOST_FLOATS = frozenset((_F32, _F64))
 _NDARRAY = {np.ndarray}
 _NONE = type(None)
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 # The dtypes the lean path takes, per stand-in dtype for floats (None: none).
 _HOST_DTYPE_SETS: dict[Any, frozenset[Any]] = {None: frozenset(_fast.HOST_DTYPES)}
+
+
+def _host_dtype_set(bits: Any) -> frozenset[Any]:
+    """The host route's dtypes, with ``bits`` (a stand-in for floats) if given."""
+    dtypes = _HOST_DTYPE_SETS.get(bits)
+    if dtypes is None:
+        dtypes = _HOST_DTYPE_SETS[bits] = frozenset((*_fast.HOST_DTYPES, bits))
+    return dtypes
 
 
 def _numpy_args_valid(
@@ -801,9 +807,7 @@ def _numpy_args_valid(
     vectors = (*params, center)
     if _NONE in map(type, vectors):  # by type: `None in` would compare arrays
         vectors = tuple(a for a in vectors if a is not None)
-    dtypes = _HOST_DTYPE_SETS.get(bits)
-    if dtypes is None:
-        dtypes = _HOST_DTYPE_SETS[bits] = frozenset((*_fast.HOST_DTYPES, bits))
+    dtypes = _host_dtype_set(bits)
     # One set per property, filled by C-level loops: asked on every call.
     if not (
         set(map(type, vectors)) <= _NDARRAY
@@ -1217,16 +1221,13 @@ def batch_norm_inference(
     [-1.0, 0.0, 1.0]
     """
     params = (weight, bias, running_mean, running_var)
-    if (
-        type(x) is np.ndarray
-        and (x.dtype is _F32 or x.dtype is _F64)
-        and _inference_args_valid(x, params, axis, eps)
-        and not _fast.host_route_off()
-    ):
-        library = _fast.THREADS_AS.get() or "numpy"
-        y = _fast.host_inference(x, axis % x.ndim, params, eps, library)
+    io = _fast.host_io(x)
+    views = None if io is None else io.views((x, *params))
+    if views is not None and _inference_args_valid(views[0], views[1:], axis, eps, io.bits):
+        library = _fast.THREADS_AS.get() or io.library
+        y = _fast.host_inference(views[0], axis % x.ndim, views[1:], eps, library)
         if y is not None:
-            return y
+            return y if io.library == "numpy" else io.from_numpy(y)
     if running_mean is None or running_var is None:
         raise ValueError(
             "batch_norm_inference normalizes with running statistics: running_mean and "
@@ -1238,23 +1239,27 @@ def batch_norm_inference(
     return y
 
 
-def _inference_args_valid(x: np.ndarray, params: tuple[Any, ...], axis: Any, eps: Any) -> bool:
-    """True when :func:`batch_norm_inference`'s arguments are plainly valid for
-    the host kernel (float32/float64 numpy vectors of x's channel count, both
-    running statistics given); False sends the call through the full
-    validation, which raises the precise error or accepts the rest."""
+def _inference_args_valid(
+    x: np.ndarray, params: tuple[Any, ...], axis: Any, eps: Any, bits: Any = None
+) -> bool:
+    """True when :func:`batch_norm_inference`'s arguments (host-route views;
+    ``bits`` as in :func:`_numpy_args_valid`) are plainly valid for the host
+    kernel (vectors of x's channel count, both running statistics given);
+    False sends the call through the full validation, which raises the
+    precise error or accepts the rest."""
     if type(axis) is not int or x.ndim < 2 or not -x.ndim <= axis < x.ndim:
         return False
     if params[2] is None or params[3] is None or type(eps) is not float or not 0.0 < eps < math.inf:
         return False
-    arrays = params
+    arrays = (x, *params)
     if params[0] is None or params[1] is None:  # no weight or no bias
-        arrays = tuple(a for a in params if a is not None)
+        arrays = tuple(a for a in arrays if a is not None)
+    dtypes = _host_dtype_set(bits)
     # One set per property, filled by C-level loops: asked on every call.
     return (
         set(map(type, arrays)) == _NDARRAY
-        and set(map(_SHAPE, arrays)) == {(x.shape[axis],)}
-        and set(map(_DTYPE, arrays)) <= _HOST_FLOATS
+        and set(map(_SHAPE, arrays[1:])) == {(x.shape[axis],)}
+        and set(map(_DTYPE, arrays)) <= dtypes
     )
 
 

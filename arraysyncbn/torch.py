@@ -793,11 +793,13 @@ class SyncBatchNorm(_BatchNorm):
         self, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
     ) -> torch.Tensor | None:
         """Eval mode with nothing to differentiate (no_grad, inference_mode,
-        frozen layers) on plain CPU float32/float64 tensors with running
-        statistics: :func:`arraysyncbn.functional.batch_norm_inference` on
-        their numpy views, the values of the full step with a fraction of
-        its per-call work (inference at small batches). None elsewhere: the
-        full step runs. ``tensors``: :meth:`_tensors`."""
+        frozen layers) and running statistics:
+        :func:`arraysyncbn.functional.batch_norm_inference`, the values of the
+        full step with a fraction of its per-call work (inference at small
+        batches): on numpy views of plain CPU float32/float64 tensors, on the
+        tensors otherwise (half precision takes its lean host path there too).
+        None where something needs a gradient: the full step runs.
+        ``tensors``: :meth:`_tensors`."""
         weight, bias, running_mean, running_var, _ = tensors
         if running_mean is None or running_var is None:
             return None  # batch statistics, as torch's eval without them
@@ -811,14 +813,16 @@ class SyncBatchNorm(_BatchNorm):
         ) or _forward_ad_active():
             return None
         views = _host_views(x, (weight, bias, running_mean, running_var), None)
-        if views is None:
-            return None
         token = _fast.THREADS_AS.set("torch")
         try:
-            y = F.batch_norm_inference(*views, eps=self.eps, axis=1)
+            if views is not None:
+                return _wrapped(x, F.batch_norm_inference(*views, eps=self.eps, axis=1))
+            y = F.batch_norm_inference(
+                x, weight, bias, running_mean, running_var, eps=self.eps, axis=1
+            )
         finally:
             _fast.THREADS_AS.reset(token)
-        return _wrapped(x, y)
+        return y if y.is_contiguous() else _torch_layout(x, y)
 
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
         """weight, bias, running_mean, running_var, num_batches_tracked.

@@ -280,18 +280,49 @@ def test_eval_without_autograd_takes_the_inference_kernel(
         assert torch.equal(v, state[k]), k
 
 
-def test_eval_inference_kernel_leaves_other_cases_to_the_full_step(monkeypatch) -> None:
-    """Half precision, no running statistics (batch statistics in eval) and
-    the portable route (ARRAYSYNCBN_FAST=0) keep the full step."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", ["float32", "half"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_precision_eval_takes_the_inference_kernel_too(
+    dtype, params, channels_last, monkeypatch
+) -> None:
+    """Half-precision eval without autograd: batch_norm_inference on the
+    tensors (its host path takes their 16-bit views), the full step's bits,
+    torch's values."""
+    monkeypatch.delenv("ARRAYSYNCBN_FAST", raising=False)
+    calls = _count_inference_calls(monkeypatch)
+    ours, ref = _pair()
+    ours.eval(), ref.eval()
+    if params == "half":
+        ours.to(dtype), ref.to(dtype)
+    x = (torch.randn(4, C, 5, 6) * 3 + 20).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    full = ours(x.detach().requires_grad_(True)).detach()
+    assert not calls
+    with torch.no_grad():
+        y = ours(x)
+        # torch refuses half input with float32 parameters on CPU: its float32 result
+        y_ref = ref(x) if params == "half" else ref(x.float())
+    assert calls == [1]
+    assert y.dtype == dtype and y.stride() == full.stride()
+    assert torch.equal(y.view(torch.int16), full.view(torch.int16))
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=4 * eps, atol=4 * eps)
+
+
+def test_eval_without_running_statistics_keeps_the_full_step(monkeypatch) -> None:
+    """No running statistics (batch statistics in eval) keep the full step;
+    the portable route (ARRAYSYNCBN_FAST=0) goes through batch_norm_inference
+    to the full forward, with torch's values."""
     calls = _count_inference_calls(monkeypatch)
     x = torch.randn(4, C, 5, 6)
     with torch.no_grad():
-        SyncBatchNorm(C).eval().to(torch.bfloat16)(x.bfloat16())
         SyncBatchNorm(C, track_running_stats=False).eval()(x)
+        assert not calls
         monkeypatch.setenv("ARRAYSYNCBN_FAST", "0")
         ours, ref = _pair()
         _close(ours.eval()(x), ref.eval()(x), TOL[torch.float32], "portable eval y")
-    assert not calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

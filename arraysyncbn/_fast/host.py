@@ -25,7 +25,9 @@ run serially, because waking idle pool threads costs more than they save.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import sys
 import threading
 from typing import Any
@@ -228,11 +230,15 @@ def all_finite(v: np.ndarray) -> bool:
     return bool(np.isfinite(values(v)).all())
 
 
+_HALF_DTYPES = frozenset((_F16, BF16_BITS))
+_DTYPE = operator.attrgetter("dtype")
+_PRESENT = functools.partial(operator.is_not, None)
+
+
 def _any_half(vectors: tuple[Any, ...]) -> bool:
-    for a in vectors:  # a loop, and _half inlined: asked on every call
-        if a is not None and (a.dtype is _F16 or a.dtype is BF16_BITS):
-            return True
-    return False
+    """Whether any of the arrays (None entries skipped) is float16 or bfloat16's
+    bits; in C-level loops: asked on every call."""
+    return not _HALF_DTYPES.isdisjoint(map(_DTYPE, filter(_PRESENT, vectors)))
 
 
 class HostKernels:
@@ -539,8 +545,8 @@ class HostKernels:
 def inference(
     x: np.ndarray, axis: int, params: tuple[Any, ...], eps: float, library: str
 ) -> np.ndarray | None:
-    """Batch norm in eval mode on float32/float64 ``x`` (params: weight or None,
-    bias or None, running mean, running variance; float32/float64 vectors):
+    """Batch norm in eval mode on a host-route ``x`` (params: weight or None,
+    bias or None, running mean, running variance; host-route vectors):
     ``HostKernels.eval_factors`` then ``normalize`` in one kernel call, the
     same bits. None where x cannot be viewed as a block without a copy.
     ``library``: whose thread count applies (see :func:`thread_count`)."""
@@ -548,16 +554,16 @@ def inference(
     channels = shape[axis]
     if x.flags.c_contiguous:  # the common case, without layout()'s general walk
         block = (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
-        xb = x.reshape(block)
         y = np.empty(shape, x.dtype)
-        yb = y.reshape(block)
+        xb, yb = _bits(x).reshape(block), _bits(y).reshape(block)
     else:
         mode = layout(x, axis)
         if mode is None:
             return None
-        xb = block_view(x, axis, mode)
         y = empty_in_layout(x, axis, mode)
-        yb = block_view(y, axis, mode)
+        xb, yb = block_view(_bits(x), axis, mode), block_view(_bits(y), axis, mode)
+    if _any_half(params):  # float16 as its bits; the kernel reads them by value
+        params = tuple(None if a is None else _bits(a) for a in params)
     weight, bias, rm, rv = params
     args = (
         xb, rm, rv, eps,

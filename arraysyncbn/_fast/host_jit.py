@@ -239,6 +239,20 @@ def _stored(v, a):  # pragma: no cover - compiled
     return None
 
 
+def work_rows(n, c, a):  # pragma: no cover - replaced when compiled
+    """A new ``(n, c)`` array of the work dtype of array ``a``'s elements."""
+    raise NotImplementedError("only inside compiled kernels")
+
+
+@overload(work_rows)
+def _work_rows(n, c, a):  # pragma: no cover - compiled
+    if a.dtype in (_F16_TYPE, _BF16_TYPE):
+        return lambda n, c, a: np.empty((n, c), np.float32)
+    if isinstance(a.dtype, types.Float):
+        return lambda n, c, a: np.empty((n, c), a.dtype)
+    return None
+
+
 # -- statistics --------------------------------------------------------------
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def _stats_planes(x, k, u0, u1, s1, s2):  # pragma: no cover - compiled
@@ -703,10 +717,10 @@ def eval_factors(rm, rv, eps, weight, bias, stats, hi, lo, scale, shift):  # pra
 @numba.njit(**_OPTS)
 def _inference_factors(rm, rv, eps, weight, bias, y):  # pragma: no cover - compiled
     """:func:`eval_factors` into fresh rows ``hi, lo, scale, shift`` of y's
-    dtype (float32 or float64 y: the work dtype)."""
+    work dtype."""
     channels = rm.shape[0]
     stats = np.empty((2, channels))
-    f = np.empty((4, channels), y.dtype)
+    f = work_rows(4, channels, y)
     eval_factors(rm, rv, eps, weight, bias, stats, f[0], f[1], f[2], f[3])
     return f
 
@@ -714,7 +728,7 @@ def _inference_factors(rm, rv, eps, weight, bias, y):  # pragma: no cover - comp
 @numba.njit(**_OPTS)
 def inference_serial(x, rm, rv, eps, weight, bias, y):  # pragma: no cover - compiled
     """Eval mode in one call: :func:`eval_factors`, then :func:`normalize_serial`
-    (float32 or float64 x and y; the same operations, so the same bits)."""
+    (the same operations, so the same bits)."""
     f = _inference_factors(rm, rv, eps, weight, bias, y)
     _normalize_body(x, f[0], f[1], f[2], f[3], y, 1, 0)
 
