@@ -9,11 +9,12 @@ communicator once per pass in the steady state: one packed buffer for the
 statistics, one for the backward sums (plus, when asked, the small
 consistency check), each signed with its call (:mod:`arraysyncbn.comm.calls`)
 so that ranks in different calls fail alike. When the reduced values show
-that the one-pass merge lost precision, every rank merges a second time
-around the reduced mean. Every decision that changes whether a rank
-communicates or raises after communication (N = 0, N = 1, the second pass,
-a signature mismatch) is taken from reduced values, which are bitwise
-identical on every rank, so every rank takes the same branch.
+that the one-pass merge lost precision, every rank merges again around
+the reduced mean, up to three more times. Every decision that
+changes whether a rank communicates or raises after communication (N = 0,
+N = 1, each further pass, a signature mismatch) is taken from reduced
+values, which are bitwise identical on every rank, so every rank takes the
+same branch.
 """
 
 from __future__ import annotations
@@ -554,13 +555,14 @@ def _global_count(buf: Array, exact_float64: bool) -> int:
 
 
 class PrecisionWarning(RuntimeWarning):
-    """The statistics lost much of their precision even after a second pass.
+    """The statistics lost much of their precision even after further passes.
 
-    Given (as a warning, on every rank alike) when, after the second
-    statistics pass centered on the reduced mean, the merge's estimated
-    relative variance error still exceeds the square root of the work
-    dtype's epsilon: in practice only a merge in float32 (a library with no
-    float64 device) over very many ranks.
+    Given (as a warning, on every rank alike) when, after the last of the
+    statistics passes centered on the reduced mean (three at most after the
+    first), the merge's estimated relative variance error still exceeds the
+    square root of the work dtype's epsilon: in practice only a merge in
+    float32 (a library with no float64 device) over very many ranks, or data
+    more than ~1e45 standard deviations from the merge center.
     """
 
 
@@ -579,10 +581,11 @@ class NonFiniteWarning(RuntimeWarning):
 @functools.lru_cache(maxsize=64)
 def _tolerances(xp: Any, size: int, sdt: Any, wdtype: Any) -> tuple[float, float]:
     """``(second_pass, warn)``: relative variance errors of the merge past
-    which every rank runs a second statistics pass, and past which it warns.
+    which every rank runs another statistics pass, and past which it warns
+    after the last one.
 
     The float64 merge loses ``L0 = 4(size+2)·ulp`` even around the exact
-    mean, and ``L0·(1 + ((mean − K)/std)²)`` around a center K; a second
+    mean, and ``L0·(1 + ((mean − K)/std)²)`` around a center K; another
     pass is run past ``max(16·L0, e_w)``: a center more than ~4 standard
     deviations off for float64 work (so a layer's steady state, whose center
     is its last mean, stays one pass), or a loss above one ulp of float32
@@ -652,10 +655,17 @@ def _again(
     again, buf, _ = statistics(center=center, label=label.with_pass("recenter"))
     if again != count:
         raise CollectiveMismatchError(
-            f"the second statistics pass counted {again} elements per channel, "
+            f"a repeated statistics pass counted {again} elements per channel, "
             f"the first {count}: ranks passed different batches"
         )
     return buf
+
+
+_RECENTER_LIMIT = 3
+"""Statistics passes at most after the first, each centered on the last
+reduced mean. A float64 merge moves the center from ``D`` standard
+deviations off the mean to about ``1e-15·D`` (often exactly onto it), so
+three reach data ~1e45 standard deviations from the first center."""
 
 
 def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
@@ -696,7 +706,8 @@ def _warn_if_imprecise(loss: float, tolerance: float) -> None:
     if loss > tolerance:
         warn_at_caller(
             f"SyncBN statistics may have lost precision (relative variance error up to "
-            f"{loss:.1e}) even after a second pass centered on the reduced mean",
+            f"{loss:.1e}) even after {_RECENTER_LIMIT} more passes, each centered on the "
+            "reduced mean",
             PrecisionWarning,
         )
 
@@ -965,11 +976,15 @@ def sync_batch_norm_forward(
         Statistics are merged around it. Precision does not depend on it:
         when the reduced values show that the merge lost precision (data
         far from the center in units of its spread: |mean − center|/std
-        beyond ~4 for float64 input, ~7e3 for float32), every rank runs a
-        second statistics allreduce centered on the reduced mean. A good
-        center saves that extra collective. None centers at zero. A
+        beyond ~4 for float64 input, ~7e3 for float32), every rank runs
+        another statistics allreduce centered on the reduced mean, and
+        again, up to three more in all, while the reduced values still
+        show a loss (each pass brings the center
+        ~1e15 times closer in units of the spread, so data up to ~1e45
+        standard deviations from the center is exact). A good center saves
+        those extra collectives. None centers at zero. A
         :class:`PrecisionWarning` remains only for a loss that even the
-        second pass could not repair.
+        last pass could not repair.
     out : array like x, or None
         Where to write y (same shape, dtype, library and device as x; not
         overlapping x, which the backward reads; writeable). On
@@ -1139,10 +1154,13 @@ def sync_batch_norm_forward(
         size = communicator.size
         st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
         second, warn = _tolerances(xp, size, sdt, wdtype)
-        if st.loss > second:
+        for _ in range(_RECENTER_LIMIT):
+            if not st.loss > second:
+                break
             # Exact first, fast second: the reduced values (the same bits on
-            # every rank) show the one-pass merge cancelled, so every rank
-            # merges again around the reduced mean.
+            # every rank) show the merge cancelled, so every rank merges
+            # again around the reduced mean, which each pass moves orders of
+            # magnitude closer to the data.
             center = st.center
             buf = _again(statistics, center, label, count)
             st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)

@@ -21,6 +21,8 @@ from arraysyncbn.testing import (
     to_numpy,
 )
 
+from comms import CountingComm
+
 
 def _two_ranks(fn):
     return sbn.run_ranks(fn, sbn.thread_group(2, timeout=30))
@@ -67,8 +69,6 @@ def test_float32_squares_beyond_float32_range_stay_exact(backend) -> None:
 
 # -- an exact first step: the second statistics pass --------------------------------------
 def _counting_layers(comms, channels: int, dtype: str = "float64"):
-    from comms import CountingComm
-
     counting = [CountingComm(c) for c in comms]
     layers = [sbn.SyncBatchNorm(channels, comm=c, dtype=dtype) for c in counting]
     return counting, layers
@@ -166,6 +166,119 @@ def test_planted_missing_second_pass_fails_the_first_step_test(backend, monkeypa
     monkeypatch.setattr(functional, "_tolerances", lambda *a: (np.inf, np.inf))
     with pytest.raises(AssertionError, match="exceed the bound"):
         test_first_step_far_from_zero_is_exact_with_one_more_allreduce(backend)
+
+
+# -- the batch after an outlier, a center far away -----------------------------------------
+def _split_steps(backend, layers, counting, batches, sizes, dtype):
+    """A rank's steps over ``batches`` (split by ``sizes``): per step its y, the
+    running statistics before it, and its statistics allreduces."""
+    cuts = np.cumsum(sizes)[:-1]
+
+    def steps(comm):
+        bn, out = layers[comm.rank], []
+        for full in batches:
+            shard = backend.asarray(np.split(full, cuts)[comm.rank], dtype)
+            stats = [_copy(a) for a in (bn.running_mean, bn.running_var)]
+            before = _stat_calls(counting[comm.rank])
+            y = bn(shard)
+            out.append((y, *stats, _stat_calls(counting[comm.rank]) - before))
+        return out
+
+    return steps
+
+
+def _copy(a):
+    return None if a is None else to_numpy(a).copy()
+
+
+def _recorded(fn, comms):
+    """``run_ranks(fn, comms)`` and the categories of the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = sbn.run_ranks(fn, comms)
+    return results, [w.category for w in caught]
+
+
+def test_a_float32_batch_after_a_diverged_batch_is_exact(backend) -> None:
+    """float32 over 3 uneven ranks: a diverged but finite batch (mean 1e25,
+    std 1e18) moves the layer's merge center to 1e25, and the next N(0, 1)
+    batch sits 1e25 standard deviations from it. The merge around 1e25 gives
+    a mean off by ~1e9 std, so one pass around that mean is not enough: every
+    rank merges again while the reduced values show a loss (twice here), and
+    y and the running statistics are within the bounds, with no warning
+    (before: one more pass only, y off by ~1e3, with a PrecisionWarning)."""
+    if "float32" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float32 data and a float64 merge")
+    rng = np.random.default_rng(5)
+    sizes, channels = [140, 164, 24], 4
+    outlier = 1e25 + 1e18 * rng.standard_normal((sum(sizes), channels))
+    normal = rng.standard_normal((sum(sizes), channels))
+    comms = sbn.thread_group(3, timeout=60)
+    counting, layers = _counting_layers(comms, channels, "float32")
+    steps = _split_steps(backend, layers, counting, [outlier, normal, normal], sizes, "float32")
+    results, categories = _recorded(steps, comms)
+    f32 = [to_numpy(backend.asarray(s, "float32")) for s in np.split(normal, np.cumsum(sizes)[:-1])]
+    first = reference_forward(
+        [to_numpy(backend.asarray(s, "float32")) for s in np.split(outlier, np.cumsum(sizes)[:-1])]
+    )
+    _, rm, rv, _ = results[0][1]
+    ref = reference_forward(f32, None, None, rm, rv)
+    fb = forward_bounds(ref, "float32", param_dtype="float32", center=first.mean)
+    assert float(np.max(fb.y)) < 1e-3, "the bound must be able to fail"
+    for r, rank in enumerate(results):
+        y = rank[1][0]
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name="y after the outlier")
+        _, rm_next, rv_next, _ = rank[2]
+        assert_close_to_reference(rm_next, ref.running_mean, fb.running_mean, name="running_mean")
+        assert_close_to_reference(rv_next, ref.running_var, fb.running_var, name="running_var")
+        assert [step[-1] for step in rank] == [2, 3, 1], "1e25 σ away: two passes more"
+    assert categories == [], categories
+
+
+@pytest.mark.parametrize("far", [1e16, 1e24, 1e30, 1e40])
+def test_a_center_far_from_the_data_costs_passes_not_precision(backend, far: float) -> None:
+    """The functional API on N(0, 1) float64 data over 3 uneven ranks with a
+    center ``far`` away (the same bits on every rank): at most three passes
+    more, exact, no warning (before: at 1e24, one more pass around a mean
+    off by ~1e8, y off by ~750 with a PrecisionWarning)."""
+    if "float64" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float64")
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((40, 2))
+    shards = [full[:10], full[10:25], full[25:]]
+    comms = sbn.thread_group(3, timeout=60)
+    counting = [CountingComm(c) for c in comms]
+
+    def step(comm):
+        center = backend.asarray(np.full(2, far), "float64")
+        x = backend.asarray(shards[comm.rank], "float64")
+        y = sbn.sync_batch_norm_forward(
+            x, None, None, None, None, comm=counting[comm.rank], center=center
+        )[0]
+        return y, _stat_calls(counting[comm.rank])
+
+    results, categories = _recorded(step, comms)
+    ref = reference_forward(shards)
+    fb = forward_bounds(ref, "float64", center=np.full(2, far))
+    assert float(np.max(fb.y)) < 1e-10
+    for r, (y, calls) in enumerate(results):
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name=f"y, center {far:g}")
+        assert 2 <= calls <= 4, calls
+    assert categories == [], categories
+
+
+def test_planted_single_recentering_fails_the_outlier_tests(backend, monkeypatch) -> None:
+    """With one pass around the reduced mean at most (as before), the batch
+    after a diverged batch and the far center must fail their bounds."""
+    if backend.name not in ("numpy", "numpy-portable"):
+        pytest.skip("one host and one portable backend suffice")
+    from arraysyncbn import functional
+
+    monkeypatch.setattr(functional, "_RECENTER_LIMIT", 1)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        test_a_float32_batch_after_a_diverged_batch_is_exact(backend)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        test_a_center_far_from_the_data_costs_passes_not_precision(backend, 1e24)
 
 
 # -- a non-finite batch does not poison the layer -----------------------------------------

@@ -27,13 +27,16 @@ the statistics carry at most
   are shifted, so float32 accumulation costs only ``D²``.
 
 Those are one merge's ``Δμ(|μ − K|)`` and ``Δv(|μ − K|)``. arraysyncbn merges
-a second time, around the first merge's mean, whenever the first lost more
-than ``τ = max(16·L0, e_w)`` with ``L0 = 4·(ranks + 2)·e_mrg``
-(:func:`second_pass_tolerance`); a kept first merge had its center within
-``sqrt(2τ/L0)·σ`` of the mean. Its statistics therefore carry at most
-``max(Δ(min(|μ − K|, sqrt(2τ/L0)·σ)), Δ(Δμ(|μ − K|)))`` for both Δμ and Δv,
-however far the data sits from K (``second_pass=False`` keeps the one-merge
-bound, for implementations that merge once). An implementation that
+again, around the last merge's mean, whenever a merge lost more than
+``τ = max(16·L0, e_w)`` with ``L0 = 4·(ranks + 2)·e_mrg``
+(:func:`second_pass_tolerance`) or its variance overflowed, up to three
+times after the first merge; a merge kept for its loss had its center within
+``sqrt(2τ/L0)·σ`` of the mean, and each merge again is centered within the
+previous one's ``Δμ``. Its statistics therefore carry at most
+``max(Δ(min(|μ − K|, sqrt(2τ/L0)·σ)), Δ(K₄))`` for both Δμ and Δv, with
+``K₁ = |μ − K|`` and ``Kᵢ₊₁ = Δμ(Kᵢ)`` (the last merge is kept whatever it
+lost), however far the data sits from K (``second_pass=False`` keeps the
+one-merge bound, for implementations that merge once). An implementation that
 centers x with a mean of relative error ``e_c`` (``centering_eps``: a mean
 rounded to, or summed in, float32) adds ``δ = e_c·|μ|`` to ``Δμ`` and
 ``δ²`` to ``Δv``; arraysyncbn's own mean has no such term (``e_c = 0``, the
@@ -212,14 +215,19 @@ def _param_abs(a: Any, default: float, channels: int) -> np.ndarray:
     return np.full(channels, default) if a is None else np.abs(to_numpy(a).astype(np.float64))
 
 
+_RECENTER_LIMIT = 3
+"""How many merges arraysyncbn runs at most after the first, each around the
+last one's mean (``docs/numerics.md``)."""
+
+
 def second_pass_tolerance(ranks: int, merge_eps: float, work_eps: float) -> float:
     """The relative variance error past which arraysyncbn merges a second time.
 
     The one-pass merge around a center K loses about
     ``L0·(1 + ((μ − K)/σ)²)`` of the variance, ``L0 = 4·(ranks + 2)·e_mrg``;
     when that estimate (from the reduced values) exceeds
-    ``max(16·L0, e_w)``, every rank runs a second statistics pass centered
-    on the reduced mean (``docs/numerics.md``).
+    ``max(16·L0, e_w)``, every rank runs another statistics pass centered
+    on the reduced mean (up to three more; ``docs/numerics.md``).
     """
     return max(16.0 * 4.0 * (ranks + 2) * merge_eps, work_eps)
 
@@ -246,8 +254,9 @@ def _stat_errors(
     centering_eps: float = 0.0,
 ) -> _StatErrors:
     """The statistics' error budget. ``ranks`` None: one merge around
-    ``center``; else arraysyncbn's contract, a second merge around the
-    first's mean whenever the first lost more than :func:`second_pass_tolerance`."""
+    ``center``; else arraysyncbn's contract, another merge around the last
+    one's mean whenever it lost more than :func:`second_pass_tolerance`, up
+    to :data:`_RECENTER_LIMIT` times."""
     channels = ref.mean.shape[0]
     a = _per_channel_max(ref.xhats, ref.axis, channels) / ref.invstd
     off = np.abs(ref.mean - (0.0 if center is None else to_numpy(center).astype(np.float64)))
@@ -257,16 +266,21 @@ def _stat_errors(
     elif ranks is None:
         d_mean, d_var = _merge_budget(ref, e_w, e_acc, e_mrg, a, off)
     else:
-        # The first merge is kept only when L0·(var + (μ − K)²) ≤ τ·σ², so its
-        # center is then within sqrt(τ/L0)·σ of the mean (2 for rounding);
-        # otherwise the second merge's center is the first's mean, off by
-        # at most the first's Δμ.
+        # A merge is kept for its loss only when L0·(var + (μ − K)²) ≤ τ·σ²,
+        # so its center is then within sqrt(τ/L0)·σ of the mean (2 for
+        # rounding).
         l0 = 4.0 * (ranks + 2) * e_mrg
         tau = second_pass_tolerance(ranks, e_mrg, e_w)
         kept = np.minimum(off, np.sqrt(2.0 * tau / l0 * sigma2))
         m1, v1 = _merge_budget(ref, e_w, e_acc, e_mrg, a, kept)
-        first, _ = _merge_budget(ref, e_w, e_acc, e_mrg, a, off)
-        m2, v2 = _merge_budget(ref, e_w, e_acc, e_mrg, a, first)
+        # A merge that lost more is followed by one around its mean, off by
+        # at most its Δμ, up to _RECENTER_LIMIT times; the last is kept whatever
+        # it lost (and warned of past sqrt(e_w)).
+        last = off
+        with np.errstate(over="ignore"):  # a first merge whose square overflowed
+            for _ in range(_RECENTER_LIMIT):
+                last, _ = _merge_budget(ref, e_w, e_acc, e_mrg, a, last)
+            m2, v2 = _merge_budget(ref, e_w, e_acc, e_mrg, a, last)
         d_mean, d_var = np.maximum(m1, m2), np.maximum(v1, v2)
     if ref.batch_stats and centering_eps:
         # A mean rounded to centering_eps before x − mean: off by δ = e_c·|μ|,
@@ -306,9 +320,10 @@ def forward_bounds(
     2**-23 for devices without float64, ``merge_eps`` 2**-23 for libraries
     without any float64 device; ``center`` the merge center the
     implementation used first (None: zero). ``second_pass`` (default)
-    bounds arraysyncbn's contract: a second merge around the first's mean
-    whenever the first lost more than :func:`second_pass_tolerance` (the
-    number of ranks is ``len(ref.ys)``); False bounds a single merge around
+    bounds arraysyncbn's contract: another merge around the last one's mean
+    whenever it lost more than :func:`second_pass_tolerance` (the number of
+    ranks is ``len(ref.ys)``), up to three after the first; False bounds a
+    single merge around
     ``center``, for implementations that merge once. ``bound.y`` has shape
     ``(C,)``: pass ``axis=`` to :func:`assert_close_to_reference` (or use
     :func:`channel_bound`) to compare it with y.
