@@ -9,8 +9,8 @@ communicator once per pass in the steady state: one packed buffer for the
 statistics, one for the backward sums (plus, when asked, the small
 consistency check), each signed with its call (:mod:`arraysyncbn.comm.calls`)
 so that ranks in different calls fail alike. When the reduced values show
-that the one-pass merge lost precision, every rank merges again around
-the reduced mean, up to three more times. Every decision that
+that the one-pass merge lost precision or overflowed, every rank merges
+again around the reduced mean, up to three more times. Every decision that
 changes whether a rank communicates or raises after communication (N = 0,
 N = 1, each further pass, a signature mismatch) is taken from reduced
 values, which are bitwise identical on every rank, so every rank takes the
@@ -395,12 +395,20 @@ class _Step(NamedTuple):
     running_mean: Array | None
     running_var: Array | None
     loss: float
-    """The merge's worst relative variance error over the finite channels."""
+    """The merge's worst relative variance error over the finite channels;
+    infinite where a channel's mean is finite but its variance overflowed."""
     center: Array
     """The next merge center: the mean where finite, else the previous center."""
     nonfinite: tuple[int, ...]
     """Channels whose statistics are not finite (as stored); their running
     statistics and center were kept."""
+
+
+def _overflow_judged() -> Any:
+    """Around the merge's sums and variance on the portable route: numpy would
+    warn of sums that overflowed around a far center, which the step judges
+    from the reduced values and repairs with another pass (or warns of once)."""
+    return np.errstate(over="ignore", invalid="ignore")
 
 
 class PortableKernels:
@@ -432,13 +440,14 @@ class PortableKernels:
         xp = self.xp
         n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
         c = _to(c, xp, self.sdev, self.sdt)
-        s1, s2 = kernels.moment_sums(
-            n,
-            c if center is None else c - center,
-            _to(a, xp, self.sdev, self.sdt),
-            _to(b, xp, self.sdev, self.sdt),
-            xp=xp,
-        )
+        with _overflow_judged():
+            s1, s2 = kernels.moment_sums(
+                n,
+                c if center is None else c - center,
+                _to(a, xp, self.sdev, self.sdt),
+                _to(b, xp, self.sdev, self.sdt),
+                xp=xp,
+            )
         head = xp.asarray([float(n)], dtype=self.sdt, device=self.sdev)
         end = xp.asarray(tail, dtype=self.sdt, device=self.sdev)
         return xp.concat([head, s1, s2, end])
@@ -459,15 +468,22 @@ class PortableKernels:
         xp, c = self.xp, (buf.shape[0] - 1) // 2
         weight, bias, running_mean, running_var = params
         s2 = buf[1 + c :]
-        rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], s2, xp=xp)
+        with _overflow_judged():
+            rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], s2, xp=xp)
         mean = rel if center is None else center + rel
         ok = xp.isfinite(mean) & xp.isfinite(var)
         # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
         # to var + eps (what invstd depends on); the host kernel evaluates
         # the same expression in the same order, so every route decides alike.
         ulp = float(xp.finfo(self.sdt).eps)
-        ratio = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
-        loss = float(xp.max(xp.where(ok, ratio, 0.0)))
+        with _overflow_judged():
+            ratio = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
+        # A finite mean with a variance that is not: the sums overflowed
+        # around this center (finite data far from it; a NaN or inf in the
+        # data makes the mean non-finite too). Infinite loss: every rank
+        # merges again around the mean, and judges the channel only then.
+        overflowed = xp.isfinite(mean) & ~ok
+        loss = float(xp.max(xp.where(overflowed, math.inf, xp.where(ok, ratio, 0.0))))
         invstd = kernels.invstd_of(var, eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device, dense=self.dense)
         previous = xp.zeros_like(mean) if center is None else center
@@ -570,11 +586,13 @@ class NonFiniteWarning(RuntimeWarning):
     """Some channels' batch statistics are not finite (NaN or inf).
 
     Given on every rank alike (the decision comes from reduced values) and
-    naming the channels: a NaN or inf in some rank's batch, or statistics
-    beyond the running statistics' dtype. Their running statistics, and the
-    merge center ``SyncBatchNorm`` keeps, keep their last finite values, so
-    the next finite batch is normalized correctly; this batch's output may
-    be non-finite in those channels.
+    naming the channels: a NaN or inf in some rank's batch, a variance
+    beyond the statistics' dtype even around the batch mean (float64:
+    |x − mean| beyond ~1e154), or statistics beyond the running statistics'
+    dtype. Their running statistics, and the merge center ``SyncBatchNorm``
+    keeps, keep their last finite values, so the next finite batch is
+    normalized correctly; this batch's output may be non-finite in those
+    channels.
     """
 
 
@@ -665,7 +683,25 @@ _RECENTER_LIMIT = 3
 """Statistics passes at most after the first, each centered on the last
 reduced mean. A float64 merge moves the center from ``D`` standard
 deviations off the mean to about ``1e-15·D`` (often exactly onto it), so
-three reach data ~1e45 standard deviations from the first center."""
+three reach data ~1e45 standard deviations from the first center, and
+repair a variance whose sums overflowed around it (``N·(mean − K)²`` beyond
+float64) as soon as one pass centers on a mean near enough."""
+
+
+def _recentered(xp: Any, st: _Step) -> Array:
+    """The next pass's center: the reduced mean where finite (also where the
+    variance overflowed around the last center), else the last center."""
+    return xp.where(xp.isfinite(st.mean), st.mean, st.center)
+
+
+def _kept_center(xp: Any, st: _Step, entry: Array | None, sdev: Any, sdt: Any) -> Array:
+    """``st.center`` with its non-finite channels back at ``entry`` (zero for
+    None), the center the step began with: a channel judged non-finite keeps
+    its center, however many passes ran."""
+    start = xp.zeros_like(st.mean) if entry is None else _to(entry, xp, sdev, sdt)
+    bad = set(st.nonfinite)
+    mask = xp.asarray([c in bad for c in range(st.mean.shape[0])], device=sdev)
+    return xp.where(mask, start, st.center)
 
 
 def _allreduce_signed(packed: Array, comm: Communicator, io: Any, label: CallLabel) -> Array:
@@ -702,8 +738,10 @@ def _check_signature(
 
 
 def _warn_if_imprecise(loss: float, tolerance: float) -> None:
-    """Warn (every rank alike: loss comes from reduced values) past the tolerance."""
-    if loss > tolerance:
+    """Warn (every rank alike: loss comes from reduced values) past the
+    tolerance. An infinite loss is a variance that overflowed even around
+    the mean: those channels are judged non-finite, and warned of as such."""
+    if tolerance < loss < math.inf:
         warn_at_caller(
             f"SyncBN statistics may have lost precision (relative variance error up to "
             f"{loss:.1e}) even after {_RECENTER_LIMIT} more passes, each centered on the "
@@ -717,9 +755,10 @@ def _warn_nonfinite(channels: tuple[int, ...]) -> None:
     shown = ", ".join(str(c) for c in channels[:20]) + (", ..." if len(channels) > 20 else "")
     warn_at_caller(
         f"SyncBN statistics are not finite in {len(channels)} channel(s) [{shown}]: NaN or "
-        "inf in some rank's batch, a batch beyond the running statistics' dtype, or running "
-        "statistics that were not finite already (a checkpoint, an assignment). Those "
-        "channels' running statistics and merge center keep their last values",
+        "inf in some rank's batch, a variance beyond the statistics' dtype, a batch beyond "
+        "the running statistics' dtype, or running statistics that were not finite already "
+        "(a checkpoint, an assignment). Those channels' running statistics and merge center "
+        "keep their last values",
         NonFiniteWarning,
     )
 
@@ -976,10 +1015,10 @@ def sync_batch_norm_forward(
         Statistics are merged around it. Precision does not depend on it:
         when the reduced values show that the merge lost precision (data
         far from the center in units of its spread: |mean − center|/std
-        beyond ~4 for float64 input, ~7e3 for float32), every rank runs
-        another statistics allreduce centered on the reduced mean, and
-        again, up to three more in all, while the reduced values still
-        show a loss (each pass brings the center
+        beyond ~4 for float64 input, ~7e3 for float32) or that its sums
+        overflowed, every rank runs another statistics allreduce centered
+        on the reduced mean, and again, up to three more in all, while the
+        reduced values still show a loss (each pass brings the center
         ~1e15 times closer in units of the spread, so data up to ~1e45
         standard deviations from the center is exact). A good center saves
         those extra collectives. None centers at zero. A
@@ -1154,20 +1193,23 @@ def sync_batch_norm_forward(
         size = communicator.size
         st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
         second, warn = _tolerances(xp, size, sdt, wdtype)
+        entry = center
         for _ in range(_RECENTER_LIMIT):
             if not st.loss > second:
                 break
             # Exact first, fast second: the reduced values (the same bits on
-            # every rank) show the merge cancelled, so every rank merges
-            # again around the reduced mean, which each pass moves orders of
-            # magnitude closer to the data.
-            center = st.center
+            # every rank) show the merge cancelled or overflowed, so every
+            # rank merges again around the reduced mean, which each pass
+            # moves orders of magnitude closer to the data.
+            center = _recentered(xp, st)
             buf = _again(statistics, center, label, count)
             st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
         _warn_if_imprecise(st.loss, warn)
         if st.nonfinite:
             _warn_nonfinite(st.nonfinite)
         next_center = st.center
+        if st.nonfinite and center is not entry:
+            next_center = _kept_center(xp, st, entry, sdev, sdt)
         mean, invstd, f = st.mean, st.invstd, st.factors
         new_mean, new_var = st.running_mean, st.running_var
         if not update:

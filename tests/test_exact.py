@@ -168,7 +168,7 @@ def test_planted_missing_second_pass_fails_the_first_step_test(backend, monkeypa
         test_first_step_far_from_zero_is_exact_with_one_more_allreduce(backend)
 
 
-# -- the batch after an outlier, a center far away -----------------------------------------
+# -- the batch after an outlier, a center far away, a mean near float64's edge ------------
 def _split_steps(backend, layers, counting, batches, sizes, dtype):
     """A rank's steps over ``batches`` (split by ``sizes``): per step its y, the
     running statistics before it, and its statistics allreduces."""
@@ -267,6 +267,81 @@ def test_a_center_far_from_the_data_costs_passes_not_precision(backend, far: flo
     assert categories == [], categories
 
 
+@pytest.mark.parametrize(
+    "mean, spread, shape",
+    [(1e152, 1e149, (200_000, 1)), (-1e155, 1e150, (64, 2))],
+)
+def test_float64_far_from_zero_whose_merge_overflows_is_exact(
+    backend, mean: float, spread: float, shape: tuple[int, ...]
+) -> None:
+    """float64 data with a huge mean and a modest spread (|x − mean| far below
+    1e154): the merge around zero forms n·mean², which overflows, but the mean
+    is finite, so every rank merges again around it; the step is exact, with
+    its running statistics updated and no warning, and the next step (center:
+    this mean) takes one allreduce (before: all 0 or NaN, a NonFiniteWarning,
+    and every later step failing alike)."""
+    if "float64" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float64")
+    full = mean + spread * np.random.default_rng(0).standard_normal(shape)
+    sizes = [shape[0] // 3, shape[0] - shape[0] // 3]
+    comms = sbn.thread_group(2, timeout=60)
+    counting, layers = _counting_layers(comms, shape[1])
+    steps = _split_steps(backend, layers, counting, [full, full], sizes, "float64")
+    results, categories = _recorded(steps, comms)
+    xs = np.split(full, sizes[:1])
+    ref = reference_forward(xs, None, None, np.zeros(shape[1]), np.ones(shape[1]))
+    fb = forward_bounds(ref, "float64", param_dtype="float64")
+    assert float(np.max(fb.y)) < 1e-6, "the bound must be able to fail"
+    for r, rank in enumerate(results):
+        (y, _, _, calls), (y2, rm, rv, calls2) = rank
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name="y")
+        assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
+        assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+        assert 2 <= calls <= 4 and calls2 == 1, (calls, calls2)
+        assert_close_to_reference(y2, ref.ys[r], fb.y, axis=1, name="y, step 2")
+    assert categories == [], categories
+
+
+def test_a_variance_beyond_float64_is_non_finite_after_bounded_passes(backend) -> None:
+    """|x − mean| = 1e200 in channel 0: its square overflows float64 around any
+    center, so after the passes the reduced values allow (three more), every
+    rank judges that channel non-finite: a NonFiniteWarning naming it, its
+    running statistics and merge center kept, no PrecisionWarning; channel 1
+    is updated and normalized right."""
+    if "float64" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float64")
+    full = np.random.default_rng(3).normal(2.0, 1.0, (12, 2))
+    full[:, 0] = 1e200 * np.array([1.0, -0.5] * 6)  # mean 2.5e199
+    comms = sbn.thread_group(2, timeout=60)
+    counting = [CountingComm(c) for c in comms]
+    rm0, rv0 = np.array([0.5, 0.5]), np.array([2.0, 2.0])
+
+    def step(comm):
+        x = backend.asarray(full[:5] if comm.rank == 0 else full[5:], "float64")
+        rm, rv = (backend.asarray(a, "float64") for a in (rm0, rv0))
+        y, new_rm, new_rv, saved = sbn.sync_batch_norm_forward(
+            x, None, None, rm, rv, comm=counting[comm.rank]
+        )
+        return y, to_numpy(new_rm), to_numpy(new_rv), to_numpy(saved.center), counting[comm.rank]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = sbn.run_ranks(step, comms)
+    ours = [
+        w for w in caught if issubclass(w.category, (sbn.NonFiniteWarning, sbn.PrecisionWarning))
+    ]
+    assert [w.category for w in ours] == [sbn.NonFiniteWarning] * 2, [str(w.message) for w in ours]
+    assert all("[0]" in str(w.message) for w in ours)
+    ref = reference_forward([full[:5, 1:], full[5:, 1:]], None, None, rm0[1:], rv0[1:])
+    fb = forward_bounds(ref, "float64", param_dtype="float64")
+    for r, (y, rm, rv, center, comm) in enumerate(results):
+        assert rm[0] == 0.5 and rv[0] == 2.0 and center[0] == 0.0
+        assert_close_to_reference(rm[1:], ref.running_mean, fb.running_mean, name="rm")
+        assert_close_to_reference(rv[1:], ref.running_var, fb.running_var, name="rv")
+        assert_close_to_reference(to_numpy(y)[:, 1:], ref.ys[r], fb.y, axis=1, name="y")
+        assert _stat_calls(comm) == 4, "the first pass and at most three more"
+
+
 def test_planted_single_recentering_fails_the_outlier_tests(backend, monkeypatch) -> None:
     """With one pass around the reduced mean at most (as before), the batch
     after a diverged batch and the far center must fail their bounds."""
@@ -279,6 +354,27 @@ def test_planted_single_recentering_fails_the_outlier_tests(backend, monkeypatch
         test_a_float32_batch_after_a_diverged_batch_is_exact(backend)
     with pytest.raises(AssertionError, match="exceed the bound"):
         test_a_center_far_from_the_data_costs_passes_not_precision(backend, 1e24)
+
+
+def test_planted_overflow_not_counted_as_loss_fails_the_overflow_test(backend, monkeypatch) -> None:
+    """A finalize that leaves an overflowed variance out of the loss (as
+    before: it only counted channels with finite statistics) never merges
+    again: the huge-mean test must fail."""
+    if backend.name not in ("numpy", "numpy-portable"):
+        pytest.skip("one host and one portable backend suffice")
+    from arraysyncbn import functional
+    from arraysyncbn._fast import host
+
+    for cls in (functional.PortableKernels, host.HostKernels):
+        original = cls.finalize
+
+        def finalize(self, *args, _original=original, **kwargs):
+            st = _original(self, *args, **kwargs)
+            return st._replace(loss=0.0) if st.loss == np.inf else st
+
+        monkeypatch.setattr(cls, "finalize", finalize)
+    with pytest.raises(AssertionError, match=r"exceed the bound|NaN never passes"):
+        test_float64_far_from_zero_whose_merge_overflows_is_exact(backend, -1e155, 1e150, (64, 2))
 
 
 # -- a non-finite batch does not poison the layer -----------------------------------------

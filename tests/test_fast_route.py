@@ -817,3 +817,47 @@ def test_all_finite_sees_every_kind_of_non_finite(dtype) -> None:
             assert not host.all_finite(v)
     assert host.all_finite(np.array([np.finfo(dtype).max, -0.0, np.finfo(dtype).tiny], dtype))
     assert host.all_finite(np.zeros(0, dtype))
+
+
+_BIG = 1e300
+
+
+@pytest.mark.parametrize(
+    "sums",
+    [
+        [(3.0, 20.0), (1e20, 1e40)],  # near its center; 1e10 away: a loss, both finite
+        [(3.0, 20.0), (4e152, np.inf)],  # a finite mean whose variance overflowed
+        [(4e152, np.nan), (1e20, 1e40)],  # inf − inf in the square sums: overflowed too
+        [(3.0, 20.0), (np.nan, np.inf)],  # a NaN in the data: no loss, flagged
+        [(np.inf, np.inf), (4e152, np.inf)],  # an inf in the data, and an overflow
+        [(_BIG, np.inf), (-_BIG, np.inf)],  # (mean ± 2.5e299): finite around 0
+    ],
+)
+@pytest.mark.parametrize("center", [None, 1e10])
+def test_finalize_loss_and_verdicts_are_the_portable_routes_bit_for_bit(sums, center) -> None:
+    """The loss that decides another pass (infinite where a finite mean's
+    variance overflowed), the channels judged non-finite and the next
+    center, from one reduced buffer: the same bits on both routes, so ranks
+    on different routes take the same branch."""
+    import array_api_compat
+
+    from arraysyncbn.functional import PortableKernels
+
+    n, channels = 4.0, len(sums)
+    buf = np.array([n, *(s1 for s1, _ in sums), *(s2 for _, s2 in sums)])
+    centers = None if center is None else np.full(channels, center)
+    x = np.zeros((2, channels))
+    kern = _fast.host_kernels(_fast.host_io(x)).bind(x, 1, None)
+    xp = array_api_compat.array_namespace(x)
+    rm, rv = np.zeros(channels), np.ones(channels)
+    args = (int(n), centers, 1e-5, (None, None, rm, rv), 0.1, 3, np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing from numpy: the step judges overflow
+        fast = kern.finalize(buf, *args)
+        slow = PortableKernels(xp, 1, xp.float64, "cpu", xp.float64, "cpu").finalize(buf, *args)
+    assert fast.loss == slow.loss or (np.isnan(fast.loss) and np.isnan(slow.loss))
+    assert fast.nonfinite == slow.nonfinite
+    np.testing.assert_array_equal(fast.center, slow.center)
+    np.testing.assert_array_equal(fast.running_var, slow.running_var)
+    overflowed = [np.isfinite(s1 / n) and not np.isfinite(s2) for s1, s2 in sums]
+    assert (fast.loss == np.inf) == any(overflowed), fast.loss

@@ -620,10 +620,11 @@ def finalize_forward(
     and judges those).
 
     Returns ``(loss, bad)``: the merge's worst relative variance error over
-    the finite channels (as ``PortableKernels.finalize`` computes it, bit
-    for bit, so every route takes the same branch) and the number of
-    flagged channels. Simple loops, so that they vectorize: with thousands
-    of channels this is not negligible.
+    the finite channels, infinite where a mean is finite but its variance is
+    not (as ``PortableKernels.finalize`` computes it, bit for bit, so every
+    route takes the same branch), and the number of flagged channels.
+    Simple loops, so that they vectorize: with thousands of channels this is
+    not negligible.
     """
     c_count = hi.shape[0]
     ulp = 2.220446049250313e-16
@@ -647,6 +648,11 @@ def finalize_forward(
         e = s2[c] / count * factor / (var[c] + eps)
         if flag[c] == 0.0 and e > loss:
             loss = e
+    # A finite mean whose variance overflowed around this center: an
+    # infinite loss, so that every rank merges again around the mean.
+    for c in range(c_count):
+        if flag[c] != 0.0 and np.isfinite(mean[c]):
+            loss = np.inf
     # Stores cast to each array's dtype (the work dtype, the running
     # statistics' dtype) with round-to-nearest, like the portable astype.
     for c in range(c_count):
