@@ -4,9 +4,9 @@ SyncBN normalizes each channel with the statistics of the global batch, the
 union of every rank's local batch. The kernels are written once against the
 Python array API standard (numpy, cupy, torch, array-api-strict, ...), with
 fused numba kernels for host memory; ranks communicate through one packed
-allreduce per pass in the steady state (a second statistics allreduce on a
-step whose reduced values show the merge lost precision, and a small
-consistency check on a layer's first call).
+allreduce per pass in the steady state (one to three more statistics
+allreduces on a step whose reduced values show the merge lost precision, and
+a small consistency check on a layer's first call).
 
 Public API
 ----------

@@ -60,7 +60,7 @@ __all__ = [
 Pass = Literal["forward", "backward", "check", "recenter"]
 """The collective's part of a step: the forward statistics, the backward
 sums, the consistency check of :func:`~arraysyncbn.check_consistency`, or
-the second statistics pass around the reduced mean (``recenter``)."""
+the further statistics passes around the reduced mean (``recenter``)."""
 
 _PASSES: tuple[str, ...] = ("forward", "backward", "check", "recenter")
 _PASS_INDEX = {p: i for i, p in enumerate(_PASSES)}
@@ -83,7 +83,7 @@ class CallLabel:
     call : int or None
         1-based number of the step: of the layer's batch-statistics calls
         (``layer`` given) or of the functional API's on the communicator;
-        a backward, check or second pass carries the number of its forward.
+        a backward, check or further pass carries the number of its forward.
         None when the communicator could not be counted (it cannot be
         weakly referenced).
     layer : int or None

@@ -27,8 +27,8 @@ so the choice (which may differ between ranks, e.g. a forced
 ``ARRAYSYNCBN_CUDA_AWARE`` on one node) never changes which collectives a
 rank calls. (SyncBN makes one per forward and one per backward, plus the
 first forward's consistency check, or one on every call with
-``ARRAYSYNCBN_CHECK=1``, and a second statistics allreduce on a step whose
-merge lost precision.)
+``ARRAYSYNCBN_CHECK=1``, and one to three more statistics allreduces on a
+step whose merge lost precision.)
 
 Every wait has a deadline (:mod:`~arraysyncbn.comm.watchdog`): the allreduce
 is a nonblocking ``Iallreduce`` whose request is polled (yielding the
