@@ -1065,7 +1065,7 @@ def sync_batch_norm_forward(
     Notes
     -----
     numpy arrays and torch CPU tensors (float16, bfloat16 for torch, float32,
-    float64) run fused compiled kernels (the host route,
+    float64; numpy's in native byte order) run fused compiled kernels (the host route,
     :mod:`arraysyncbn._fast`); everything else, and everything when
     ``ARRAYSYNCBN_FAST=0``, runs the portable array-API route. Both give
     results within the same documented bounds.

@@ -10,7 +10,8 @@ back.
 Precisions (see ``docs/numerics.md``):
 
 * *work dtype*: the dtype elementwise math runs in: the input dtype for
-  float32/float64, float32 for float16/bfloat16.
+  float32/float64 (their native-byte-order twin for byte-swapped numpy
+  arrays), float32 for float16/bfloat16.
 * *accumulation dtype*: the dtype of every per-channel sum and of every
   statistic: float64 wherever the device has it, else float32.
 
@@ -48,10 +49,19 @@ __all__ = [
 
 
 def work_dtype(xp: Namespace, dtype: Any) -> Any:
-    """Return the dtype elementwise math runs in for inputs of ``dtype``."""
+    """Return the dtype elementwise math runs in for inputs of ``dtype``.
+
+    float64 for 64-bit (and wider) real floats, float32 for the rest (half
+    precisions, and the 16-bit patterns through which the host route sees
+    them), judged by ``finfo(dtype).bits``: a dtype that compares unequal to
+    ``xp.float64`` while holding float64 numbers (numpy's byte-swapped
+    ``>f8`` on a little-endian machine) must not be computed in float32. The
+    result is always the namespace's own dtype, in native byte order.
+    """
     if dtype == xp.float64 or dtype == xp.float32:
         return dtype
-    return xp.float32
+    wide = xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits >= 64
+    return xp.float64 if wide else xp.float32
 
 
 def accumulation_dtype(xp: Namespace, device: Any) -> Any:

@@ -572,3 +572,75 @@ def test_flushed_subnormal_input_in_eval_needs_the_flush_to_zero_forward_bound()
     with pytest.raises(AssertionError, match="exceed"):
         assert_close_to_reference(y, ref.ys[0], bounds[0], name="y")
     assert_close_to_reference(y, ref.ys[0], bounds[1], name="y")
+
+
+# -- byte-swapped and wider numpy floats ---------------------------------------------------
+_SWAPPED = {
+    ">f8" if np.little_endian else "<f8": "float64",
+    ">f4" if np.little_endian else "<f4": "float32",
+    ">f2" if np.little_endian else "<f2": "float16",
+    "longdouble": "float64",  # wider than float64: computed in float64, bounded as float64
+}
+
+
+@pytest.mark.parametrize("dtype", list(_SWAPPED))
+def test_non_native_numpy_floats_keep_their_precision(backend, dtype: str) -> None:
+    """numpy arrays of byte-swapped float64 (a FITS or .npy file from a
+    big-endian machine) and long double compare unequal to np.float64, which
+    once made them float32 work (y off by 3.5e7 × the float64 bound at
+    mean 1e3, std 1). Two ranks, forward and backward, parameters and running
+    statistics of the same dtype: every result keeps x's (or the parameters')
+    dtype and lies within the bounds of the native dtype holding the same numbers."""
+    if not backend.name.startswith("numpy"):
+        pytest.skip("byte order and long double are numpy's")
+    dt = np.dtype(np.longdouble if dtype == "longdouble" else dtype)
+    bound_dtype = _SWAPPED[dtype] if dtype == "longdouble" else dt
+    rng = np.random.default_rng(16)
+    full = (1e3 + rng.standard_normal((8, 2))).astype(dt)
+    dys_full = rng.standard_normal((8, 2)).astype(dt)
+    w, b = np.array([1.5, -0.5], dt), np.array([0.25, 2.0], dt)
+    rm, rv = np.array([3.0, -1.0], dt), np.array([2.0, 0.5], dt)
+    shards, dys = [full[:3], full[3:]], [dys_full[:3], dys_full[3:]]
+
+    def rank(comm):
+        y, new_rm, new_rv, saved = sbn.sync_batch_norm_forward(
+            shards[comm.rank], w, b, rm, rv, comm=comm
+        )
+        return (y, new_rm, new_rv, *sbn.sync_batch_norm_backward(dys[comm.rank], saved))
+
+    results = _two_ranks(rank)
+    ref = reference_forward(shards, w, b, rm, rv)
+    grads = reference_backward(ref, dys, w)
+    fb = forward_bounds(ref, bound_dtype, weight=w, bias=b, param_dtype=bound_dtype)
+    bb = backward_bounds(ref, grads, dys, bound_dtype, weight=w, param_dtype=bound_dtype)
+    for r, (y, new_rm, new_rv, dx, dw, db) in enumerate(results):
+        assert y.dtype == dt and dx.dtype == dt and new_rm.dtype == dt and dw.dtype == dt
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name="y")
+        assert_close_to_reference(dx, grads.dxs[r], bb.dx, axis=1, name="dx")
+        assert_close_to_reference(new_rm, ref.running_mean, fb.running_mean, name="rm")
+        assert_close_to_reference(new_rv, ref.running_var, fb.running_var, name="rv")
+        assert_close_to_reference(dw, grads.dweights[r], bb.dweight, name="dweight")
+        assert_close_to_reference(db, grads.dbiases[r], bb.dbias, name="dbias")
+    # The eval path normalizes with the same work dtype.
+    y_eval = sbn.sync_batch_norm_forward(full, w, b, rm, rv, training=False)[0]
+    ref_eval = reference_forward([full], w, b, rm, rv, training=False)
+    fb_eval = forward_bounds(ref_eval, bound_dtype, weight=w, bias=b, param_dtype=bound_dtype)
+    assert y_eval.dtype == dt
+    assert_close_to_reference(y_eval, ref_eval.ys[0], fb_eval.y, axis=1, name="eval y")
+
+
+def test_planted_float32_work_for_swapped_float64_fails_the_test_above(
+    backend, monkeypatch
+) -> None:
+    """With the old equality test (float32 work for anything not == float64),
+    the byte-swapped float64 test must fail."""
+    if backend.name not in ("numpy", "numpy-portable"):
+        pytest.skip("one host and one portable backend suffice")
+    from arraysyncbn import kernels
+
+    def old(xp, dtype):
+        return dtype if dtype == xp.float64 or dtype == xp.float32 else xp.float32
+
+    monkeypatch.setattr(kernels, "work_dtype", old)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        test_non_native_numpy_floats_keep_their_precision(backend, next(iter(_SWAPPED)))

@@ -91,6 +91,26 @@ def test_failure_names_the_channels_and_how_far_over_the_bound() -> None:
         T.assert_close_to_reference(np.zeros(2), np.zeros(2), np.array([0.0, np.nan]))
 
 
+@pytest.mark.parametrize("native", ["float16", "float32", "float64"])
+def test_byte_swapped_numpy_dtypes_have_their_native_twins_bounds(native: str) -> None:
+    """``dtype_eps(">f8")`` raised "not a supported floating dtype" (``str`` of
+    a byte-swapped dtype is ``'>f8'``, not ``'float64'``), so a big-endian
+    array's bounds could not even be computed."""
+    swapped = np.dtype(native).newbyteorder()
+    assert swapped != np.dtype(native)
+    for spelled in (swapped, swapped.str, np.dtype(native).str):
+        assert T.dtype_eps(spelled) == T.dtype_eps(native)
+    x = np.random.default_rng(3).normal(5.0, 2.0, (6, 2))
+    ref = T.reference_forward([x.astype(swapped)])
+    assert np.array_equal(
+        T.forward_bounds(ref, swapped, param_dtype=swapped).y,
+        T.forward_bounds(ref, native, param_dtype=native).y,
+    )
+    for other in (np.dtype(">i8"), "complex128", np.longdouble):
+        with pytest.raises(TypeError, match="not a supported floating dtype"):
+            T.dtype_eps(other)
+
+
 def test_a_bound_that_does_not_fit_the_array_is_a_clear_value_error() -> None:
     """These were numpy's 'operands could not be broadcast together'."""
     a = np.zeros((2, 3, 4))

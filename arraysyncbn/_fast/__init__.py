@@ -7,8 +7,9 @@ input) with the same numerics; the property tests compare both with the
 float64 reference and with each other.
 
 The default one is host memory (:mod:`.host`, numba). It takes float16,
-float32 and float64 arrays of numpy, and float16, bfloat16, float32 and
-float64 torch CPU tensors through zero-copy numpy views. Every other library,
+float32 and float64 arrays of numpy in native byte order, and float16,
+bfloat16, float32 and float64 torch CPU tensors through zero-copy numpy
+views. Every other library,
 dtype or device runs the portable route; so does everything when
 ``ARRAYSYNCBN_FAST=0`` or when numba cannot be imported (:func:`route_info`
 says which). Beside it, an experimental CUDA route (:mod:`.cuda`, numba.cuda

@@ -105,9 +105,18 @@ _EPS = {
 
 
 def _dtype_text(dtype: Any) -> str:
-    """A dtype's name, also for numpy type classes such as ``np.float32``."""
+    """A dtype's name, also for numpy type classes such as ``np.float32`` and
+    for byte-swapped numpy dtypes (``>f8`` is float64 numbers: its ``str`` is
+    ``'>f8'``, its name ``'float64'``)."""
     if isinstance(dtype, type) and issubclass(dtype, np.generic):
         return np.dtype(dtype).name
+    if isinstance(dtype, np.dtype):
+        return dtype.name
+    if isinstance(dtype, str):
+        try:  # a numpy type string such as ">f4" or "f8"
+            return np.dtype(dtype).name
+        except TypeError:  # "bfloat16" without ml_dtypes
+            pass
     return str(dtype)
 
 
@@ -122,7 +131,8 @@ def _per_dtype(table: dict[str, float], dtype: Any) -> float:
 
 
 def dtype_eps(dtype: Any) -> float:
-    """Machine epsilon of a floating dtype of any array library."""
+    """Machine epsilon of a floating dtype of any array library (numpy's in
+    either byte order)."""
     return _per_dtype(_EPS, dtype)
 
 
