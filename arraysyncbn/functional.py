@@ -1044,7 +1044,7 @@ def sync_batch_norm_forward(
     y : array like ``x`` (namespace, device, dtype, shape); ``out`` if given
     new_running_mean, new_running_var : arrays or None
         Updated running statistics in their input dtype; the inputs themselves
-        when nothing was updated (eval, or global N = 0).
+        when nothing was updated (eval, global N = 0, or no channels).
     saved : SavedForBackward
         Pass to :func:`sync_batch_norm_backward`; ``saved.count`` is the
         global N (0: statistics were not updated). It holds x itself (a
@@ -1178,7 +1178,11 @@ def sync_batch_norm_forward(
         # rank merges again around zero, and they share the next center again.
         center = None
         buf = _again(statistics, None, label, count)
-    if count == 0:
+    if count == 0 or channels == 0:
+        # Nothing to finalize: every shard empty, or no channel at all (whose
+        # reductions, a max among them, have no identity on some libraries).
+        # Taken from the reduced count and the checked channel count, so
+        # every rank and every route comes here alike.
         zeros = xp.zeros((channels,), dtype=sdt, device=sdev)
         mean = var = zeros
         invstd = kernels.invstd_of(var, eps, xp=xp)

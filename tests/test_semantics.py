@@ -251,6 +251,52 @@ def test_all_ranks_empty_changes_nothing(backend) -> None:
         assert np.array_equal(to_numpy(gw), np.zeros(3))
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+def test_zero_channels_run_alike_on_every_route(backend, axis: int) -> None:
+    """x with C = 0 (shape (5, 0) once worked on the host route but raised
+    numpy's "zero-size array to reduction operation maximum" on the portable
+    one, so on array-api-strict, cupy and ARRAYSYNCBN_FAST=0: in a job of
+    mixed routes one rank would raise after the allreduce while the others
+    went on). Every backend and dtype, two ranks, the consistency check,
+    training and eval, forward and backward: empty results like x, empty
+    gradients in the parameters' dtype, running statistics returned as they
+    were; a global batch of one still raises on every rank."""
+    shapes = [(3, 0, 2), (4, 0, 1)] if axis == 1 else [(3, 2, 0), (4, 1, 0)]
+    for dtype in backend.dtypes:
+        pdt = backend.param_dtype(dtype)
+        w, b, rm, rv = (backend.asarray(np.zeros(0), pdt) for _ in range(4))
+        shards = [backend.asarray(np.zeros(s), dtype) for s in shapes]
+
+        def rank(comm, shards=shards, w=w, b=b, rm=rm, rv=rv):
+            x = shards[comm.rank]
+            y, new_rm, new_rv, saved = sbn.sync_batch_norm_forward(
+                x, w, b, rm, rv, axis=axis, comm=comm, check=True
+            )
+            grads = sbn.sync_batch_norm_backward(x, saved)
+            ye, _, _, se = sbn.sync_batch_norm_forward(x, w, b, rm, rv, axis=axis, training=False)
+            eval_grads = sbn.sync_batch_norm_backward(x, se)
+            yi = sbn.batch_norm_inference(x, w, b, rm, rv, axis=axis)
+            yn = sbn.sync_batch_norm_forward(x, None, None, None, None, axis=axis, comm=comm)[0]
+            return y, new_rm is rm and new_rv is rv, saved.count, grads, ye, eval_grads, yi, yn
+
+        for r, result in enumerate(sbn.run_ranks(rank, sbn.thread_group(2, timeout=30))):
+            y, kept, count, (dx, dw, db), ye, (dxe, dwe, dbe), yi, yn = result
+            for name, a in [("y", y), ("dx", dx), ("eval y", ye), ("eval dx", dxe)]:
+                assert_like(a, shards[r], name=f"{dtype} {name}")
+            assert_like(yi, shards[r], name="inference y")
+            assert_like(yn, shards[r], name="y without parameters")
+            for name, a in [("dw", dw), ("db", db), ("eval dw", dwe), ("eval db", dbe)]:
+                assert_like(a, w, name=f"{dtype} {name}")
+            assert kept and count == 10
+
+    def one(comm):
+        x = backend.asarray(np.zeros((1, 0) if comm.rank else (0, 0)), backend.dtypes[-1])
+        return sbn.sync_batch_norm_forward(x, None, None, None, None, comm=comm)
+
+    results = sbn.run_ranks(one, sbn.thread_group(2, timeout=10), return_exceptions=True)
+    assert all("more than 1 value per channel" in str(res) for res in results), results
+
+
 def test_global_batch_of_one_raises_on_every_rank(backend) -> None:
     shards = [
         backend.asarray(np.zeros((0, 2)), "float32"),
