@@ -52,6 +52,36 @@ def test_assertions_never_pass_nan_and_check_metadata() -> None:
     assert T.assert_close_to_reference(np.array([1.0, np.inf]), np.array([1.0, np.inf]), 0.0) == 0
 
 
+def test_a_result_that_is_not_a_real_float_never_passes() -> None:
+    """``actual = expected + 5j`` passed with error 0.0 (the cast to float64
+    dropped the imaginary part, with only a ComplexWarning). Complex, integer
+    and bool results fail with a message naming the dtype, whatever the bound;
+    real floats of every width and byte order still pass."""
+    import arraysyncbn as sbn
+
+    x = np.random.default_rng(4).normal(2.0, 3.0, (6, 2))
+    y = sbn.sync_batch_norm_forward(x, None, None, None, None)[0]
+    ref = T.reference_forward([x])
+    bound = T.forward_bounds(ref, "float64").y
+    assert T.assert_close_to_reference(y, ref.ys[0], bound, axis=1) < 1e-12
+    wrong = [y + 5j, y.astype(np.complex128), y.astype(np.complex64), np.rint(y).astype(int)]
+    for got in wrong:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no ComplexWarning on the way to failing
+            with pytest.raises(AssertionError, match=f"dtype {got.dtype} is not a real floating"):
+                T.assert_close_to_reference(got, ref.ys[0], np.inf, axis=1, name="y")
+    with pytest.raises(AssertionError, match="dtype bool is not a real floating"):
+        T.assert_close_to_reference(np.ones(2, bool), np.ones(2), 1.0)
+    with pytest.raises(ValueError, match="expected values are complex"):
+        T.assert_close_to_reference(y, ref.ys[0] + 0j, bound, axis=1)
+    for dt in ("float16", "float32", ">f8", np.longdouble):
+        T.assert_close_to_reference(y.astype(dt), ref.ys[0].astype(dt), np.inf, axis=1)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(AssertionError, match=r"torch\.complex64 is not a real floating"):
+        T.assert_close_to_reference(torch.zeros(2, dtype=torch.complex64), np.zeros(2), 1.0)
+    T.assert_close_to_reference(torch.zeros(2, dtype=torch.bfloat16), np.zeros(2), 0.0)
+
+
 def test_per_channel_bound_needs_the_channel_axis() -> None:
     a = np.zeros((2, 3, 3))
     with pytest.raises(ValueError, match="axis="):

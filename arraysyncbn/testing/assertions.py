@@ -514,7 +514,8 @@ def assert_close_to_reference(
     Parameters
     ----------
     actual : array of any library (numpy, torch, cupy, array-api-strict, ...)
-        The result under test; it is copied to host float64.
+        The result under test, of a real floating dtype; it is copied to
+        host float64.
     expected : numpy array, float64
         The reference, of the same shape.
     bound : float or array of shape ``(C,)``
@@ -536,7 +537,9 @@ def assert_close_to_reference(
     Raises
     ------
     AssertionError
-        On a shape mismatch, or where the error exceeds the bound. NaN in
+        When ``actual`` is not of a real floating dtype (complex, integer or
+        bool: no result of batch norm), on a shape mismatch, or where the
+        error exceeds the bound. NaN in
         ``actual`` never passes, not even against NaN or an infinite bound;
         ±inf passes only where ``expected`` holds the same infinity. The
         message names the worst element (and its channel, given ``axis``),
@@ -544,9 +547,20 @@ def assert_close_to_reference(
         channel.
     ValueError
         When ``bound`` does not fit the array (a per-channel bound for
-        another number of channels, or without ``axis``).
+        another number of channels, or without ``axis``), or ``expected``
+        is complex.
     """
-    a = to_numpy(actual).astype(np.float64)
+    host = to_numpy(actual)
+    if np.asarray(host).dtype.kind != "f":
+        # A cast to float64 would drop an imaginary part with only a
+        # ComplexWarning (actual = expected + 5j passed with error 0.0).
+        raise AssertionError(
+            f"{name}: dtype {getattr(actual, 'dtype', type(actual).__name__)} is not a real "
+            "floating dtype; batch norm results are real floats"
+        )
+    a = np.asarray(host).astype(np.float64)
+    if np.iscomplexobj(expected):
+        raise ValueError(f"{name}: the expected values are complex; the reference is real")
     e = np.asarray(expected, dtype=np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape}, expected {e.shape}"
     b = _per_channel(bound, a.shape, axis, name)
