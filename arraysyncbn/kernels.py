@@ -163,12 +163,19 @@ def split_mean(mean: Array, wdtype: Any, *, xp: Namespace) -> tuple[Array, Array
 
     ``x − hi`` is exact whenever x lies within a factor of two of the mean
     (Sterbenz), which is where precision matters; ``lo`` then restores the
-    part of the float64 mean that the work dtype cannot hold.
+    part of the float64 mean that the work dtype cannot hold. Where ``hi`` is
+    not finite (an infinite or NaN mean, or one beyond the work dtype's range)
+    ``lo`` is 0: ``mean − hi`` would be ``inf − inf = NaN`` and turn the
+    ``−inf``/``+inf`` that ``x − mean`` gives (as in PyTorch) into NaN.
     """
     hi = xp.astype(mean, wdtype)
     if mean.dtype == wdtype:
         return hi, None
-    return hi, xp.astype(mean - xp.astype(hi, mean.dtype), wdtype)
+    wide = xp.astype(hi, mean.dtype)
+    finite = xp.isfinite(wide)
+    # mean − 0 where hi is not finite: no inf − inf computed, so no warning.
+    lo = xp.where(finite, mean - xp.where(finite, wide, 0.0), 0.0)
+    return hi, xp.astype(lo, wdtype)
 
 
 def scale_of(invstd: Array, weight: Array | None, *, xp: Namespace) -> Array:

@@ -469,6 +469,151 @@ def test_functional_keeps_running_statistics_of_non_finite_channels(backend) -> 
     assert np.all(np.isfinite(to_numpy(y)[:, 1]))
 
 
+# -- non-finite running statistics in eval -----------------------------------------------
+# Channels: +inf mean, -inf mean, finite, NaN mean, infinite variance.
+_EVAL_MEAN = np.array([np.inf, -np.inf, 0.5, np.nan, 0.0])
+_EVAL_VAR = np.array([1.0, 2.0, 2.0, 1.0, np.inf])
+_EVAL_W = np.array([1.5, 0.5, -2.0, 1.0, 1.0])
+_EVAL_B = np.array([0.25, -1.0, 0.5, 0.0, 2.0])
+_NON_FINITE = [0, 1, 3, 4]
+
+
+def _eval_with(backend, dtype: str, mean=_EVAL_MEAN, var=_EVAL_VAR, pdtype=None):
+    """x, dy, parameters and (y, dx, dweight, dbias, batch_norm_inference's y)
+    of one eval step with running statistics ``mean``, ``var``."""
+    rng = np.random.default_rng(17)
+    c = mean.shape[0]
+    x = backend.asarray(rng.normal(1.0, 2.0, (4, c, 3)), dtype)
+    dy = backend.asarray(rng.uniform(0.5, 1.5, (4, c, 3)), dtype)  # > 0: Σdy·(x − ±inf) = ∓inf
+    pdt = pdtype or backend.param_dtype(dtype)
+    params = [backend.asarray(v[:c], pdt) for v in (_EVAL_W, _EVAL_B, mean, var)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's own, for inf·0 in the tests
+        y, _, _, saved = sbn.sync_batch_norm_forward(x, *params, training=False)
+        dx, dw, db = sbn.sync_batch_norm_backward(dy, saved)
+        yi = sbn.batch_norm_inference(x, *params)
+    return x, dy, params, (y, dx, dw, db, yi)
+
+
+def test_infinite_running_mean_gives_infinite_output_as_pytorch(backend) -> None:
+    """Eval with running_mean = ±inf: y = ∓inf and dweight = ∓inf, as the
+    float64 reference and torch.nn.BatchNorm give (before: NaN, from the
+    mean's split ``lo = inf − inf`` in float32 work). An infinite variance
+    (y = bias, zero dweight) and a NaN mean (NaN) are as they were; the finite
+    channel, and dx (which in eval does not read the mean), are within the
+    reference bounds."""
+    for dtype in backend.dtypes:
+        x, dy, params, (y, dx, dw, db, yi) = _eval_with(backend, dtype)
+        xs, dys, ps = to_numpy(x), to_numpy(dy), [to_numpy(p) for p in params]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = reference_forward([xs], *ps, training=False)
+            grads = reference_backward(ref, [dys], ps[0])
+        for name, got, want in [("y", y, ref.ys[0]), ("inference y", yi, ref.ys[0])]:
+            got = to_numpy(got).astype(np.float64)[:, _NON_FINITE]
+            want = want[:, _NON_FINITE].astype(xs.dtype).astype(np.float64)
+            assert np.array_equal(got, want, equal_nan=True), (dtype, name, got[0], want[0])
+        got_dw = to_numpy(dw).astype(np.float64)[_NON_FINITE]
+        assert np.array_equal(got_dw, grads.dweights[0][_NON_FINITE], equal_nan=True), got_dw
+        # dx = weight·invstd·dy in eval, whatever the mean: bounded with a
+        # finite mean in place of the infinite ones.
+        finite = [0, 1, 2]
+        sub = [p[finite] for p in ps]
+        sub[2] = np.where(np.isfinite(sub[2]), sub[2], 0.0)
+        ref3 = reference_forward([xs[:, finite]], *sub, training=False)
+        grads3 = reference_backward(ref3, [dys[:, finite]], sub[0])
+        pdt = backend.param_dtype(dtype)
+        fb = forward_bounds(ref3, dtype, weight=sub[0], bias=sub[1], param_dtype=pdt)
+        bb = backward_bounds(ref3, grads3, [dys[:, finite]], dtype, weight=sub[0], param_dtype=pdt)
+        got_y, got_dx = to_numpy(y)[:, finite], to_numpy(dx)[:, finite]
+        assert_close_to_reference(got_y[:, 2:], ref3.ys[0][:, 2:], fb.y[2:], axis=1, name="y")
+        assert_close_to_reference(got_dx, grads3.dxs[0], bb.dx, axis=1, name="dx")
+        assert_close_to_reference(to_numpy(db), grads.dbiases[0], bb.dbias[0], name="dbias")
+        assert not np.any(to_numpy(dx)[:, 4]), "invstd = 0: dx = 0"
+        if dtype == "float32":
+            _same_as_torch(xs, dys, ps, y, dw)
+
+
+def _same_as_torch(xs, dys, ps, y, dw) -> None:
+    """torch.nn.functional.batch_norm in eval gives the same non-finite pattern."""
+    try:
+        import torch
+    except ImportError:
+        return
+    x = torch.from_numpy(xs.astype(np.float32)).requires_grad_(True)
+    w = torch.from_numpy(ps[0].astype(np.float32)).requires_grad_(True)
+    rm, rv, b = (torch.from_numpy(p.astype(np.float32)) for p in (ps[2], ps[3], ps[1]))
+    yt = torch.nn.functional.batch_norm(x, rm, rv, w, b, training=False)
+    yt.backward(torch.from_numpy(dys.astype(np.float32)))
+    want_y = yt.detach().numpy()[:, _NON_FINITE]
+    got_y = to_numpy(y)[:, _NON_FINITE].astype(np.float32)
+    assert np.array_equal(got_y, want_y, equal_nan=True), (got_y[0], want_y[0])
+    want_dw = w.grad.numpy()[_NON_FINITE]
+    assert np.array_equal(to_numpy(dw)[_NON_FINITE], want_dw, equal_nan=True), want_dw
+
+
+def test_a_running_mean_beyond_float32_gives_infinite_float32_output(backend) -> None:
+    """float64 running statistics with a mean of ±1e39 and float32 x: the
+    mean's work-dtype ``hi`` is ±inf, ``x − 1e39`` rounds to -inf in float32
+    as the reference does (before: ``lo = 1e39 − inf = −inf``, then NaN)."""
+    if "float32" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float32 input and float64 parameters")
+    mean, var = np.array([1e39, -1e39, 1e30]), np.array([1.0, 1.0, 1e60])
+    x, _, params, (y, _, _, _, yi) = _eval_with(backend, "float32", mean, var, "float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = reference_forward([to_numpy(x)], *[to_numpy(p) for p in params], training=False)
+        want = ref.ys[0].astype(np.float32)
+    assert np.all(np.isinf(want[:, :2])) and np.all(np.isfinite(want[:, 2]))
+    for got in (y, yi):
+        assert np.array_equal(to_numpy(got)[:, :2], want[:, :2])
+    fb = forward_bounds(ref, "float32", weight=params[0], bias=params[1], param_dtype="float64")
+    assert_close_to_reference(to_numpy(y)[:, 2:], ref.ys[0][:, 2:], fb.y[2:], axis=1, name="y")
+
+
+def test_planted_nan_low_part_fails_the_infinite_mean_test(backend, monkeypatch) -> None:
+    """With the old split (``lo = mean − hi`` even where hi is infinite) the
+    portable route's infinite-mean eval must fail the test above."""
+    if backend.name != "numpy-portable":
+        pytest.skip("the planted split is the portable route's")
+    from arraysyncbn import kernels
+
+    def old(mean, wdtype, *, xp):
+        hi = xp.astype(mean, wdtype)
+        if mean.dtype == wdtype:
+            return hi, None
+        return hi, xp.astype(mean - xp.astype(hi, mean.dtype), wdtype)
+
+    monkeypatch.setattr(kernels, "split_mean", old)
+    with pytest.raises(AssertionError):
+        test_infinite_running_mean_gives_infinite_output_as_pytorch(backend)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_non_finite_eval_is_the_same_bits_on_both_routes(library: str, dtype: str) -> None:
+    """The host kernels' split (host_jit.split_low) and the portable one
+    (kernels.split_mean) treat a non-finite hi alike: the same bits of y,
+    dx, dweight, dbias and batch_norm_inference's y on both routes (NaN
+    compared as NaN: the routes round a bfloat16 NaN to different bits)."""
+    from backends import BACKENDS, routed
+
+    found = {b.name: b for b in BACKENDS}
+    host, portable = found.get(library), found.get(f"{library}-portable")
+    if host is None or portable is None:
+        pytest.skip(f"{library} is not installed")
+    if dtype not in host.dtypes:
+        pytest.skip(f"{library} has no {dtype}")
+    results = []
+    for b in (host, portable):
+        with routed(b):
+            results.append([to_numpy(a) for a in _eval_with(b, dtype)[3]])
+    for name, got, want in zip(("y", "dx", "dw", "db", "yi"), *results, strict=True):
+        nan = np.isnan(want)
+        assert got.dtype == want.dtype and np.array_equal(np.isnan(got), nan), (name, got, want)
+        assert got[~nan].tobytes() == want[~nan].tobytes(), (name, got, want)
+
+
 # -- subnormal inputs ----------------------------------------------------------------------
 def _subnormal_dweights(backend, flush=None):
     """(dweight, reference, default bound, flush-to-zero bound) on float32 data of

@@ -749,13 +749,15 @@ def inference_parallel(x, rm, rv, eps, weight, bias, y, nparts):  # pragma: no c
 @numba.njit(**_OPTS)
 def split_low(mean, hi, lo):  # pragma: no cover - compiled
     """``lo = mean − hi`` in the work dtype; zero where that is float64 (hi
-    holds the mean exactly: the portable route has no ``lo`` then, and an
-    infinite mean must not make ``inf − inf = NaN`` of it)."""
+    holds the mean exactly: the portable route has no ``lo`` then) and where
+    hi is not finite (as :func:`arraysyncbn.kernels.split_mean`: an infinite
+    mean, or one beyond float32, must not make ``inf − inf = NaN`` of it)."""
     if hi.itemsize == 8:  # float64 (the work dtypes are float32 and float64)
         lo[:] = 0.0
     else:
         for c in range(hi.shape[0]):
-            lo[c] = mean[c] - np.float64(hi[c])
+            wide = np.float64(hi[c])
+            lo[c] = mean[c] - wide if np.isfinite(wide) else 0.0
 
 
 @numba.njit(**_OPTS)
