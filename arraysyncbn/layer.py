@@ -16,6 +16,7 @@ from typing import Any
 import array_api_compat
 
 from . import functional as F
+from . import kernels
 from .comm.base import Communicator, SelfCommunicator, as_communicator
 from .comm.calls import CallLabel, next_layer
 from .errors import NoForwardError
@@ -169,8 +170,8 @@ class SyncBatchNorm:
         Where to create parameters and buffers. With ``xp`` given they are
         created now (``dtype`` defaults to float32); otherwise at the first
         forward, in the input's namespace and device, with the input's dtype
-        for float32/float64 input and float32 for float16/bfloat16 input
-        (``dtype`` overrides that).
+        for float32/float64 input (in native byte order) and float32 for
+        float16/bfloat16 input (``dtype`` overrides that).
 
     Notes
     -----
@@ -297,10 +298,11 @@ class SyncBatchNorm:
         xp = array_api_compat.array_namespace(x)
         if self._dtype is not None:
             dtype = _resolve_dtype(xp, self._dtype)
-        elif x.dtype in (xp.float32, xp.float64):
-            dtype = x.dtype
         else:
-            dtype = xp.float32
+            # x's work dtype: float32/float64 as x, float32 for half
+            # precisions, and float64 for a byte-swapped numpy float64
+            # (which compares unequal to float64 but holds its numbers).
+            dtype = kernels.work_dtype(xp, x.dtype)
         self._materialize(xp, array_api_compat.device(x), dtype)
 
     def _expected_keys(self) -> list[str]:

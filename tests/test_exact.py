@@ -774,6 +774,27 @@ def test_non_native_numpy_floats_keep_their_precision(backend, dtype: str) -> No
     assert_close_to_reference(y_eval, ref_eval.ys[0], fb_eval.y, axis=1, name="eval y")
 
 
+@pytest.mark.parametrize("dtype", [next(iter(_SWAPPED)), "longdouble"])
+def test_a_layer_on_swapped_float64_keeps_float64_statistics(backend, dtype: str) -> None:
+    """SyncBatchNorm's lazily created parameters and running statistics were
+    float32 for byte-swapped float64 (and long double) input, as for half
+    precision; they are float64, and the running statistics meet the float64
+    bounds."""
+    if not backend.name.startswith("numpy"):
+        pytest.skip("byte order and long double are numpy's")
+    dt = np.dtype(np.longdouble if dtype == "longdouble" else dtype)
+    x = (1e3 + np.random.default_rng(18).standard_normal((8, 2))).astype(dt)
+    bn = sbn.SyncBatchNorm(2)
+    y = bn(x)
+    assert y.dtype == dt
+    assert bn.weight.dtype == bn.running_mean.dtype == bn.running_var.dtype == np.float64
+    ref = reference_forward([x], None, None, np.zeros(2), np.ones(2))
+    fb = forward_bounds(ref, "float64", param_dtype="float64")
+    assert_close_to_reference(y, ref.ys[0], fb.y, axis=1, name="y")
+    assert_close_to_reference(bn.running_mean, ref.running_mean, fb.running_mean, name="rm")
+    assert_close_to_reference(bn.running_var, ref.running_var, fb.running_var, name="rv")
+
+
 def test_planted_float32_work_for_swapped_float64_fails_the_test_above(
     backend, monkeypatch
 ) -> None:
