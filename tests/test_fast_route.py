@@ -421,6 +421,49 @@ def test_threaded_kernels_match_serial_ones(monkeypatch) -> None:
         _close(threaded[key], serial[key], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (5, 3, 130), (1, 4, 3), (4, 1, 2), (7, 6, 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_threaded_kernels_split_samples_anywhere(shape, dtype) -> None:
+    """Every threaded kernel on 1 to 9 chunks of the ``P·C`` planes, chunk
+    edges inside a sample's channels included (the kernels loop over whole
+    samples between a chunk's partial first and last ones): the elementwise
+    results equal the serial kernels' bit for bit, and on integer-valued
+    data (exact sums in any order) the partial sums add up to numpy's."""
+    from arraysyncbn._fast import host_jit as hk
+
+    rng = np.random.default_rng(11)
+    c_count = shape[1]
+    x = rng.integers(-8, 9, size=shape).astype(dtype)
+    dy = rng.integers(-8, 9, size=shape).astype(dtype)
+    hi, lo, scale, shift, mdy, k = (
+        rng.integers(-4, 5, size=c_count).astype(dtype) for _ in range(6)
+    )
+    lo[:] = 0  # integer data: every product and sum below is exact
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    centered = x64 - hi[None, :, None]
+    centers = np.zeros(c_count)
+    want_stats = (x64.sum(axis=(0, 2)), (x64**2).sum(axis=(0, 2)))
+    want_bsums = (dy64.sum(axis=(0, 2)), (dy64 * centered).sum(axis=(0, 2)))
+    want = {name: np.empty_like(x) for name in ("y", "dx", "scaled")}
+    hk.normalize_serial(x, hi, lo, scale, shift, want["y"])
+    hk.backward_input_serial(dy, x, hi, lo, scale, mdy, k, want["dx"])
+    hk.backward_scale_serial(dy, scale, want["scaled"])
+    for parts in range(1, 10):
+        part = np.zeros((parts, 2, c_count))
+        hk.stats_parallel(x, centers, part)
+        for got, expected in zip(part.sum(axis=0), want_stats, strict=True):
+            np.testing.assert_array_equal(got, expected, err_msg=f"stats, {parts} chunks")
+        hk.backward_sums_parallel(dy, x, hi, lo, part)
+        for got, expected in zip(part.sum(axis=0), want_bsums, strict=True):
+            np.testing.assert_array_equal(got, expected, err_msg=f"sums, {parts} chunks")
+        got = {name: np.full_like(x, np.nan) for name in want}
+        hk.normalize_parallel(x, hi, lo, scale, shift, got["y"], parts)
+        hk.backward_input_parallel(dy, x, hi, lo, scale, mdy, k, got["dx"], parts)
+        hk.backward_scale_parallel(dy, scale, got["scaled"], parts)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name}, {parts} chunks")
+
+
 @pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last", "2-d", "strided"])
 @pytest.mark.parametrize(
@@ -680,6 +723,15 @@ def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
         "_bsums_planes": (x3, x3, w, w, 0, 6, c.copy(), c.copy()),
         "_bsums_rows": (x3[..., :1].copy(), x3[..., :1].copy(), w, w, 0, 2, c.copy(), c.copy()),
     }
+    # Short planes keep LLVM's default width (see host_jit.WIDE_PLANES).
+    short = {
+        "_stats_short_planes": calls["_stats_planes"],
+        "_bsums_short_planes": calls["_bsums_planes"],
+    }
+    for name, args in short.items():
+        fresh = numba.njit(fastmath=host_jit._REDUCE)(getattr(host_jit, name).py_func)
+        fresh(*args)
+        assert "prefer-vector-width" not in next(iter(fresh.inspect_llvm().values())), name
     for name, args in [("sums", None), *calls.items()]:
         if args is None:
             fresh = sums
