@@ -405,9 +405,11 @@ class _Step(NamedTuple):
 
 
 def _overflow_judged() -> Any:
-    """Around the merge's sums and variance on the portable route: numpy would
-    warn of sums that overflowed around a far center, which the step judges
-    from the reduced values and repairs with another pass (or warns of once)."""
+    """Around the local moments, the merge's sums and the variance on the
+    portable route: numpy would warn of squares and sums that overflowed
+    around a far center (and of inf − inf in a batch holding both), which
+    the step judges from the reduced values and repairs with another pass
+    (or warns of once, as a NonFiniteWarning)."""
     return np.errstate(over="ignore", invalid="ignore")
 
 
@@ -438,7 +440,8 @@ class PortableKernels:
         """``[n, Σ(x − center), Σ(x − center)², *tail]`` on the statistics device
         (``tail``: the call's signature)."""
         xp = self.xp
-        n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
+        with _overflow_judged():
+            n, c, a, b = kernels.local_moments(x, self.axis, xp=xp, acc=self.acc)
         c = _to(c, xp, self.sdev, self.sdt)
         with _overflow_judged():
             s1, s2 = kernels.moment_sums(
@@ -694,6 +697,14 @@ def _recentered(xp: Any, st: _Step) -> Array:
     return xp.where(xp.isfinite(st.mean), st.mean, st.center)
 
 
+def _same_center(xp: Any, new: Array, old: Array | None) -> bool:
+    """Whether the next pass's center ``new`` is the last one's, bit for bit
+    (None: zeros). Decided from reduced values, so alike on every rank."""
+    if old is None:
+        return bool(xp.all(new == 0))
+    return bool(xp.all(new == old))
+
+
 def _kept_center(xp: Any, st: _Step, entry: Array | None, sdev: Any, sdt: Any) -> Array:
     """``st.center`` with its non-finite channels back at ``entry`` (zero for
     None), the center the step began with: a channel judged non-finite keeps
@@ -737,14 +748,15 @@ def _check_signature(
         raise CollectiveMismatchError(problem)
 
 
-def _warn_if_imprecise(loss: float, tolerance: float) -> None:
+def _warn_if_imprecise(loss: float, tolerance: float, passes: int) -> None:
     """Warn (every rank alike: loss comes from reduced values) past the
-    tolerance. An infinite loss is a variance that overflowed even around
-    the mean: those channels are judged non-finite, and warned of as such."""
+    tolerance, after ``passes`` more statistics passes. An infinite loss is
+    a variance that overflowed even around the mean: those channels are
+    judged non-finite, and warned of as such."""
     if tolerance < loss < math.inf:
         warn_at_caller(
             f"SyncBN statistics may have lost precision (relative variance error up to "
-            f"{loss:.1e}) even after {_RECENTER_LIMIT} more passes, each centered on the "
+            f"{loss:.1e}) even after {passes} more pass(es), each centered on the "
             "reduced mean",
             PrecisionWarning,
         )
@@ -1018,7 +1030,7 @@ def sync_batch_norm_forward(
         beyond ~4 for float64 input, ~7e3 for float32) or that its sums
         overflowed, every rank runs another statistics allreduce centered
         on the reduced mean, and again, up to three more in all, while the
-        reduced values still show a loss (each pass brings the center
+        reduced values still show a loss and the mean still moves (each pass brings the center
         ~1e15 times closer in units of the spread, so data up to ~1e45
         standard deviations from the center is exact). A good center saves
         those extra collectives. None centers at zero. A
@@ -1198,17 +1210,22 @@ def sync_batch_norm_forward(
         st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
         second, warn = _tolerances(xp, size, sdt, wdtype)
         entry = center
-        for _ in range(_RECENTER_LIMIT):
-            if not st.loss > second:
-                break
+        passes = 0
+        while passes < _RECENTER_LIMIT and st.loss > second:
             # Exact first, fast second: the reduced values (the same bits on
             # every rank) show the merge cancelled or overflowed, so every
             # rank merges again around the reduced mean, which each pass
             # moves orders of magnitude closer to the data.
-            center = _recentered(xp, st)
+            nxt = _recentered(xp, st)
+            if _same_center(xp, nxt, center):
+                # The mean no longer moves (a variance beyond float64 around
+                # it): another pass would reduce the very same sums.
+                break
+            center = nxt
             buf = _again(statistics, center, label, count)
             st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
-        _warn_if_imprecise(st.loss, warn)
+            passes += 1
+        _warn_if_imprecise(st.loss, warn, passes)
         if st.nonfinite:
             _warn_nonfinite(st.nonfinite)
         next_center = st.center
