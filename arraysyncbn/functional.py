@@ -474,7 +474,12 @@ class PortableKernels:
         with _overflow_judged():
             rel, var = kernels.finalize_moments(count, buf[1 : 1 + c], s2, xp=xp)
         mean = rel if center is None else center + rel
-        ok = xp.isfinite(mean) & xp.isfinite(var)
+        finite_mean = xp.isfinite(mean)
+        # A finite mean with a variance that is not (NaN from inf − inf as
+        # often as inf): the variance overflowed, so it is +inf, whatever
+        # the route's arithmetic made of it (invstd 0, as PyTorch's float64).
+        var = xp.where(finite_mean & ~xp.isfinite(var), math.inf, var)
+        ok = finite_mean & xp.isfinite(var)
         # The merge's rounding is at most ~4(size+2)·ulp·Σ(x−K)²/N, relative
         # to var + eps (what invstd depends on); the host kernel evaluates
         # the same expression in the same order, so every route decides alike.

@@ -378,6 +378,53 @@ def test_passes_stop_once_the_mean_stops_moving(backend, channels, passes) -> No
         assert _stat_calls(comm) == passes, _stat_calls(comm)
 
 
+def test_a_variance_beyond_float64_normalizes_to_the_bias_on_every_route(backend) -> None:
+    """Finite float64 data spread over ±1e306: around any center its variance
+    is beyond float64. Its mean is finite, so the variance is +inf on every
+    route (the host's inf − inf gave NaN: y all NaN there, the bias here):
+    invstd 0, y = bias, dx = 0, dweight = 0, the running statistics kept,
+    and every rank warns of the channels alike. PyTorch's float64 batch
+    norm gives the same y."""
+    if "float64" not in backend.dtypes or not backend.has_float64:
+        pytest.skip("needs float64")
+    full = np.random.default_rng(0).standard_normal((9, 3)) * 2.5e306
+    full[:, 2] = np.arange(9.0)  # an ordinary channel beside them
+    bias = np.array([0.5, -2.0, 1.0])
+    comms = sbn.thread_group(2, timeout=60)
+
+    def step(comm):
+        x = backend.asarray(full[:4] if comm.rank == 0 else full[4:], "float64")
+        w, b = backend.asarray(np.ones(3), "float64"), backend.asarray(bias, "float64")
+        rm, rv = backend.asarray(np.zeros(3), "float64"), backend.asarray(np.ones(3), "float64")
+        y, new_rm, new_rv, saved = sbn.sync_batch_norm_forward(x, w, b, rm, rv, comm=comm)
+        dy = backend.asarray(np.ones(x.shape), "float64")
+        dx, dw, db = sbn.sync_batch_norm_backward(dy, saved)
+        return [to_numpy(a) for a in (y, new_rm, new_rv, dx, dw, db)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = sbn.run_ranks(step, comms)
+    assert [w.category for w in caught] == [sbn.NonFiniteWarning] * 2
+    assert all("[0, 1]" in str(w.message) for w in caught)
+    ref = reference_forward([full[:4, 2:], full[4:, 2:]], None, None, np.zeros(1), np.ones(1))
+    for r, (y, rm, rv, dx, dw, db) in enumerate(results):
+        np.testing.assert_array_equal(y[:, :2], np.broadcast_to(bias[:2], y[:, :2].shape))
+        np.testing.assert_array_equal(dx[:, :2], 0.0)
+        np.testing.assert_array_equal(dw[:2], 0.0)
+        np.testing.assert_array_equal(db, float(y.shape[0]))  # Σdy of this rank's ones
+        np.testing.assert_array_equal(rm[:2], 0.0)
+        np.testing.assert_array_equal(rv[:2], 1.0)
+        np.testing.assert_allclose(y[:, 2] - bias[2], ref.ys[r][:, 0], rtol=1e-12, atol=1e-12)
+    try:
+        import torch
+    except ImportError:
+        return
+    y_torch = torch.nn.functional.batch_norm(
+        torch.from_numpy(full[:, :2].copy()), None, None, None, torch.from_numpy(bias[:2]), True
+    )
+    np.testing.assert_array_equal(y_torch.numpy(), np.concatenate([r[0][:, :2] for r in results]))
+
+
 def test_planted_single_recentering_fails_the_outlier_tests(backend, monkeypatch) -> None:
     """With one pass around the reduced mean at most (as before), the batch
     after a diverged batch and the far center must fail their bounds."""

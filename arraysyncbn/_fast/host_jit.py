@@ -730,6 +730,11 @@ def finalize_forward(
         rel = s1[c] / count
         var[c] = max(s2[c] / count - rel * rel, 0.0)
         mean[c] = center[c] + rel
+    # A finite mean with a variance that is not: it overflowed, so +inf (as
+    # the portable route makes it), not whatever inf − inf or max(NaN, 0) gave.
+    for c in range(c_count):
+        if np.isfinite(mean[c]) and not np.isfinite(var[c]):
+            var[c] = np.inf
     for c in range(c_count):
         inv[c] = 1.0 / np.sqrt(var[c] + eps)
     bad = 0
