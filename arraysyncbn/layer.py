@@ -318,8 +318,14 @@ class SyncBatchNorm:
         save, not once up front. ``num_batches_tracked`` is a 0-d int64 array
         of the layer's namespace and device, as in PyTorch, so that
         ``torch.nn.BatchNorm2d.load_state_dict`` accepts the converted dict.
+
+        Before the first forward (parameters not created yet) it returns what
+        :meth:`load_state_dict` loaded, as loaded (a converted checkpoint
+        saves unchanged); with nothing loaded it raises RuntimeError.
         """
         if self._xp is None:
+            if self._pending is not None:
+                return self._pending_state()
             raise RuntimeError(
                 "SyncBatchNorm creates its parameters at the first forward; call it once, "
                 "or construct it with xp=... (and device=...) to have them now"
@@ -331,6 +337,27 @@ class SyncBatchNorm:
                 out[key] = xp.asarray(self.num_batches_tracked, dtype=xp.int64, device=self._device)
             else:
                 out[key] = getattr(self, key)
+        return out
+
+    def _pending_state(self) -> dict[str, Any]:
+        """Before the first forward, after a load: the loaded values as kept
+        (copies, in the library, device and dtype they were loaded from;
+        ``num_batches_tracked`` a 0-d int64 array beside them), so that a
+        load then save (a checkpoint converted) gives back what was loaded."""
+        pending = self._pending
+        assert pending is not None
+        out: dict[str, Any] = {}
+        arrays = [v for k, v in pending.items() if k != "num_batches_tracked"]
+        for key in self._expected_keys():
+            if key != "num_batches_tracked":
+                out[key] = pending[key]
+                continue
+            count = pending[key]
+            if arrays:
+                xp = array_api_compat.array_namespace(arrays[0])
+                device = array_api_compat.device(arrays[0])
+                count = xp.asarray(count, dtype=xp.int64, device=device)
+            out[key] = count
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

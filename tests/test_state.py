@@ -96,6 +96,50 @@ def test_state_dict_before_creation_explains() -> None:
         sbn.SyncBatchNorm(3).state_dict()
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_state_dict_after_a_load_before_the_first_forward_gives_back_the_load(library) -> None:
+    """Load then save, no forward between (a checkpoint converted): the
+    loaded values come back, in their library and dtype, with the count as a
+    0-d int64 array beside them; a torch BatchNorm2d takes it strictly, and
+    the layer's first forward still uses them."""
+    rng = np.random.default_rng(5)
+    values = {
+        "weight": rng.normal(size=3),
+        "bias": rng.normal(size=3),
+        "running_mean": rng.normal(size=3),
+        "running_var": rng.uniform(0.5, 2.0, size=3),
+    }
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in values.items()}
+        state["num_batches_tracked"] = torch.tensor(7)
+    else:
+        state = {k: v.astype(np.float32) for k, v in values.items()}
+        state["num_batches_tracked"] = 7
+    bn = sbn.SyncBatchNorm(3)
+    bn.load_state_dict(state)
+    saved = bn.state_dict()
+    assert list(saved) == list(state)
+    for key in values:
+        assert type(saved[key]) is type(state[key]) and saved[key].dtype == state[key].dtype
+        np.testing.assert_array_equal(to_numpy(saved[key]), to_numpy(state[key]))
+    count = saved["num_batches_tracked"]
+    assert int(count) == 7 and tuple(count.shape) == () and "int64" in str(count.dtype)
+    if library == "torch":
+        plain = torch.nn.BatchNorm2d(3).to(torch.bfloat16)
+        plain.load_state_dict(saved, strict=True)
+        assert int(plain.num_batches_tracked) == 7
+    bn.eval()
+    x = np.ones((2, 3), dtype=np.float32)
+    y = bn(x)
+    want = np.empty((2, 3), dtype=np.float32)
+    sbn.sync_batch_norm_forward(
+        x, *(to_numpy(state[k]).astype(np.float32) for k in values), training=False, out=want
+    )
+    np.testing.assert_array_equal(y, want)
+    sbn.SyncBatchNorm(3).load_state_dict(bn.state_dict())  # and it loads back
+
+
 def test_xp_and_device_create_parameters_now() -> None:
     strict = pytest.importorskip("array_api_strict")
     dev = strict.Device("device1")
