@@ -578,6 +578,10 @@ class SyncBatchNorm(_BatchNorm):
         # mid-run on one rank (the first check verifies all ranks agree).
         self._check_every_call = F.check_every_call()
 
+    # The class revert_sync_batchnorm gives back: the torch batch norm that
+    # convert_sync_batchnorm replaced (BatchNorm1d/2d/3d), None for BatchNormXd.
+    _reverts_to: type[_BatchNorm] | None = None
+
     @classmethod
     def convert_sync_batchnorm(
         cls, module: torch.nn.Module, process_group: Any = None
@@ -1109,18 +1113,33 @@ def convert_sync_batchnorm(
                 **_bias_kwarg(module),
             ),
         )
+        kind = type(module)
+        reverts_to = kind if kind in _PLAIN else getattr(module, "_reverts_to", None)
+        if reverts_to is not None:
+            out._reverts_to = reverts_to
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, comm))
     return out
 
 
+# The batch norms a converted layer reverts to as themselves (not BatchNormXd):
+# tools check these exact types (torch.ao.quantization's fusers, for one).
+_PLAIN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
 def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every synchronized batch-norm layer with :class:`BatchNormXd`.
+    """Replace every synchronized batch-norm layer with plain torch batch norm.
 
     Every :class:`SyncBatchNorm` and ``torch.nn.SyncBatchNorm``; the
     inverse of :func:`convert_sync_batchnorm` for single-process use
-    (export, evaluation, double backward): plain torch batch norm, sharing
-    the parameters and buffers, in the same mode, accepting the same inputs.
+    (export, evaluation, quantization, double backward): plain torch batch
+    norm, sharing the parameters and buffers, in the same mode. A layer
+    that :func:`convert_sync_batchnorm` made from a ``torch.nn.BatchNorm1d``,
+    ``2d`` or ``3d`` becomes that class again (tools that look for those
+    exact types, such as ``torch.ao.quantization.fuse_modules``, then find
+    them); any other (built directly, or from ``torch.nn.SyncBatchNorm``)
+    becomes :class:`BatchNormXd`, which accepts every input rank the
+    synchronized layer does.
 
     Returns
     -------
@@ -1129,9 +1148,10 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """
     out = module
     if isinstance(module, (SyncBatchNorm, torch.nn.SyncBatchNorm)):
+        kind = getattr(module, "_reverts_to", None) or BatchNormXd
         out = _moved(
             module,
-            BatchNormXd(
+            kind(
                 module.num_features,
                 module.eps,
                 module.momentum,

@@ -852,7 +852,14 @@ def test_convert_and_revert_keep_parameters_buffers_and_modes() -> None:
     reverted = revert_sync_batchnorm(model)
     assert reverted is model
     kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
-    assert kinds == {"1": BatchNormXd, "2.0.1": BatchNormXd, "2.1": BatchNormXd, "5": BatchNormXd}
+    # Back to the classes they were converted from; torch's SyncBatchNorm to BatchNormXd.
+    nn = torch.nn
+    assert kinds == {
+        "1": nn.BatchNorm2d,
+        "2.0.1": nn.BatchNorm2d,
+        "2.1": BatchNormXd,
+        "5": nn.BatchNorm1d,
+    }
     assert model[2][1].training is False and model[1].training is True
     for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
         assert t is tensors[name], name
@@ -863,8 +870,36 @@ def test_convert_and_revert_keep_parameters_buffers_and_modes() -> None:
     # A single layer comes back as a new layer, as in torch.
     single = convert_sync_batchnorm(torch.nn.BatchNorm3d(2))
     assert type(single) is SyncBatchNorm
-    assert type(revert_sync_batchnorm(single)) is BatchNormXd
+    assert type(revert_sync_batchnorm(single)) is torch.nn.BatchNorm3d
+    assert type(revert_sync_batchnorm(SyncBatchNorm(2))) is BatchNormXd
     assert type(revert_sync_batchnorm(torch.nn.SyncBatchNorm(2))) is BatchNormXd
+
+
+def test_reverted_layers_are_the_classes_torch_tools_look_for() -> None:
+    """convert, then deepcopy, pickle or convert again, then revert: the
+    BatchNorm2d comes back as itself, so torch.ao.quantization fuses it with
+    the convolution before it (it found no fuser for BatchNormXd)."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    want = model(x)
+    converted = convert_sync_batchnorm(model)
+    for copied in (
+        copy.deepcopy(converted),
+        pickle.loads(pickle.dumps(converted)),
+        convert_sync_batchnorm(converted, comm=sbn.SelfCommunicator()),
+    ):
+        reverted = revert_sync_batchnorm(copied)
+        assert type(reverted[1]) is torch.nn.BatchNorm2d
+        buffer = io.BytesIO()
+        torch.save(reverted.state_dict(), buffer)
+        fused = torch.ao.quantization.fuse_modules(reverted, [["0", "1"]])
+        assert isinstance(fused[1], torch.nn.Identity)
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_deepcopy_shares_the_communicator_and_copies_the_rest() -> None:
