@@ -620,8 +620,12 @@ def _mpi_max() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = _parser().parse_args(argv)
-    if args.threads < 1 or args.repeats < 3:
-        _parser().error("--threads must be at least 1 and --repeats at least 3")
+    if args.threads < 1:
+        _parser().error(f"--threads must be at least 1, got {args.threads}")
+    if args.repeats < 3:
+        _parser().error(
+            f"--repeats must be at least 3 (medians of interleaved runs), got {args.repeats}"
+        )
     _set_threads(args.threads)  # before machine(): its route line names the threads
     try:
         check_environment()

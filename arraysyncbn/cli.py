@@ -286,12 +286,23 @@ def run_aborting(main_fn: Callable[[], int]) -> int:
     identically on every rank) prints its traceback and, when MPI runs more
     than one rank, calls ``MPI.COMM_WORLD.Abort(1)``: the other ranks may be
     waiting in a collective this rank will never reach, and only an abort
-    ends them. In a world of one the exception propagates as usual.
+    ends them. In a world of one the exception propagates as usual. A reader
+    of stdout that went away (``python -m arraysyncbn --json | head``) ends
+    the run with status 1 and no traceback, as Python's documentation
+    recommends.
     """
     try:
-        return main_fn()
+        status = main_fn()
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit
+        return status
     except SystemExit:
         raise
+    except BrokenPipeError:
+        # Nothing more can reach stdout: point it at devnull, so that the
+        # interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _abort_parallel_job()
+        return 1
     except BaseException:
         _abort_parallel_job()
         raise

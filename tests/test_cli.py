@@ -245,9 +245,32 @@ def test_bench_help_counts_the_quick_cases() -> None:
     assert f"--quick {len(bench.QUICK_CASES)} small cases" in text, text
 
 
+def test_a_closed_stdout_ends_the_run_quietly() -> None:
+    """``python -m arraysyncbn --json | head -c 300``: the reader goes away
+    before the job writes; status 1 and no BrokenPipeError traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARRAYSYNCBN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arraysyncbn", "--json", "--steps", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=120)
+    text = err.decode()
+    assert "BrokenPipeError" not in text and "Traceback" not in text, text
+    assert proc.returncode == 1, (proc.returncode, text)
+
+
 def test_bench_rejects_bad_arguments() -> None:
+    """Each bad option is named alone, with the value given."""
     out = run("bench", "--repeats", "1")
-    assert out.returncode == 2 and "--repeats" in out.stderr
+    assert out.returncode == 2 and "--repeats must be at least 3" in out.stderr
+    assert "--threads" not in out.stderr.splitlines()[-1], out.stderr
+    out = run("bench", "--threads", "0")
+    assert out.returncode == 2 and "--threads must be at least 1, got 0" in out.stderr
 
 
 def test_without_numba_the_job_runs_the_portable_route_and_says_why() -> None:
