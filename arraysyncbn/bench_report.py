@@ -59,7 +59,7 @@ def rows_table(run: dict[str, Any], title: str) -> Table:
     for col in _COLUMNS:
         # Two lines a header: what, then which contenders.
         head = col.replace(" host", "\nhost", 1)
-        t.add_column(head, justify="left" if col == "case" else "right")
+        t.add_column(head, justify="left" if col == "case" else "right", no_wrap=col != "case")
     for r in run["rows"]:
         t.add_row(*_row_cells(r))
     return t
@@ -103,7 +103,7 @@ def modules_table(run: dict[str, Any], title: str) -> Table | None:
         return None
     t = Table(title=title, title_justify="left")
     for col in _MODULE_COLUMNS:
-        t.add_column(col, justify="left" if col == "case" else "right")
+        t.add_column(col, justify="left" if col == "case" else "right", no_wrap=col != "case")
     for cells in rows:
         t.add_row(*cells)
     return t
@@ -121,7 +121,11 @@ def _mpi_line(mpi: dict[str, Any]) -> str:
 
 def print_tables(result: dict[str, Any]) -> None:
     """Print the machine line and every run's table."""
-    console = Console(width=max(Console().width, 150))
+    terminal = Console()
+    # Wide enough that no figure wraps inside its cell ("318.4\n µs"): a
+    # terminal's own width, at least 150; a file or pipe (a log) has no
+    # width, so the tables get what they need there.
+    console = Console(width=max(terminal.width, 150) if terminal.is_terminal else 240)
     m = result["machine"]
     v = m["versions"]
     console.print(

@@ -214,6 +214,21 @@ def test_bench_quick_json_reports_every_contender() -> None:
                 m = row["torch_module"]
                 assert m["ratio"] > 0 and set(m["fwd_bwd"]) == {"ours", "torch"}
                 assert m["eval_ratio"] > 0 and set(m["eval"]) == {"ours", "torch"}
+    # The same result as terminal tables, printed to a pipe (a log): no figure
+    # wraps inside its cell ("318.4" on one line, "µs" on the next).
+    import contextlib
+    import io
+
+    from arraysyncbn import bench_report
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench_report.print_tables(result)
+    text = printed.getvalue()
+    assert "µs" in text or "ms" in text, text
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        assert not any(c in ("µs", "ms", "s") or c.startswith(("µs", "ms")) for c in cells), line
 
 
 def test_bench_markdown_has_the_module_table() -> None:
