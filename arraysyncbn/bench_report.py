@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -53,13 +54,22 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def rows_table(run: dict[str, Any], title: str) -> Table:
-    """One table: per case, torch/ours ratios, times, floor fractions, errors, memory."""
+def _add_columns(t: Table, heads: Sequence[str], wide: bool) -> None:
+    """The case column (never squeezed away), then right-aligned figures that
+    wrap inside their cells only when the table is not ``wide``."""
+    for i, head in enumerate(heads):
+        if i == 0:
+            t.add_column(head, justify="left", min_width=12)
+        else:
+            t.add_column(head, justify="right", no_wrap=wide)
+
+
+def rows_table(run: dict[str, Any], title: str, wide: bool = True) -> Table:
+    """One table: per case, torch/ours ratios, times, floor fractions, errors, memory.
+    ``wide``: figures never wrap (a log, a terminal of 200 columns or more)."""
     t = Table(title=title, title_justify="left")
-    for col in _COLUMNS:
-        # Two lines a header: what, then which contenders.
-        head = col.replace(" host", "\nhost", 1)
-        t.add_column(head, justify="left" if col == "case" else "right", no_wrap=col != "case")
+    # Two lines a header: what, then which contenders.
+    _add_columns(t, [col.replace(" host", "\nhost", 1) for col in _COLUMNS], wide)
     for r in run["rows"]:
         t.add_row(*_row_cells(r))
     return t
@@ -96,14 +106,13 @@ def _module_rows(run: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def modules_table(run: dict[str, Any], title: str) -> Table | None:
+def modules_table(run: dict[str, Any], title: str, wide: bool = True) -> Table | None:
     """The module contender's table, or None where it did not run."""
     rows = _module_rows(run)
     if not rows:
         return None
     t = Table(title=title, title_justify="left")
-    for col in _MODULE_COLUMNS:
-        t.add_column(col, justify="left" if col == "case" else "right", no_wrap=col != "case")
+    _add_columns(t, _MODULE_COLUMNS, wide)
     for cells in rows:
         t.add_row(*cells)
     return t
@@ -122,10 +131,12 @@ def _mpi_line(mpi: dict[str, Any]) -> str:
 def print_tables(result: dict[str, Any]) -> None:
     """Print the machine line and every run's table."""
     terminal = Console()
-    # Wide enough that no figure wraps inside its cell ("318.4\n µs"): a
-    # terminal's own width, at least 150; a file or pipe (a log) has no
-    # width, so the tables get what they need there.
+    # A file or pipe (a log) has no width: the tables get what they need
+    # there, and no figure wraps inside its cell ("318.4" then "µs"). A
+    # terminal keeps its own width (at least 150); below 200 columns the
+    # figures wrap rather than squeeze the case column away.
     console = Console(width=max(terminal.width, 150) if terminal.is_terminal else 240)
+    wide = console.width >= 200
     m = result["machine"]
     v = m["versions"]
     console.print(
@@ -141,11 +152,12 @@ def print_tables(result: dict[str, Any]) -> None:
             "GB/s (ratio = torch time / ours; floor = fraction of the copy bandwidth measured "
             "in the case's own rotation)"
         )
-        console.print(rows_table(run, title))
+        console.print(rows_table(run, title, wide))
         modules = modules_table(
             run,
             f"{label}: modules, comm=None: forward + backward through autograd, and eval "
             "forward under torch.no_grad() (ratio = BatchNorm2d time / ours)",
+            wide,
         )
         if modules is not None:
             console.print(modules)

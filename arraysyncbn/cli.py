@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import select
 import statistics
 import sys
 import time
@@ -298,17 +299,30 @@ def run_aborting(main_fn: Callable[[], int]) -> int:
     except SystemExit:
         raise
     except BrokenPipeError:
+        if not _stdout_closed():
+            _abort_parallel_job()
+            raise  # another pipe: a real error
         # Nothing more can reach stdout: point it at devnull, so that the
         # interpreter's own flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _abort_parallel_job()
+        _abort_parallel_job(show_traceback=False)
         return 1
     except BaseException:
         _abort_parallel_job()
         raise
 
 
-def _abort_parallel_job() -> None:
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, no file descriptor
+        return False
+
+
+def _abort_parallel_job(show_traceback: bool = True) -> None:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
         return
@@ -316,7 +330,8 @@ def _abort_parallel_job() -> None:
         return
     rank = mpi.COMM_WORLD.Get_rank()
     print(f"arraysyncbn: rank {rank} raised; aborting the MPI job", file=sys.stderr)
-    traceback.print_exc()
+    if show_traceback:
+        traceback.print_exc()
     sys.stderr.flush()
     sys.stdout.flush()
     mpi.COMM_WORLD.Abort(1)

@@ -703,8 +703,9 @@ def _recentered(xp: Any, st: _Step) -> Array:
 
 
 def _same_center(xp: Any, new: Array, old: Array | None) -> bool:
-    """Whether the next pass's center ``new`` is the last one's, bit for bit
-    (None: zeros). Decided from reduced values, so alike on every rank."""
+    """Whether the next pass's center ``new`` is the last one's (``old``, by
+    value on the statistics device, not a host view's 16-bit pattern; None:
+    zeros), bit for bit. Decided from reduced values, so alike on every rank."""
     if old is None:
         return bool(xp.all(new == 0))
     return bool(xp.all(new == old))
@@ -1222,7 +1223,7 @@ def sync_batch_norm_forward(
             # rank merges again around the reduced mean, which each pass
             # moves orders of magnitude closer to the data.
             nxt = _recentered(xp, st)
-            if _same_center(xp, nxt, center):
+            if _same_center(xp, nxt, None if center is None else _to(center, xp, sdev, sdt)):
                 # The mean no longer moves (a variance beyond float64 around
                 # it): another pass would reduce the very same sums.
                 break

@@ -350,7 +350,9 @@ class SyncBatchNorm:
         arrays = [v for k, v in pending.items() if k != "num_batches_tracked"]
         for key in self._expected_keys():
             if key != "num_batches_tracked":
-                out[key] = pending[key]
+                # A copy: edits of the returned dict must not skip the checks
+                # that loading made.
+                out[key] = _snapshot(pending[key])
                 continue
             count = pending[key]
             if arrays:

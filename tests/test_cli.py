@@ -229,6 +229,20 @@ def test_bench_quick_json_reports_every_contender() -> None:
     for line in text.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
         assert not any(c in ("µs", "ms", "s") or c.startswith(("µs", "ms")) for c in cells), line
+    # On a terminal of 150 columns the figures may wrap, but every case
+    # keeps its name (the case column is never squeezed to nothing).
+    from rich.console import Console
+
+    narrow = Console(width=150, force_terminal=True, record=True, file=io.StringIO())
+    for table in (
+        bench_report.rows_table(run_, "t", wide=False),
+        bench_report.modules_table(run_, "m", wide=False),
+    ):
+        if table is not None:
+            narrow.print(table)
+    shown = narrow.export_text()
+    for row in run_["rows"]:
+        assert row["case"].split()[0] in shown, (row["case"], shown)
 
 
 def test_bench_markdown_has_the_module_table() -> None:
@@ -277,6 +291,19 @@ def test_a_closed_stdout_ends_the_run_quietly() -> None:
     text = err.decode()
     assert "BrokenPipeError" not in text and "Traceback" not in text, text
     assert proc.returncode == 1, (proc.returncode, text)
+
+
+def test_a_broken_pipe_elsewhere_is_an_error(capfd) -> None:
+    """Only a closed stdout ends the run quietly: a BrokenPipeError from any
+    other pipe propagates (with its traceback), stdout left as it was."""
+
+    def broken() -> int:
+        raise BrokenPipeError(32, "a pipe to a child closed")
+
+    with pytest.raises(BrokenPipeError):
+        cli.run_aborting(broken)
+    print("stdout still works")  # not pointed at devnull
+    assert "stdout still works" in capfd.readouterr().out
 
 
 def test_bench_rejects_bad_arguments() -> None:

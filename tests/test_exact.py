@@ -425,6 +425,28 @@ def test_a_variance_beyond_float64_normalizes_to_the_bias_on_every_route(backend
     np.testing.assert_array_equal(y_torch.numpy(), np.concatenate([r[0][:, :2] for r in results]))
 
 
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_a_bfloat16_center_is_compared_by_value(fast, monkeypatch) -> None:
+    """A caller's bfloat16 center 1.0 (bits 0x3F80 = 16256) under data whose
+    mean is 16256: the next center must be compared with 1.0, not with the
+    host view's bit pattern, or the needed pass around the mean is skipped
+    (and a PrecisionWarning says it could not be repaired)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+    # A constant channel: |mean − center|/sqrt(eps) ≈ 5e6, a loss for one merge.
+    x = torch.full((8, 1), 16256.0, dtype=torch.bfloat16)
+    counting = CountingComm(sbn.SelfCommunicator())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, _, _, saved = sbn.sync_batch_norm_forward(
+            x, None, None, None, None, comm=counting,
+            center=torch.tensor([1.0], dtype=torch.bfloat16),
+        )  # fmt: skip
+    assert saved.route == ("host" if fast == "1" else "portable")
+    assert _stat_calls(counting) == 2  # the first pass, then one around the mean
+    assert not bool(y.any())  # x − mean = 0 exactly, once centered on the mean
+
+
 def test_planted_single_recentering_fails_the_outlier_tests(backend, monkeypatch) -> None:
     """With one pass around the reduced mean at most (as before), the batch
     after a diverged batch and the far center must fail their bounds."""

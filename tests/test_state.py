@@ -140,6 +140,22 @@ def test_state_dict_after_a_load_before_the_first_forward_gives_back_the_load(li
     sbn.SyncBatchNorm(3).load_state_dict(bn.state_dict())  # and it loads back
 
 
+def test_the_state_before_the_first_forward_is_a_copy() -> None:
+    """Edits of the returned dict change neither the layer nor what its first
+    forward loads (a negative variance would slip past the load's checks)."""
+    bn = sbn.SyncBatchNorm(3)
+    ones, zeros = np.ones(3), np.zeros(3)
+    bn.load_state_dict(
+        {"weight": ones, "bias": zeros, "running_mean": zeros, "running_var": ones,
+         "num_batches_tracked": 0}
+    )  # fmt: skip
+    saved = bn.state_dict()
+    saved["weight"][0], saved["running_var"][1] = 100.0, -5.0
+    np.testing.assert_array_equal(bn.state_dict()["weight"], ones)
+    bn.eval()
+    np.testing.assert_allclose(bn(np.zeros((2, 3))), 0.0)  # runs: the variance stayed 1
+
+
 def test_xp_and_device_create_parameters_now() -> None:
     strict = pytest.importorskip("array_api_strict")
     dev = strict.Device("device1")
