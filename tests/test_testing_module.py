@@ -406,3 +406,25 @@ def test_centering_eps_bounds_pytorchs_float32_batch_norm_in_both_directions() -
 
     with pytest.raises(AssertionError, match="exceed the bound"):
         hunt(off_by_one)()
+
+
+@pytest.mark.parametrize("magnitude", [1e200, 1e300])
+def test_bounds_of_huge_data_are_infinite_without_numpy_warnings(magnitude) -> None:
+    """A channel beyond ~1e154: its budget is +inf (the bound promises nothing
+    there), quietly, so that a user's test under ``-W error`` fails in the
+    implementation, not in the bound; an ordinary channel beside it keeps a
+    small, finite bound."""
+    full = np.full((6, 2), magnitude)
+    full[:, 1] = np.arange(6.0)
+    shards = [full[:2], full[2:]]
+    ones, zeros = np.ones(2), np.zeros(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = T.reference_forward(shards, ones, zeros, zeros, ones)
+        fb = T.forward_bounds(ref, "float64", param_dtype="float64")
+        dys = [np.ones_like(s) for s in shards]
+        grads = T.reference_backward(ref, dys, ones)
+        bb = T.backward_bounds(ref, grads, dys, "float64", weight=ones)
+    assert np.isinf(fb.running_var[0]) and 0 < fb.running_var[1] < 1e-10
+    assert 0 < float(np.asarray(fb.y).reshape(-1, 2)[0, 1]) < 1e-10
+    assert np.isinf(bb.dx[0]) and 0 < bb.dx[1] < 1e-10
