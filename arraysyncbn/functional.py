@@ -702,13 +702,17 @@ def _recentered(xp: Any, st: _Step) -> Array:
     return xp.where(xp.isfinite(st.mean), st.mean, st.center)
 
 
-def _same_center(xp: Any, new: Array, old: Array | None) -> bool:
-    """Whether the next pass's center ``new`` is the last one's (``old``, by
-    value on the statistics device, not a host view's 16-bit pattern; None:
-    zeros), bit for bit. Decided from reduced values, so alike on every rank."""
-    if old is None:
-        return bool(xp.all(new == 0))
-    return bool(xp.all(new == old))
+def _mean_moves(xp: Any, buf: Array) -> bool:
+    """Whether a pass around the reduced mean would merge other sums than the
+    last: some finite ``Σ(x − center)`` of the reduced buffer ``buf`` is not
+    0. Where every one is 0 the mean is the center already (a variance
+    beyond float64 around its own mean), and a non-finite one keeps its
+    center. Read from the reduced buffer alone, never from a rank's own
+    center (promised alike on every rank, but checked only with
+    ``check=True``), so every rank decides alike."""
+    channels = (buf.shape[0] - 1) // 2
+    s1 = buf[1 : 1 + channels]
+    return bool(xp.any(xp.isfinite(s1) & (s1 != 0)))
 
 
 def _kept_center(xp: Any, st: _Step, entry: Array | None, sdev: Any, sdt: Any) -> Array:
@@ -1217,17 +1221,12 @@ def sync_batch_norm_forward(
         second, warn = _tolerances(xp, size, sdt, wdtype)
         entry = center
         passes = 0
-        while passes < _RECENTER_LIMIT and st.loss > second:
+        while passes < _RECENTER_LIMIT and st.loss > second and _mean_moves(xp, buf):
             # Exact first, fast second: the reduced values (the same bits on
             # every rank) show the merge cancelled or overflowed, so every
             # rank merges again around the reduced mean, which each pass
             # moves orders of magnitude closer to the data.
-            nxt = _recentered(xp, st)
-            if _same_center(xp, nxt, None if center is None else _to(center, xp, sdev, sdt)):
-                # The mean no longer moves (a variance beyond float64 around
-                # it): another pass would reduce the very same sums.
-                break
-            center = nxt
+            center = _recentered(xp, st)
             buf = _again(statistics, center, label, count)
             st = kern.finalize(buf, count, center, eps, params, m, size, wdtype)
             passes += 1

@@ -426,11 +426,38 @@ def test_a_variance_beyond_float64_normalizes_to_the_bias_on_every_route(backend
 
 
 @pytest.mark.parametrize("fast", ["1", "0"])
-def test_a_bfloat16_center_is_compared_by_value(fast, monkeypatch) -> None:
-    """A caller's bfloat16 center 1.0 (bits 0x3F80 = 16256) under data whose
-    mean is 16256: the next center must be compared with 1.0, not with the
-    host view's bit pattern, or the needed pass around the mean is skipped
-    (and a PrecisionWarning says it could not be repaired)."""
+def test_ranks_with_different_centers_still_pass_alike(fast, monkeypatch) -> None:
+    """Misuse: centers that differ between ranks (rank 0's is its data, 1e300;
+    rank 1's is 0) under a variance beyond float64. Rank 0's own next center
+    rounds to its old one (1e300 + 1e189) while rank 1's moves: a stop rule
+    read from a rank's own center sent rank 1 alone into another allreduce
+    (a hang until the timeout). Read from the reduced buffer, every rank
+    runs the same passes; the statistics are garbage, as documented."""
+    monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+    data = [np.full((4, 1), 1e300), np.array([[1e200], [-1e200], [1e190], [0.0]])]
+    centers = [np.array([1e300]), np.array([0.0])]
+    comms = sbn.thread_group(2, timeout=20)
+    counting = [CountingComm(c) for c in comms]
+
+    def step(comm):
+        r = comm.rank
+        sbn.sync_batch_norm_forward(
+            data[r], None, None, None, None, comm=counting[r], center=centers[r]
+        )
+        return _stat_calls(counting[r])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calls = sbn.run_ranks(step, comms)
+    assert calls[0] == calls[1], calls
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_a_bfloat16_center_does_not_stop_the_passes(fast, monkeypatch) -> None:
+    """A caller's bfloat16 center 1.0 (bits 0x3F80 = 16256 in the host
+    route's view) under data whose mean is 16256: the needed pass around the
+    mean runs (the stop rule reads the reduced sums, not the center, whose
+    bits once looked like the mean), and no PrecisionWarning."""
     torch = pytest.importorskip("torch")
     monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
     # A constant channel: |mean − center|/sqrt(eps) ≈ 5e6, a loss for one merge.
