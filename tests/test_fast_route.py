@@ -450,10 +450,10 @@ def test_threaded_kernels_split_samples_anywhere(shape, dtype) -> None:
     hk.backward_scale_serial(dy, scale, want["scaled"])
     for parts in range(1, 10):
         part = np.zeros((parts, 2, c_count))
-        hk.stats_parallel(x, centers, part)
+        hk.stats_parallel(x, centers, part, np.empty(0))
         for got, expected in zip(part.sum(axis=0), want_stats, strict=True):
             np.testing.assert_array_equal(got, expected, err_msg=f"stats, {parts} chunks")
-        hk.backward_sums_parallel(dy, x, hi, lo, part)
+        hk.backward_sums_parallel(dy, x, hi, lo, part, np.empty(0))
         for got, expected in zip(part.sum(axis=0), want_bsums, strict=True):
             np.testing.assert_array_equal(got, expected, err_msg=f"sums, {parts} chunks")
         got = {name: np.full_like(x, np.nan) for name in want}
@@ -718,9 +718,9 @@ def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
     c = np.zeros(3)
     w = np.zeros(3, dtype=np.float32)
     calls = {
-        "_stats_planes": (x3, c, 0, 6, c.copy(), c.copy()),
+        "_stats_planes": (x3, c, 0, 6, c.copy(), c.copy(), np.empty(0)),
         "_stats_rows": (x3[..., :1].copy(), c, 0, 2, c.copy(), c.copy()),
-        "_bsums_planes": (x3, x3, w, w, 0, 6, c.copy(), c.copy()),
+        "_bsums_planes": (x3, x3, w, w, 0, 6, c.copy(), c.copy(), np.empty(0)),
         "_bsums_rows": (x3[..., :1].copy(), x3[..., :1].copy(), w, w, 0, 2, c.copy(), c.copy()),
     }
     # Short planes keep LLVM's default width (see host_jit.WIDE_PLANES).

@@ -484,3 +484,93 @@ def test_float32_input_with_half_parameters_matches_the_portable_route(
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=1e-5)
     assert got["host"][0].dtype == torch.float32 and got["host"][1].dtype == pd
+
+
+# -- float32 partial sums (hk.HALF_BLOCK) -------------------------------------------
+def test_the_kernels_partial_sums_are_the_testing_modules() -> None:
+    """The bounds' default for half precision names the kernels' block length."""
+    from arraysyncbn.testing import HALF_PARTIAL_SUMS
+
+    assert HALF_PARTIAL_SUMS == ("float32", hk.HALF_BLOCK)
+
+
+def _bits_of(t: torch.Tensor) -> np.ndarray:
+    """A float16/bfloat16 tensor as the kernels take it: its 16-bit patterns."""
+    bits = _fast.F16_BITS if t.dtype == torch.float16 else _fast.BF16_BITS
+    return t.view(torch.int16).numpy().view(bits)
+
+
+@pytest.mark.parametrize("q", [1, 511, 512, 513, 2 * 512 + 37])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_partial_sums_count_every_element_once(dtype, q) -> None:
+    """Planes shorter than, as long as and longer than a block: on integer data
+    every float32 partial sum is exact, so the kernels' sums (statistics and
+    backward, serial and threaded) equal numpy's exactly: an element skipped or
+    counted twice at a block's edge shows. The float64 marker gives the same."""
+    rng = np.random.default_rng(12)
+    shape = (3, 4, q)
+    x = _bits_of(torch.from_numpy(rng.integers(-8, 9, size=shape).astype(np.float32)).to(dtype))
+    dy = _bits_of(torch.from_numpy(rng.integers(-8, 9, size=shape).astype(np.float32)).to(dtype))
+    xv, dyv = _fast.values(x).astype(np.float64), _fast.values(dy).astype(np.float64)
+    n = float(shape[0] * q)
+    zero32, one = np.zeros(4, np.float32), np.ones(4)
+    want_stats = np.concatenate([xv.sum(axis=(0, 2)), (xv * xv).sum(axis=(0, 2))])
+    want_grads = np.concatenate([dyv.sum(axis=(0, 2)), (dyv * xv).sum(axis=(0, 2))])
+    for acc in (np.empty(0, np.float32), np.empty(0)):
+        buf = np.empty(1 + 2 * 4)
+        hk.stats_packed_serial(x, np.zeros(0), n, buf, acc)
+        np.testing.assert_array_equal(buf[1:], want_stats, err_msg=f"stats {acc.dtype}")
+        grads = np.empty(2 * 4)
+        hk.backward_packed_serial(dy, x, zero32, zero32, one, grads, acc)
+        np.testing.assert_array_equal(grads, want_grads, err_msg=f"sums {acc.dtype}")
+        for parts in (2, 3):
+            part = np.zeros((parts, 2, 4))
+            hk.stats_parallel(x, np.zeros(4), part, acc)
+            np.testing.assert_array_equal(part.sum(axis=0).ravel(), want_stats)
+            hk.backward_sums_parallel(dy, x, zero32, zero32, part, acc)
+            np.testing.assert_array_equal(part.sum(axis=0).ravel(), want_grads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_half_partial_sums_that_overflow_float32_are_summed_in_float64(
+    threads, monkeypatch
+) -> None:
+    """bfloat16 data spread 2⁶² around 2⁶⁴ and dy of 2⁶⁰: a block of 512
+    squares or products dy·(x − mean) passes float32's 2¹²⁸ (while the
+    variance, 2¹²⁴, fits the float32 running statistics), so the float32
+    partial sums overflow. Those channels are
+    summed again in float64: statistics, y, dx and dweight stay finite, within
+    the float64 reference's bounds, with no NonFiniteWarning, as before the
+    partial sums; the channel of ordinary data beside them is unaffected."""
+    from arraysyncbn.testing import (
+        assert_close_to_reference,
+        backward_bounds,
+        forward_bounds,
+        reference_backward,
+        reference_forward,
+    )
+
+    monkeypatch.setenv("ARRAYSYNCBN_NUM_THREADS", str(threads))
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((4, 2, 600))
+    x[:, 0] = x[:, 0] * 2.0**62 + 2.0**64
+    dy = rng.standard_normal(x.shape)
+    dy[:, 0] *= 2.0**60
+    xt, dyt, params = _tensors(x, dy, torch.bfloat16, torch.float32, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, rm, rv, saved = sbn.sync_batch_norm_forward(xt, *params, momentum=0.5)
+        dx, dw, db = sbn.sync_batch_norm_backward(dyt, saved)
+    assert saved.route == "host"
+    xs, dys = [xt.double().numpy()], [dyt.double().numpy()]
+    w, b, m0, v0 = (p.double().numpy() for p in params)
+    ref = reference_forward(xs, w, b, m0, v0, momentum=0.5, axis=1)
+    grads = reference_backward(ref, dys, w)
+    fb = forward_bounds(ref, "bfloat16", weight=w, bias=b, param_dtype="float32", momentum=0.5)
+    bb = backward_bounds(ref, grads, dys, "bfloat16", weight=w, param_dtype="float32")
+    assert_close_to_reference(y, ref.ys[0], fb.y, axis=1, name="y")
+    assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=1, name="dx")
+    assert_close_to_reference(dw, grads.dweights[0], bb.dweight, name="dweight")
+    assert_close_to_reference(db, grads.dbiases[0], bb.dbias, name="dbias")
+    assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
+    assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")

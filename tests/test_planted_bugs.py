@@ -138,7 +138,7 @@ def test_property_finds_a_communicator_without_identical_bits() -> None:
 # -- the same hunt on the host route (numba kernels) ---------------------------------
 # Each plant replaces one compiled kernel with plain numpy code that makes a
 # plausible mistake; the property over the host backends must catch it.
-def _host_naive_stats(x, center, n, buf):
+def _host_naive_stats(x, center, n, buf, acc):
     """Σx and Σx² summed in the input dtype, re-expressed about the center:
     the classic E[x²]−E[x]² cancellation (packed as the real kernel packs)."""
     c = x.shape[1]

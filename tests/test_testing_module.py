@@ -428,3 +428,44 @@ def test_bounds_of_huge_data_are_infinite_without_numpy_warnings(magnitude) -> N
     assert np.isinf(fb.running_var[0]) and 0 < fb.running_var[1] < 1e-10
     assert 0 < float(np.asarray(fb.y).reshape(-1, 2)[0, 1]) < 1e-10
     assert np.isinf(bb.dx[0]) and 0 < bb.dx[1] < 1e-10
+
+
+def test_partial_sums_enter_the_bounds_as_documented() -> None:
+    """``partial_sums=(dtype, L)`` adds ``e_b·min(L, n)`` to every ``e_acc·n``
+    (the same bounds as that larger accumulation_eps, up to the underflow
+    term, negligible here); arraysyncbn's default is HALF_PARTIAL_SUMS for
+    16-bit input and none otherwise; a malformed value is a clear error."""
+    rng = np.random.default_rng(3)
+    shards = [rng.standard_normal((5, 3, 40)) * 2 + 7, rng.standard_normal((2, 3, 40))]
+    ref = T.reference_forward(shards, None, None, np.zeros(3), np.ones(3), axis=1)
+    dys = [rng.standard_normal(s.shape) for s in shards]
+    grads = T.reference_backward(ref, dys)
+    n, e32, e64 = ref.count, float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
+    for length in (1, 64, 512, 10**6):
+        widened = e64 + e32 * min(length, n) / n
+        for dtype in ("float16", "bfloat16"):
+            got = T.forward_bounds(ref, dtype, partial_sums=("float32", length))
+            want = T.forward_bounds(ref, dtype, accumulation_eps=widened, partial_sums=None)
+            np.testing.assert_allclose(got.y, want.y, rtol=1e-9)
+            np.testing.assert_allclose(got.running_var, want.running_var, rtol=1e-9)
+            gb = T.backward_bounds(ref, grads, dys, dtype, partial_sums=("float32", length))
+            wb = T.backward_bounds(
+                ref, grads, dys, dtype, accumulation_eps=widened, partial_sums=None
+            )
+            for a, b in zip(
+                (gb.dx, gb.dweight, gb.dbias), (wb.dx, wb.dweight, wb.dbias), strict=True
+            ):
+                np.testing.assert_allclose(a, b, rtol=1e-9)
+    for dtype in ("float16", "bfloat16"):
+        default = T.forward_bounds(ref, dtype).y
+        np.testing.assert_array_equal(
+            default, T.forward_bounds(ref, dtype, partial_sums=T.HALF_PARTIAL_SUMS).y
+        )
+        assert (T.forward_bounds(ref, dtype, partial_sums=None).y < default).all()
+    for dtype in ("float32", "float64"):
+        np.testing.assert_array_equal(
+            T.forward_bounds(ref, dtype).y, T.forward_bounds(ref, dtype, partial_sums=None).y
+        )
+    for bad, match in ((("float32", 0), "at least 1"), ("float32", "expected")):
+        with pytest.raises(ValueError, match=match):
+            T.forward_bounds(ref, "float16", partial_sums=bad)

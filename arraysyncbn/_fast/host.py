@@ -359,13 +359,16 @@ class HostKernels:
             return buf
         if self.parts == 1:
             center = _DUMMY if center is None else values(center)
-            hk.stats_packed_serial(xb, center, float(n), buf)
+            hk.stats_packed_serial(xb, center, float(n), buf, _partial_sums(xb))
             return buf
         k = values(xb[0, :, 0]).astype(np.float64)
         part = np.empty((self.parts, 2, channels))
         _set_threads(self.parts)
+        acc = _partial_sums(xb)
         with _LAUNCH:
-            hk.stats_parallel(xb, k, part)
+            hk.stats_parallel(xb, k, part, acc)
+        if acc is _F32_SUMS:
+            hk.redo_statistics(xb, k, part)
         zero = _zeros(channels) if center is None else values(center).astype(np.float64, copy=False)
         hk.pack_statistics(_merged(part), k, zero, float(n), buf)
         return buf
@@ -489,13 +492,16 @@ class HostKernels:
         channels = self.xb.shape[1]
         packed = np.empty(2 * channels + len(tail))
         _put(packed, 2 * channels, tail)
+        acc = _partial_sums(dyb)
         if self.parts == 1:
-            hk.backward_packed_serial(dyb, self.xb, f.hi, f.lo, invstd, packed)
+            hk.backward_packed_serial(dyb, self.xb, f.hi, f.lo, invstd, packed, acc)
             return packed
         part = np.empty((self.parts, 2, channels))
         _set_threads(self.parts)
         with _LAUNCH:
-            hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
+            hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part, acc)
+        if acc is _F32_SUMS:
+            hk.redo_gradient_sums(dyb, self.xb, f.hi, f.lo, part)
         hk.pack_backward(_merged(part), invstd, packed)
         return packed
 
@@ -611,6 +617,20 @@ def _put(buf: np.ndarray, start: int, values: tuple[float, ...]) -> None:
 
 
 _DUMMY = np.empty(0)
+# Markers of the kernels' partial sums (hk.in_sums): float32 ones, of at most
+# hk.HALF_BLOCK elements, for float16 and bfloat16 planes; float64 otherwise.
+# Channels whose float32 partial sums are not finite or tiny are summed again
+# in float64 (hk.redo_statistics, hk.redo_gradient_sums).
+_F32_SUMS = np.empty(0, np.float32)
+_F64_SUMS = _DUMMY
+
+
+def _partial_sums(xb: np.ndarray) -> np.ndarray:
+    """The partial-sum marker for the (P, C, Q) view ``xb``: float32 for a
+    16-bit x with planes (a (P, C, 1) view's row kernels sum in float64)."""
+    return _F32_SUMS if xb.shape[2] > 1 and xb.itemsize == 2 else _F64_SUMS
+
+
 _NO_BLOCK = np.empty((0, 0, 0))  # x's block before bind()
 
 

@@ -5,7 +5,9 @@
 * :func:`forward_bounds`, :func:`backward_bounds`: documented per-channel
   error bounds (formulas of dtype epsilon, max|x̂|, mean/std and reduction
   length; see :mod:`arraysyncbn.testing.assertions`); :func:`channel_bound`
-  shapes one to broadcast along the channel axis.
+  shapes one to broadcast along the channel axis; :data:`HALF_PARTIAL_SUMS`
+  describes arraysyncbn's float32 partial sums on float16 and bfloat16 input
+  (the bounds' default ``partial_sums`` for those dtypes).
 * :func:`assert_close_to_reference`, :func:`assert_like`: assertions that
   check values (NaN never passes, not even against NaN), namespace, device,
   shape and dtype.
@@ -38,6 +40,7 @@ Example, testing arraysyncbn itself with two thread ranks::
 """
 
 from .assertions import (
+    HALF_PARTIAL_SUMS,
     BackwardBounds,
     ForwardBounds,
     assert_close_to_reference,
@@ -58,6 +61,7 @@ from .reference import (
 )
 
 __all__ = [
+    "HALF_PARTIAL_SUMS",
     "BackwardBounds",
     "ForwardBounds",
     "ReferenceBackward",

@@ -57,6 +57,14 @@ by ``Δx̂ = (A + Δμ)·Δi + Δμ·i⁺`` and is at most ``X = r + Δx̂``. Wi
 * ``|Δrunning_mean| ≤ m·Δμ + 4·e_p·|ref|``,
   ``|Δrunning_var| ≤ m·Δv·n/(n−1) + 4·e_p·|ref|``,
 
+An implementation that forms each per-rank sum from partial sums of at most
+``L`` terms in a dtype of epsilon ``e_b`` (``partial_sums``; arraysyncbn's
+host route for float16 and bfloat16 planes: float32, ``L = 512``) has
+``e_acc·n + e_b·min(L, n)`` in place of every ``e_acc·n`` (naive summation
+of ``L`` terms in any order, then of the partial sums), and ``t_b``, the
+error of a square or product that underflowed in that dtype, added to
+``Δv``, ``2·n·i⁺·t_b`` to dweight's bound and ``2·W·X·i⁺²·t_b`` to dx's.
+
 where ``floor`` is a few subnormal spacings of the output dtype, plus one of
 the work dtype times ``1 + A + W·i⁺`` (y) or ``1 + G·(2 + X²) + W·i⁺²·G·X``
 (dx) or ``n·G·i⁺`` (dweight): a per-channel factor such as
@@ -86,6 +94,7 @@ import numpy as np
 from .reference import ReferenceBackward, ReferenceForward, to_numpy
 
 __all__ = [
+    "HALF_PARTIAL_SUMS",
     "BackwardBounds",
     "ForwardBounds",
     "assert_close_to_reference",
@@ -194,6 +203,42 @@ def flushes_subnormals(x: Any) -> bool:
     return bool(out[0] == 0.0 or out[1] == 0.0)
 
 
+HALF_PARTIAL_SUMS: tuple[str, int] = ("float32", 512)
+"""arraysyncbn's own ``partial_sums`` for float16 and bfloat16 input (the
+bounds' default for those dtypes): its host route sums each plane (the
+elements of one sample and channel) in float32 partial sums of at most 512
+elements, then in float64. It bounds the portable route too, whose sums are
+float64 throughout."""
+
+
+_OWN = "arraysyncbn"
+"""``partial_sums``' default: arraysyncbn's own (:data:`HALF_PARTIAL_SUMS` for
+16-bit input, none otherwise)."""
+
+
+def _partial_terms(
+    partial_sums: tuple[Any, int] | str | None, dtype: Any, n: int, flush_to_zero: bool
+) -> tuple[float, float]:
+    """``(e_b·min(L, n)/n, t_b)`` for per-rank sums formed as partial sums of
+    at most ``L`` terms in dtype ``b`` (``partial_sums = (b, L)``): the
+    relative error they add to each sum, beyond ``e_acc·n``, as an addition to
+    ``e_acc``; and the error of each term (a square, a product) that
+    underflowed in ``b``. ``(0, 0)`` without partial sums."""
+    if isinstance(partial_sums, str):
+        if partial_sums != _OWN:
+            raise ValueError(
+                f"partial_sums: expected (dtype, length), None or {_OWN!r}, got {partial_sums!r}"
+            )
+        partial_sums = HALF_PARTIAL_SUMS if dtype_eps(dtype) > _EPS["float32"] else None
+    if partial_sums is None:
+        return 0.0, 0.0
+    sums_dtype, length = partial_sums
+    if int(length) < 1:
+        raise ValueError(f"partial_sums: the length must be at least 1, got {length}")
+    n = max(int(n), 1)
+    return dtype_eps(sums_dtype) * min(int(length), n) / n, _tiny(sums_dtype, flush_to_zero)
+
+
 @dataclass(frozen=True)
 class _StatErrors:
     """Per-channel error budget of the statistics (module docstring)."""
@@ -264,6 +309,7 @@ def _stat_errors(
     center: Any,
     ranks: int | None = None,
     centering_eps: float = 0.0,
+    underflow: float = 0.0,
 ) -> _StatErrors:
     """The statistics' error budget. ``ranks`` None: one merge around
     ``center``; else arraysyncbn's contract, another merge around the last
@@ -300,6 +346,10 @@ def _stat_errors(
         # around it (Σ(x − μ − δ)²/n = var + δ² exactly).
         delta = centering_eps * np.abs(ref.mean)
         d_mean, d_var = d_mean + delta, d_var + delta * delta
+    if ref.batch_stats:
+        # Squares that underflowed in the partial sums' dtype: each off by up
+        # to ``underflow``, so their mean too.
+        d_var = d_var + underflow
     eps = sigma2 - ref.var
     hi = 1.0 / np.sqrt(np.maximum(ref.var - d_var, 0.0) + eps)
     lo = 1.0 / np.sqrt(ref.var + d_var + eps)
@@ -342,6 +392,7 @@ def forward_bounds(
     second_pass: bool = True,
     centering_eps: float = 0.0,
     flush_to_zero: bool = False,
+    partial_sums: tuple[Any, int] | str | None = _OWN,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
@@ -376,6 +427,19 @@ def forward_bounds(
     does): a value that underflowed then errs by up to float32's smallest
     normal (``2**-126``) instead of one subnormal spacing (``2**-149``), in
     every floor of float32 outputs, work and parameters.
+
+    ``partial_sums`` is ``(dtype, L)`` for implementations that form each
+    per-rank sum from partial sums of at most ``L`` terms accumulated in
+    ``dtype`` (its terms, ``x − c`` squared or ``dy·(x − c)``, rounded in it
+    too), each then added in the accumulation dtype; None for none. Every
+    ``e_acc·n`` above grows by ``e_b·min(L, n)`` (``e_b`` that dtype's
+    epsilon), and ``Δv`` by ``t_b``, the error of a square that underflowed
+    in it (one subnormal spacing; float32's smallest normal with
+    ``flush_to_zero``). The default, ``"arraysyncbn"``, is arraysyncbn's
+    contract: its host route sums float16 and bfloat16 planes so,
+    :data:`HALF_PARTIAL_SUMS` (``("float32", 512)``), and other dtypes
+    without partial sums. An implementation that accumulates half
+    precision in float64 throughout passes None for the tighter bound.
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
@@ -383,8 +447,10 @@ def forward_bounds(
     channels = ref.mean.shape[0]
     w, b = _param_abs(weight, 1.0, channels), _param_abs(bias, 0.0, channels)
     ranks = len(ref.ys) if second_pass else None
-    st = _stat_errors(ref, e_w, accumulation_eps, merge_eps, center, ranks, centering_eps)
     ftz = flush_to_zero
+    e_part, t_part = _partial_terms(partial_sums, dtype, ref.count, ftz)
+    e_acc = accumulation_eps + e_part
+    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, ranks, centering_eps, t_part)
     floor = _floor(dtype, e_w, st.spread + st.d_mean + w * st.invstd_hi, ftz)
     y = 2 * (w * st.d_xhat + (4 * e_w + e_out) * (w * st.xhat_max + b)) + floor
     rm_b = rv_b = None
@@ -415,21 +481,25 @@ def backward_bounds(
     second_pass: bool = True,
     centering_eps: float = 0.0,
     flush_to_zero: bool = False,
+    partial_sums: tuple[Any, int] | str | None = _OWN,
 ) -> BackwardBounds:
     """Per-channel bounds on the backward's error against ``grads`` (module
-    docstring); ``center``, ``second_pass``, ``centering_eps`` and
-    ``flush_to_zero`` as for :func:`forward_bounds`."""
+    docstring); ``center``, ``second_pass``, ``centering_eps``,
+    ``flush_to_zero`` and ``partial_sums`` as for :func:`forward_bounds`
+    (whose products ``dy·(x − c)`` that underflowed in the partial sums'
+    dtype add ``2·n·i⁺·t_b`` to dweight's bound and ``2·W·X·i⁺²·t_b`` to dx's)."""
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
     e_p = dtype_eps(param_dtype) if param_dtype is not None else e_w
-    e_acc = accumulation_eps
+    ftz = flush_to_zero
+    e_part, t_part = _partial_terms(partial_sums, dtype, ref.count, ftz)
+    e_acc = accumulation_eps + e_part
     channels = ref.mean.shape[0]
     w = _param_abs(weight, 1.0, channels)
     g = _per_channel_max([to_numpy(d).astype(np.float64) for d in dys], ref.axis, channels)
     ranks = len(ref.ys) if second_pass else None
-    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, ranks, centering_eps)
+    st = _stat_errors(ref, e_w, e_acc, merge_eps, center, ranks, centering_eps, t_part)
     x = st.xhat_max
-    ftz = flush_to_zero
     floor = _floor(dtype, e_w, g * (2 + x * x) + w * st.invstd_hi**2 * g * x, ftz)
     dx = (
         2
@@ -439,6 +509,9 @@ def backward_bounds(
             + st.invstd_hi * g * (2 * x * st.d_xhat + (8 * e_w + e_out) * (2 + x * x))
         )
         + floor
+        # Products dy·(x − mean) that underflowed in the partial sums: each off
+        # by t_part moves invstd·mean(dy·x̂) by invstd²·t_part.
+        + 2 * w * x * st.invstd_hi**2 * t_part
     )
     n = max(ref.count, 1)
     tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32", ftz)
@@ -450,6 +523,7 @@ def backward_bounds(
         + e_p * n * g * x
         + tiny_p
         + _floor(dtype, e_w, n * g * st.invstd_hi, ftz)
+        + 2 * n * st.invstd_hi * t_part
     )
     dbias = 2 * n * g * e_acc * n + e_p * n * g + tiny_p
     return BackwardBounds(dx, dweight, dbias)
