@@ -204,13 +204,14 @@ def normalize(
 
     All per-channel vectors are in the work dtype on x's device: ``hi + lo``
     the mean (:func:`split_mean`), ``scale`` usually ``weight·invstd``,
-    ``shift`` the bias or None. Centering first, then scaling, keeps full
-    precision when |mean| ≫ std (``x·scale + (bias − mean·scale)`` would
-    lose it).
+    ``shift`` the bias or None (a shift of 0). Centering first, then
+    scaling, keeps full precision when |mean| ≫ std (``x·scale + (bias −
+    mean·scale)`` would lose it).
     """
     y = centered(x, hi, lo, axis, xp=xp) * channel_view(scale, x.ndim, axis, xp=xp)
-    if shift is not None:
-        y = y + channel_view(shift, x.ndim, axis, xp=xp)
+    # No shift still adds 0: where x is the mean and scale negative, y is
+    # then +0, not −0, as PyTorch (x̂·weight + 0) and the fused kernels give.
+    y = y + (0.0 if shift is None else channel_view(shift, x.ndim, axis, xp=xp))
     return xp.astype(y, x.dtype, copy=False)
 
 

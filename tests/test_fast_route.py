@@ -781,6 +781,47 @@ def test_eval_factors_are_the_portable_routes_bit_for_bit(
         np.testing.assert_array_equal(got["1"][key], got["0"][key], err_msg=key)
 
 
+def _bits(a: np.ndarray) -> np.ndarray:
+    """``a``'s bit patterns (so that −0 and +0 differ)."""
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("training", [False, True])
+def test_zeros_without_a_bias_are_positive_on_every_route(dtype, training, monkeypatch) -> None:
+    """y where x equals the mean, under a negative weight and no bias:
+    ``(x − mean)·scale`` is −0 there, and an absent bias is a bias of 0
+    (PyTorch adds it: ``x̂·weight + 0``), so y is +0. The host kernels add
+    their zero shift; the portable route added nothing and gave −0. y and
+    dx bit for bit alike on both routes, y's signs PyTorch's, its values
+    the float64 reference's."""
+    x = np.array([[1.0, 4.0], [2.0, 5.0], [2.0, 5.0], [3.0, 6.0]], dtype)
+    dy = np.array([[0.5, -1.0], [0.25, 0.0], [-0.75, 2.0], [0.0, -1.0]], dtype)
+    w = np.array([-1.5, 2.0], dtype)
+    rm, rv = np.array([2.0, 5.0]), np.array([0.5, 2.0])
+    got = {}
+    for fast in ("1", "0"):
+        monkeypatch.setenv("ARRAYSYNCBN_FAST", fast)
+        got[fast] = _step(x, dy, w, None, rm.copy(), rv.copy(), training=training)
+    assert got["1"]["route"] == "host" and got["0"]["route"] == "portable"
+    for key in ("y", "dx"):
+        np.testing.assert_array_equal(_bits(got["1"][key]), _bits(got["0"][key]), err_msg=key)
+    y = got["0"]["y"]
+    assert not np.any(y[1:3]) and not np.any(np.signbit(y[1:3])), y
+    ref = ref_forward([x], w, None, rm, rv, training=training)
+    np.testing.assert_allclose(y, ref.ys[0], rtol=8 * dtype_eps(dtype), atol=0)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(ref.ys[0]))
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.batch_norm(
+        torch.from_numpy(x.astype(np.float64)), torch.from_numpy(rm), torch.from_numpy(rv),
+        torch.from_numpy(w.astype(np.float64)), None, training,
+    )  # fmt: skip
+    # PyTorch's zeros under the negative weight (channel 0; its training
+    # mode's x·α + β is not exact elsewhere, so only these are compared).
+    zeros = want.numpy()[1:3, 0]
+    assert not np.any(zeros) and not np.any(np.signbit(zeros)), zeros
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("training", [False, True])
 def test_infinite_means_give_the_portable_routes_bits(dtype, training, monkeypatch) -> None:

@@ -146,7 +146,8 @@ def reference_forward(
 
     Semantics are PyTorch's: biased variance for normalization, unbiased
     (N/(N−1)) for the running variance, ``momentum=None`` is the cumulative
-    average with ``m = 1/(num_batches_tracked + 1)``; global N = 0 leaves the
+    average with ``m = 1/(num_batches_tracked + 1)``; no bias is a bias of 0
+    (added: y is +0 where x is the mean); global N = 0 leaves the
     running statistics unchanged; N = 1 with batch statistics raises
     ValueError.
 
@@ -192,7 +193,8 @@ def reference_forward(
     ys = []
     for xh in xhats:
         y = xh if w is None else xh * _bcast(w, ndim, ax)
-        ys.append(y if b is None else y + _bcast(b, ndim, ax))
+        # No bias adds 0, as PyTorch does: y is +0, not −0, where x is the mean.
+        ys.append(y + (0.0 if b is None else _bcast(b, ndim, ax)))
     new_rm, new_rv = rm, rv
     if training and rm is not None and rv is not None and count > 0:
         m = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
