@@ -1482,15 +1482,35 @@ def check_every_call() -> bool:
     return os.environ.get(CHECK_ENV, "0").strip().lower() in ("1", "true", "yes")
 
 
-_DTYPE_CODES = {"float16": 16.0, "bfloat16": 17.0, "float32": 32.0, "float64": 64.0}
+_DTYPE_CODES = {
+    "float16": 16.0,
+    "bfloat16": 17.0,
+    "float32": 32.0,
+    "float64": 64.0,
+    "float96": 96.0,  # numpy's long double, by its width in memory
+    "float128": 128.0,
+}
+"""The check's codes of the dtypes it can name on every rank; any other
+dtype's code is a hash of its name (:func:`_dtype_code`)."""
 
 
 def _dtype_name(dtype: Any) -> str:
-    text = str(dtype)
-    for name in sorted(_DTYPE_CODES, key=len, reverse=True):
-        if text.endswith(name):
-            return name
-    return text
+    """The name of ``dtype``'s number format, without the library's prefix
+    (``torch.float32``: ``float32``) and without numpy's byte order: a
+    byte-swapped ``>f8`` holds float64 numbers and is computed as float64
+    (:func:`arraysyncbn.kernels.work_dtype`), so it is ``float64``."""
+    if isinstance(dtype, np.dtype):
+        return dtype.newbyteorder("=").name
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _dtype_label(dtype: Any) -> str:
+    """``dtype`` as the check's message names it: its format's name, and
+    numpy's spelling where the byte order is not native (``float64 (>f8)``)."""
+    name = _dtype_name(dtype)
+    if isinstance(dtype, np.dtype) and not dtype.isnative:
+        return f"{name} ({dtype.str})"
+    return name
 
 
 _MOMENTUM_NONE = -1.0
@@ -1530,15 +1550,40 @@ def _show_bool(v: float) -> str:
     return str(bool(v))
 
 
+_HASHED = 256.0
+"""The smallest code of a dtype named by a hash: above every code of
+:data:`_DTYPE_CODES`."""
+
+
 def _dtype_code(dtype: Any) -> float:
-    """``dtype``'s code in the check (0 for None: no such arrays)."""
-    return 0.0 if dtype is None else _DTYPE_CODES.get(_dtype_name(dtype), 99.0)
+    """``dtype``'s code in the check (0 for None: no such arrays): one per
+    number format, equal on two ranks when :func:`_dtype_name` is. A dtype
+    without a code of its own gets 24 bits of a CRC-32 of its name (exact in
+    float32 too), so two different ones differ but for a one in ~1.7e7
+    collision (they used to share one code, and pass the check)."""
+    if dtype is None:
+        return 0.0
+    name = _dtype_name(dtype)
+    code = _DTYPE_CODES.get(name)
+    if code is None:
+        code = _HASHED + zlib.crc32(name.encode()) % (2**24 - int(_HASHED))
+    return code
 
 
-def _show_dtype(v: float) -> str:
-    if v == 0.0:
-        return "None"
-    return {code: name for name, code in _DTYPE_CODES.items()}.get(v, "other")
+def _dtype_field(label: str, dtype: Any) -> _Field:
+    """The check's field for ``dtype`` (None: no such arrays), shown by name:
+    the codes of :data:`_DTYPE_CODES` on every rank, this rank's own dtype
+    by its name too, any other hashed one as such."""
+    own = _dtype_code(dtype)
+    names = {code: name for name, code in _DTYPE_CODES.items()}
+    names[0.0] = "None"
+    if dtype is not None:
+        names[own] = _dtype_name(dtype)
+
+    def show(v: float) -> str:
+        return names.get(v, "a dtype this rank cannot name")
+
+    return _Field(label, [own], show)
 
 
 def _show_momentum(v: float) -> str:
@@ -1595,35 +1640,38 @@ def check_consistency(
     """Raise :class:`CollectiveMismatchError` on every rank unless all ranks agree.
 
     One small allreduce (``max`` of each value and of its negation) compares
-    across ranks the channel count, the input dtype, the channel axis, the
-    number of dimensions, the ``ARRAYSYNCBN_CHECK`` setting (which decides
-    whether later calls check again, so it must agree too), ``eps`` and
-    ``momentum`` (bit for bit; ``None`` included), whether the layer is
-    ``affine`` and tracks running statistics, the dtypes of its parameters
-    and running statistics (None: it has none), and, with ``momentum=None``
-    (a cumulative average), ``num_batches_tracked``, and the merge
-    ``center`` (a CRC-32 of its values as float64, among the ranks that pass
-    one: a rank passing None is fine, the statistics pass handles that).
+    across ranks the channel count, the input dtype (its number format:
+    numpy's byte order is storage, so ``>f8`` and ``<f8`` agree), the
+    channel axis, the number of dimensions, the ``ARRAYSYNCBN_CHECK``
+    setting (which decides whether later calls check again, so it must
+    agree too), ``eps`` and ``momentum`` (bit for bit; ``None`` included),
+    whether the layer is ``affine`` and tracks running statistics, the
+    dtypes of its parameters and running statistics (None: it has none),
+    and, with ``momentum=None`` (a cumulative average),
+    ``num_batches_tracked``, and the merge ``center`` (a CRC-32 of its
+    values as float64, among the ranks that pass one: a rank passing None
+    is fine, the statistics pass handles that).
     Ranks that differ in any of these would otherwise drift apart silently
     (different running statistics or, for the center, statistics merged in
-    different frames) or, for ``track_running_stats``, take different
-    collectives in eval mode. Call it with arguments that passed validation,
-    on every rank, at the same point of the program. The defaults of the
-    keyword arguments are :class:`~arraysyncbn.SyncBatchNorm`'s. ``label``
-    signs the collective (None: the next ``check`` call of the functional
-    API on ``comm``); ranks in different calls are reported as such first,
-    since their other values need not agree.
+    different frames) or take different collectives: in eval mode for
+    ``track_running_stats``, in the statistics passes for the input dtype
+    (whose work precision sets the tolerance that asks for another pass).
+    Call it with arguments that passed validation, on every rank, at the
+    same point of the program. The defaults of the keyword arguments are
+    :class:`~arraysyncbn.SyncBatchNorm`'s. ``label`` signs the collective
+    (None: the next ``check`` call of the functional API on ``comm``); ranks
+    in different calls are reported as such first, since their other values
+    need not agree.
     """
     communicator = as_communicator(comm)
     xp = array_api_compat.array_namespace(x)
     device = array_api_compat.device(x)
     sdev, sdt = statistics_device(xp, device)
-    name = _dtype_name(x.dtype)
     e = float(eps)
     m = _MOMENTUM_NONE if momentum is None else float(momentum)
     fields = [
         _Field("channel count", [float(num_features)], _show_int),
-        _Field("dtype", [_DTYPE_CODES.get(name, 99.0)], _show_dtype),
+        _dtype_field("dtype", x.dtype),
         _Field("channel axis", [float(axis % x.ndim)], _show_int),
         _Field("number of dimensions", [float(x.ndim)], _show_int),
         _Field(f"{CHECK_ENV} (checks on every call)", [float(check_every_call())], _show_int),
@@ -1632,8 +1680,8 @@ def check_consistency(
         _Field("momentum", [m, *_bits16(m)], _show_momentum),
         _Field("affine", [float(bool(affine))], _show_bool),
         _Field("track_running_stats", [float(bool(track_running_stats))], _show_bool),
-        _Field("parameter dtype", [_dtype_code(parameter_dtype)], _show_dtype),
-        _Field("running statistics dtype", [_dtype_code(statistics_dtype)], _show_dtype),
+        _dtype_field("parameter dtype", parameter_dtype),
+        _dtype_field("running statistics dtype", statistics_dtype),
     ]
     # The cumulative average's weight (momentum=None) depends on the count;
     # always present, so that every rank's buffer has the same length.
@@ -1678,7 +1726,7 @@ def check_consistency(
     if problems:
         raise CollectiveMismatchError(
             f"ranks disagree on this SyncBatchNorm call (rank {communicator.rank} has "
-            f"{num_features} channels, dtype {name}, axis {axis % x.ndim}, "
+            f"{num_features} channels, dtype {_dtype_label(x.dtype)}, axis {axis % x.ndim}, "
             f"{x.ndim} dimensions, eps {e!r}, momentum {_show_momentum(m)}, "
             f"affine {bool(affine)}, track_running_stats {bool(track_running_stats)}): "
             + "; ".join(problems)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import arraysyncbn as sbn
+from arraysyncbn.testing import assert_close_to_reference, forward_bounds, reference_forward
 
 
 def test_sum_and_max_are_bitwise_identical_on_every_rank() -> None:
@@ -96,6 +97,71 @@ def test_consistency_check_catches_dtype_disagreement() -> None:
     for res in results:
         assert isinstance(res, sbn.CollectiveMismatchError), res
         assert "dtype differs (values seen include float32 and float64)" in str(res)
+
+
+@pytest.mark.parametrize("dtypes", [(">f8", "<f8"), ("<f2", ">f2")])
+def test_consistency_check_takes_byte_order_for_storage(dtypes) -> None:
+    """A byte-swapped dtype on one rank and the native one on another hold the
+    same numbers and are computed alike (kernels.work_dtype): the check
+    passes, and each rank's y, in its own dtype, is the float64 reference's
+    (before: "dtype differs (values seen include float64 and other)")."""
+    full = np.random.default_rng(4).normal(3.0, 2.0, (10, 3))
+    shards = [full[:4].astype(dtypes[0]), full[4:].astype(dtypes[1])]
+
+    def rank(comm):
+        x = shards[comm.rank]
+        return sbn.sync_batch_norm_forward(x, None, None, None, None, comm=comm, check=True)[0]
+
+    ys = sbn.run_ranks(rank, sbn.thread_group(2, timeout=10))
+    name = np.dtype(dtypes[0]).newbyteorder("=").name
+    ref = reference_forward(shards)
+    fb = forward_bounds(ref, name)
+    for r, y in enumerate(ys):
+        assert y.dtype == np.dtype(dtypes[r])
+        assert_close_to_reference(y, ref.ys[r], fb.y, axis=1, name=f"y on rank {r}")
+
+
+def test_consistency_check_tells_dtypes_without_a_code_apart() -> None:
+    """Byte-swapped float32 on one rank, numpy's long double on the other:
+    both were "other" (one code), so the check passed, and the ranks, whose
+    work dtypes differ, could then take different numbers of statistics
+    passes (a hang). Now a mismatch on every rank, naming both."""
+    xs = [np.ones((4, 3), dtype=">f4"), np.ones((4, 3), dtype=np.longdouble)]
+
+    def rank(comm):
+        return sbn.sync_batch_norm_forward(
+            xs[comm.rank], None, None, None, None, comm=comm, check=True
+        )
+
+    results = sbn.run_ranks(rank, sbn.thread_group(2, timeout=10), return_exceptions=True)
+    long_double = np.dtype(np.longdouble).name
+    for r, res in enumerate(results):
+        assert isinstance(res, sbn.CollectiveMismatchError), res
+        assert f"dtype differs (values seen include float32 and {long_double})" in str(res)
+        assert ("dtype float32 (>f4)," if r == 0 else f"dtype {long_double},") in str(res)
+
+
+def test_consistency_check_tells_unnamed_torch_dtypes_apart() -> None:
+    """Two float8 formats (torch accepts them as real floating) had one code
+    and passed the check; each rank now names its own and says it cannot
+    name the other's."""
+    torch = pytest.importorskip("torch")
+    kinds = ("float8_e4m3fn", "float8_e5m2")
+    if not all(hasattr(torch, k) for k in kinds):
+        pytest.skip("this torch has no float8 dtypes")
+    xs = [torch.ones(4, 3).to(getattr(torch, k)) for k in kinds]
+
+    def rank(comm):
+        return sbn.sync_batch_norm_forward(
+            xs[comm.rank], None, None, None, None, comm=comm, check=True
+        )
+
+    results = sbn.run_ranks(rank, sbn.thread_group(2, timeout=10), return_exceptions=True)
+    for own, res in zip(kinds, results, strict=True):
+        assert isinstance(res, sbn.CollectiveMismatchError), res
+        assert "dtype differs" in str(res) and f"dtype {own}," in str(res)
+        assert own in str(res).split("dtype differs")[1]
+        assert "a dtype this rank cannot name" in str(res)
 
 
 def test_thread_group_validates_arguments() -> None:
