@@ -395,8 +395,10 @@ class _Step(NamedTuple):
     running_mean: Array | None
     running_var: Array | None
     loss: float
-    """The merge's worst relative variance error over the finite channels;
-    infinite where a channel's mean is finite but its variance overflowed."""
+    """The merge's worst relative variance error over the finite channels."""
+    overflowed: bool
+    """Whether some channel's mean is finite but its variance overflowed
+    around this center (so another pass, around the mean, may repair it)."""
     center: Array
     """The next merge center: the mean where finite, else the previous center."""
     nonfinite: tuple[int, ...]
@@ -466,8 +468,9 @@ class PortableKernels:
         size: int,
         wdtype: Any,
     ) -> _Step:
-        """Statistics, factors, running statistics (``momentum`` None: no update)
-        and the merge's worst relative variance error, from the reduced buffer."""
+        """Statistics, factors, running statistics (``momentum`` None: no update),
+        the merge's worst relative variance error over the finite channels and
+        whether a variance overflowed around ``center``, from the reduced buffer."""
         xp, c = self.xp, (buf.shape[0] - 1) // 2
         weight, bias, running_mean, running_var = params
         s2 = buf[1 + c :]
@@ -488,10 +491,14 @@ class PortableKernels:
             ratio = s2 / count * (4.0 * (size + 2) * ulp) / (var + eps)
         # A finite mean with a variance that is not: the sums overflowed
         # around this center (finite data far from it; a NaN or inf in the
-        # data makes the mean non-finite too). Infinite loss: every rank
-        # merges again around the mean, and judges the channel only then.
-        overflowed = xp.isfinite(mean) & ~ok
-        loss = float(xp.max(xp.where(overflowed, math.inf, xp.where(ok, ratio, 0.0))))
+        # data makes the mean non-finite too). Every rank merges again around
+        # the mean, and judges the channel only then. Kept apart from the
+        # loss, which a channel still overflowing would otherwise hide from
+        # the PrecisionWarning.
+        worst = xp.stack(
+            [xp.max(xp.where(ok, ratio, 0.0)), xp.max(xp.astype(finite_mean & ~ok, ratio.dtype))]
+        )
+        loss, overflowed = _tail(worst, 0)  # one transfer from a device, as one loss was
         invstd = kernels.invstd_of(var, eps, xp=xp)
         f = _factors(xp, mean, invstd, weight, bias, wdtype, self.device, dense=self.dense)
         previous = xp.zeros_like(mean) if center is None else center
@@ -504,8 +511,9 @@ class PortableKernels:
         if not bool(xp.all(ok)):
             bad = tuple(int(i) for i in _to_host_list(xp, ~ok))
         return _Step(
-            mean, var, invstd, f, new_mean, new_var, loss, xp.where(ok, mean, previous), bad
-        )
+            mean, var, invstd, f, new_mean, new_var, loss, overflowed != 0.0,
+            xp.where(ok, mean, previous), bad,
+        )  # fmt: skip
 
     def eval_factors(
         self, params: tuple[Array | None, ...], eps: float, wdtype: Any
@@ -584,9 +592,12 @@ class PrecisionWarning(RuntimeWarning):
     Given (as a warning, on every rank alike) when, after the last of the
     statistics passes centered on the reduced mean (three at most after the
     first), the merge's estimated relative variance error still exceeds the
-    square root of the work dtype's epsilon: in practice only a merge in
-    float32 (a library with no float64 device) over very many ranks, or data
-    more than ~1e45 standard deviations from the merge center.
+    square root of the work dtype's epsilon in some channel whose statistics
+    are finite: in practice only a merge in float32 (a library with no
+    float64 device) over very many ranks (in float64: beyond ~1.7e7 ranks
+    for float64 input), or data more than ~1e45 standard deviations from
+    the merge center. Channels judged non-finite in the same step are no
+    part of that estimate; they get their :class:`NonFiniteWarning`.
     """
 
 
@@ -760,10 +771,10 @@ def _check_signature(
 
 def _warn_if_imprecise(loss: float, tolerance: float, passes: int) -> None:
     """Warn (every rank alike: loss comes from reduced values) past the
-    tolerance, after ``passes`` more statistics passes. An infinite loss is
-    a variance that overflowed even around the mean: those channels are
-    judged non-finite, and warned of as such."""
-    if tolerance < loss < math.inf:
+    tolerance, after ``passes`` more statistics passes. ``loss`` is that of
+    the finite channels: a variance that overflowed even around the mean is
+    judged non-finite and warned of as such, beside this warning."""
+    if loss > tolerance:
         warn_at_caller(
             f"SyncBN statistics may have lost precision (relative variance error up to "
             f"{loss:.1e}) even after {passes} more pass(es), each centered on the "
@@ -1040,12 +1051,12 @@ def sync_batch_norm_forward(
         beyond ~4 for float64 input, ~7e3 for float32) or that its sums
         overflowed, every rank runs another statistics allreduce centered
         on the reduced mean, and again, up to three more in all, while the
-        reduced values still show a loss and the mean still moves (each pass brings the center
-        ~1e15 times closer in units of the spread, so data up to ~1e45
-        standard deviations from the center is exact). A good center saves
-        those extra collectives. None centers at zero. A
-        :class:`PrecisionWarning` remains only for a loss that even the
-        last pass could not repair.
+        reduced values still show a loss or an overflow and the mean still
+        moves (each pass brings the center ~1e15 times closer in units of
+        the spread, so data up to ~1e45 standard deviations from the center
+        is exact). A good center saves those extra collectives. None
+        centers at zero. A :class:`PrecisionWarning` remains only for a
+        loss that even the last pass could not repair.
     out : array like x, or None
         Where to write y (same shape, dtype, library and device as x; not
         overlapping x, which the backward reads; writeable). On
@@ -1221,7 +1232,11 @@ def sync_batch_norm_forward(
         second, warn = _tolerances(xp, size, sdt, wdtype)
         entry = center
         passes = 0
-        while passes < _RECENTER_LIMIT and st.loss > second and _mean_moves(xp, buf):
+        while (
+            passes < _RECENTER_LIMIT
+            and (st.overflowed or st.loss > second)
+            and _mean_moves(xp, buf)
+        ):
             # Exact first, fast second: the reduced values (the same bits on
             # every rank) show the merge cancelled or overflowed, so every
             # rank merges again around the reduced mean, which each pass

@@ -928,10 +928,11 @@ _BIG = 1e300
 )
 @pytest.mark.parametrize("center", [None, 1e10])
 def test_finalize_loss_and_verdicts_are_the_portable_routes_bit_for_bit(sums, center) -> None:
-    """The loss that decides another pass (infinite where a finite mean's
-    variance overflowed), the channels judged non-finite and the next
+    """The loss and the overflow (a finite mean whose variance is not) that
+    decide another pass, the channels judged non-finite and the next
     center, from one reduced buffer: the same bits on both routes, so ranks
-    on different routes take the same branch."""
+    on different routes take the same branch. The loss is the finite
+    channels' alone: an overflow beside it does not make it infinite."""
     import array_api_compat
 
     from arraysyncbn.functional import PortableKernels
@@ -948,9 +949,13 @@ def test_finalize_loss_and_verdicts_are_the_portable_routes_bit_for_bit(sums, ce
         warnings.simplefilter("error")  # nothing from numpy: the step judges overflow
         fast = kern.finalize(buf, *args)
         slow = PortableKernels(xp, 1, xp.float64, "cpu", xp.float64, "cpu").finalize(buf, *args)
-    assert fast.loss == slow.loss or (np.isnan(fast.loss) and np.isnan(slow.loss))
+    assert fast.loss == slow.loss and np.isfinite(fast.loss), (fast.loss, slow.loss)
+    assert fast.overflowed == slow.overflowed
     assert fast.nonfinite == slow.nonfinite
     np.testing.assert_array_equal(fast.center, slow.center)
     np.testing.assert_array_equal(fast.running_var, slow.running_var)
     overflowed = [np.isfinite(s1 / n) and not np.isfinite(s2) for s1, s2 in sums]
-    assert (fast.loss == np.inf) == any(overflowed), fast.loss
+    assert fast.overflowed == any(overflowed)
+    # The loss of the channels judged finite (here those not overflowed).
+    finite = [np.isfinite(s1 / n) and np.isfinite(s2) for s1, s2 in sums]
+    assert (fast.loss > 0.0) == any(finite), fast.loss

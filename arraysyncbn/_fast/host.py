@@ -401,7 +401,7 @@ class HostKernels:
             new_rm, new_rv = np.empty_like(rm), np.empty_like(rv)
             if half:
                 new_rm, new_rv = _zeros(channels), _zeros(channels)
-        loss, bad = hk.finalize_forward(
+        loss, overflowed, bad = hk.finalize_forward(
             buf, float(count), center, float(eps),
             _ones(channels) if weight is None else weight,
             _zeros(channels) if bias is None else bias,
@@ -415,7 +415,7 @@ class HostKernels:
             bad += lost
         f = _types.Factors(hi, lo, scale, shift)
         return _types.Step(
-            stats[0], stats[1], stats[2], f, new_rm, new_rv, loss, stats[3],
+            stats[0], stats[1], stats[2], f, new_rm, new_rv, loss, overflowed, stats[3],
             tuple(np.flatnonzero(stats[4]).tolist()) if bad else (),
         )  # fmt: skip
 

@@ -878,10 +878,11 @@ def finalize_forward(
     update) to new_rm, new_rv (float64 for a half dtype's: the caller rounds
     and judges those).
 
-    Returns ``(loss, bad)``: the merge's worst relative variance error over
-    the finite channels, infinite where a mean is finite but its variance is
-    not (as ``PortableKernels.finalize`` computes it, bit for bit, so every
-    route takes the same branch), and the number of flagged channels.
+    Returns ``(loss, overflowed, bad)``: the merge's worst relative variance
+    error over the finite channels and whether some mean is finite but its
+    variance is not (as ``PortableKernels.finalize`` computes them, bit for
+    bit, so every route takes the same branch), and the number of flagged
+    channels.
     Simple loops, so that they vectorize: with thousands of channels this is
     not negligible.
     """
@@ -912,11 +913,13 @@ def finalize_forward(
         e = s2[c] / count * factor / (var[c] + eps)
         if flag[c] == 0.0 and e > loss:
             loss = e
-    # A finite mean whose variance overflowed around this center: an
-    # infinite loss, so that every rank merges again around the mean.
+    # A finite mean whose variance overflowed around this center: every rank
+    # merges again around the mean (apart from the loss, which it must not
+    # hide from the PrecisionWarning).
+    overflowed = False
     for c in range(c_count):
         if flag[c] != 0.0 and np.isfinite(mean[c]):
-            loss = np.inf
+            overflowed = True
     # Stores cast to each array's dtype (the work dtype, the running
     # statistics' dtype) with round-to-nearest, like the portable astype.
     for c in range(c_count):
@@ -945,7 +948,7 @@ def finalize_forward(
     for c in range(c_count):
         if flag[c] != 0.0:
             bad += 1
-    return loss, bad
+    return loss, overflowed, bad
 
 
 @numba.njit(**_OPTS)
