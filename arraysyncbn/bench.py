@@ -89,6 +89,9 @@ FULL_CASES = (
     Case("(32,64,56,56) NCHW float16", (32, 64, 56, 56), 1, "float16"),
     Case("(8,256,14,14) NCHW bfloat16", (8, 256, 14, 14), 1, "bfloat16"),
     Case("(8,256,14,14) NCHW float16", (8, 256, 14, 14), 1, "float16"),
+    Case(
+        "(32,64,56,56) channels-last bfloat16", (32, 56, 56, 64), 3, "bfloat16", channels_last=True
+    ),
     Case("(4,8) tiny", (4, 8), 1),
     # Two images per rank, SyncBN's own use: the layers of a ResNet's last stages.
     Case("(2,256,14,14) NCHW", (2, 256, 14, 14), 1),

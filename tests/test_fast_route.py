@@ -719,9 +719,19 @@ def test_reduction_kernels_ask_llvm_for_wide_vectors() -> None:
     w = np.zeros(3, dtype=np.float32)
     calls = {
         "_stats_planes": (x3, c, 0, 6, c.copy(), c.copy(), np.empty(0)),
-        "_stats_rows": (x3[..., :1].copy(), c, 0, 2, c.copy(), c.copy()),
+        "_stats_rows": (x3[..., :1].copy(), c, 0, 2, c.copy(), c.copy(), np.empty(0)),
         "_bsums_planes": (x3, x3, w, w, 0, 6, c.copy(), c.copy(), np.empty(0)),
-        "_bsums_rows": (x3[..., :1].copy(), x3[..., :1].copy(), w, w, 0, 2, c.copy(), c.copy()),
+        "_bsums_rows": (
+            x3[..., :1].copy(),
+            x3[..., :1].copy(),
+            w,
+            w,
+            0,
+            2,
+            c.copy(),
+            c.copy(),
+            np.empty(0),
+        ),
     }
     # Short planes keep LLVM's default width (see host_jit.WIDE_PLANES).
     short = {

@@ -500,15 +500,22 @@ def _bits_of(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(bits)
 
 
-@pytest.mark.parametrize("q", [1, 511, 512, 513, 2 * 512 + 37])
+_BLOCKS = [511, 512, 513, 2 * 512 + 37]
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 1)] + [(3, 4, q) for q in _BLOCKS] + [(p, 4, 1) for p in _BLOCKS]
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_partial_sums_count_every_element_once(dtype, q) -> None:
-    """Planes shorter than, as long as and longer than a block: on integer data
-    every float32 partial sum is exact, so the kernels' sums (statistics and
-    backward, serial and threaded) equal numpy's exactly: an element skipped or
-    counted twice at a block's edge shows. The float64 marker gives the same."""
+def test_half_partial_sums_count_every_element_once(dtype, shape) -> None:
+    """Planes, and rows of a (P, C, 1) view (2-D or channels-last input),
+    fewer than, as many as and more than a block: on integer data every
+    float32 partial sum is exact, so the kernels' sums (statistics and
+    backward, serial and threaded) equal numpy's exactly: an element skipped
+    or counted twice at a block's edge shows. The float64 marker gives the
+    same."""
     rng = np.random.default_rng(12)
-    shape = (3, 4, q)
+    q = shape[2]
     x = _bits_of(torch.from_numpy(rng.integers(-8, 9, size=shape).astype(np.float32)).to(dtype))
     dy = _bits_of(torch.from_numpy(rng.integers(-8, 9, size=shape).astype(np.float32)).to(dtype))
     xv, dyv = _fast.values(x).astype(np.float64), _fast.values(dy).astype(np.float64)

@@ -627,8 +627,9 @@ _F64_SUMS = _DUMMY
 
 def _partial_sums(xb: np.ndarray) -> np.ndarray:
     """The partial-sum marker for the (P, C, Q) view ``xb``: float32 for a
-    16-bit x with planes (a (P, C, 1) view's row kernels sum in float64)."""
-    return _F32_SUMS if xb.shape[2] > 1 and xb.itemsize == 2 else _F64_SUMS
+    16-bit x (its planes, or its rows for a (P, C, 1) view, summed in
+    float32 partial sums), float64 otherwise."""
+    return _F32_SUMS if xb.itemsize == 2 else _F64_SUMS
 
 
 _NO_BLOCK = np.empty((0, 0, 0))  # x's block before bind()

@@ -297,7 +297,8 @@ def _work_rows(n, c, a):  # pragma: no cover - compiled
 
 # -- one plane's sums ---------------------------------------------------------
 HALF_BLOCK = 512
-"""Elements per float32 partial sum of a 16-bit input's plane.
+"""Elements per float32 partial sum of a 16-bit input's plane (or, for a
+(P, C, 1) view, rows per partial sum of each channel).
 
 A float16 or bfloat16 plane's sums are compute-bound in float64 (8 lanes
 of AVX-512, and a conversion per element); in float32 partial sums of at
@@ -496,39 +497,71 @@ def _stats_short_planes(x, k, u0, u1, s1, s2, acc):  # pragma: no cover - compil
     _stats_each(x.shape[1], u0, u1, (x, k, s1, s2, acc))
 
 
-@numba.njit(fastmath=_REDUCE, **_OPTS)
-def _stats_rows(x, k, p0, p1, s1, s2):  # pragma: no cover - compiled
-    """Add Σ(x−K), Σ(x−K)² of rows ``p0..p1`` of a (P, C, 1) view into s1, s2.
+@numba.njit(inline="always", **_OPTS)
+def _stats_row_run(x, k, p0, p1, s1, s2, acc):  # pragma: no cover - compiled
+    """Add Σ(x−k), Σ(x−k)² of rows ``p0..p1`` of a (P, C, 1) view into s1, s2,
+    in the dtype of s1, s2 and ``k`` (marker ``acc``'s).
 
     Four rows at a time: the per-channel accumulators live in memory (C of
     them), so each load/store of them is shared by four elements.
     """
-    wide_vectors()
     c_count = x.shape[1]
     p = p0
     while p + 4 <= p1:
         for c in range(c_count):
             kc = k[c]
-            d0 = np.float64(work(x[p, c, 0])) - kc
-            d1 = np.float64(work(x[p + 1, c, 0])) - kc
-            d2 = np.float64(work(x[p + 2, c, 0])) - kc
-            d3 = np.float64(work(x[p + 3, c, 0])) - kc
+            d0 = in_sums(work(x[p, c, 0]), acc) - kc
+            d1 = in_sums(work(x[p + 1, c, 0]), acc) - kc
+            d2 = in_sums(work(x[p + 2, c, 0]), acc) - kc
+            d3 = in_sums(work(x[p + 3, c, 0]), acc) - kc
             s1[c] += (d0 + d1) + (d2 + d3)
             s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         p += 4
     while p < p1:
         for c in range(c_count):
-            d = np.float64(work(x[p, c, 0])) - k[c]
+            d = in_sums(work(x[p, c, 0]), acc) - k[c]
             s1[c] += d
             s2[c] += d * d
         p += 1
+
+
+@numba.njit(inline="always", **_OPTS)
+def _flush(pa, pb, s1, s2):  # pragma: no cover - compiled
+    """Add float32 partial sums pa, pb to the float64 sums s1, s2."""
+    for c in range(pa.shape[0]):
+        s1[c] += np.float64(pa[c])
+        s2[c] += np.float64(pb[c])
+
+
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def _stats_rows(x, k, p0, p1, s1, s2, acc):  # pragma: no cover - compiled
+    """Add Σ(x−K), Σ(x−K)² of rows ``p0..p1`` of a (P, C, 1) view into s1, s2
+    (float64): directly, or for 16-bit x through float32 partial sums of
+    :data:`HALF_BLOCK` rows (measured here, bfloat16 statistics one thread:
+    channels-last (32,64,56,56) 1.26 → 0.69 ms, (256,1024) 45 → 18 µs)."""
+    wide_vectors()
+    step = partial_length(acc)
+    if step == 0:
+        _stats_row_run(x, k, p0, p1, s1, s2, acc)
+        return
+    c_count = x.shape[1]
+    k32 = np.empty(c_count, np.float32)
+    for c in range(c_count):
+        k32[c] = in_sums(k[c], acc)
+    pa = np.empty(c_count, np.float32)
+    pb = np.empty(c_count, np.float32)
+    for b0 in range(p0, p1, step):
+        pa[:] = 0.0
+        pb[:] = 0.0
+        _stats_row_run(x, k32, b0, min(b0 + step, p1), pa, pb, acc)
+        _flush(pa, pb, s1, s2)
 
 
 @numba.njit(**_OPTS)
 def _stats_body(x, k, nparts, i, s1, s2, acc):  # pragma: no cover - compiled
     if x.shape[2] == 1:
         p0, p1 = chunk(x.shape[0], nparts, i)
-        _stats_rows(x, k, p0, p1, s1, s2)
+        _stats_rows(x, k, p0, p1, s1, s2, acc)
     else:
         u0, u1 = chunk(x.shape[0] * x.shape[1], nparts, i)
         if x.shape[2] >= WIDE_PLANES:
@@ -634,41 +667,61 @@ def _bsums_short_planes(dy, x, hi, lo, u0, u1, s1, s2, acc):  # pragma: no cover
     _bsums_each(x.shape[1], u0, u1, (dy, x, hi, lo, s1, s2, acc))
 
 
-@numba.njit(fastmath=_REDUCE, **_OPTS)
-def _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2):  # pragma: no cover - compiled
-    """Add Σdy, Σdy·(x − mean) of rows ``p0..p1`` (four at a time, as in _stats_rows)."""
-    wide_vectors()
+@numba.njit(inline="always", **_OPTS)
+def _bsums_row_run(dy, x, hi, lo, p0, p1, s1, s2, acc):  # pragma: no cover - compiled
+    """Add Σdy, Σdy·(x − mean) of rows ``p0..p1`` into s1, s2 in their dtype
+    (marker ``acc``'s), four rows at a time as in :func:`_stats_row_run`."""
     c_count = x.shape[1]
     p = p0
     while p + 4 <= p1:
         for c in range(c_count):
             h, m = hi[c], lo[c]
-            g0 = np.float64(work(dy[p, c, 0]))
-            g1 = np.float64(work(dy[p + 1, c, 0]))
-            g2 = np.float64(work(dy[p + 2, c, 0]))
-            g3 = np.float64(work(dy[p + 3, c, 0]))
+            g0 = in_sums(work(dy[p, c, 0]), acc)
+            g1 = in_sums(work(dy[p + 1, c, 0]), acc)
+            g2 = in_sums(work(dy[p + 2, c, 0]), acc)
+            g3 = in_sums(work(dy[p + 3, c, 0]), acc)
             s1[c] += (g0 + g1) + (g2 + g3)
             s2[c] += (
-                g0 * np.float64((work(x[p, c, 0]) - h) - m)
-                + g1 * np.float64((work(x[p + 1, c, 0]) - h) - m)
+                g0 * in_sums((work(x[p, c, 0]) - h) - m, acc)
+                + g1 * in_sums((work(x[p + 1, c, 0]) - h) - m, acc)
             ) + (
-                g2 * np.float64((work(x[p + 2, c, 0]) - h) - m)
-                + g3 * np.float64((work(x[p + 3, c, 0]) - h) - m)
+                g2 * in_sums((work(x[p + 2, c, 0]) - h) - m, acc)
+                + g3 * in_sums((work(x[p + 3, c, 0]) - h) - m, acc)
             )
         p += 4
     while p < p1:
         for c in range(c_count):
-            g = np.float64(work(dy[p, c, 0]))
+            g = in_sums(work(dy[p, c, 0]), acc)
             s1[c] += g
-            s2[c] += g * np.float64((work(x[p, c, 0]) - hi[c]) - lo[c])
+            s2[c] += g * in_sums((work(x[p, c, 0]) - hi[c]) - lo[c], acc)
         p += 1
+
+
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2, acc):  # pragma: no cover - compiled
+    """Add Σdy, Σdy·(x − mean) of rows ``p0..p1`` into s1, s2 (float64), through
+    float32 partial sums of :data:`HALF_BLOCK` rows for 16-bit x, as
+    :func:`_stats_rows`."""
+    wide_vectors()
+    step = partial_length(acc)
+    if step == 0:
+        _bsums_row_run(dy, x, hi, lo, p0, p1, s1, s2, acc)
+        return
+    c_count = x.shape[1]
+    pa = np.empty(c_count, np.float32)
+    pb = np.empty(c_count, np.float32)
+    for b0 in range(p0, p1, step):
+        pa[:] = 0.0
+        pb[:] = 0.0
+        _bsums_row_run(dy, x, hi, lo, b0, min(b0 + step, p1), pa, pb, acc)
+        _flush(pa, pb, s1, s2)
 
 
 @numba.njit(**_OPTS)
 def _bsums_body(dy, x, hi, lo, nparts, i, s1, s2, acc):  # pragma: no cover - compiled
     if x.shape[2] == 1:
         p0, p1 = chunk(x.shape[0], nparts, i)
-        _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2)
+        _bsums_rows(dy, x, hi, lo, p0, p1, s1, s2, acc)
     else:
         u0, u1 = chunk(x.shape[0] * x.shape[1], nparts, i)
         if x.shape[2] >= WIDE_PLANES:
