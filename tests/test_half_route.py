@@ -513,7 +513,9 @@ def test_half_partial_sums_count_every_element_once(dtype, shape) -> None:
     float32 partial sum is exact, so the kernels' sums (statistics and
     backward, serial and threaded) equal numpy's exactly: an element skipped
     or counted twice at a block's edge shows. The float64 marker gives the
-    same."""
+    same. The center passed is 0, so the shift K is 0 and x − K exact
+    (without a center K is the float32 mean of the first samples, and
+    x − K and its squares round)."""
     rng = np.random.default_rng(12)
     q = shape[2]
     x = _bits_of(torch.from_numpy(rng.integers(-8, 9, size=shape).astype(np.float32)).to(dtype))
@@ -525,7 +527,7 @@ def test_half_partial_sums_count_every_element_once(dtype, shape) -> None:
     want_grads = np.concatenate([dyv.sum(axis=(0, 2)), (dyv * xv).sum(axis=(0, 2))])
     for acc in (np.empty(0, np.float32), np.empty(0)):
         buf = np.empty(1 + 2 * 4)
-        hk.stats_packed_serial(x, np.zeros(0), n, buf, acc)
+        hk.stats_packed_serial(x, np.zeros(4), n, buf, acc)
         np.testing.assert_array_equal(buf[1:], want_stats, err_msg=f"stats {acc.dtype}")
         grads = np.empty(2 * 4)
         hk.backward_packed_serial(dy, x, zero32, zero32, one, grads, acc)
@@ -581,3 +583,32 @@ def test_half_partial_sums_that_overflow_float32_are_summed_in_float64(
     assert_close_to_reference(db, grads.dbiases[0], bb.dbias, name="dbias")
     assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
     assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kind", ["crafted", "random"])
+def test_an_outlying_first_sample_costs_the_partial_sums_no_precision(kind, layout) -> None:
+    """float32 partial sums of (x − K)² lose ``((mean − K)/σ)²`` times their
+    rounding in the variance: with the channel's first sample as K, 260σ
+    from the mean, float16 y was 3 ulps from the portable route's (18 in
+    channels-last), all within the (then vacuous) bounds. K now comes from
+    the first few elements' mean, and a channel whose K is still far is
+    summed in float64, so both routes agree to an ulp. "crafted": values
+    whose squares around K all round up in float32 (the worst case);
+    "random": normal data."""
+    rng = np.random.default_rng(21)
+    shape = (32, 2, 56, 56)
+    for k in (64.0, 256.0):
+        if kind == "crafted":
+            v = np.unique(np.linspace(-2, 2, 200001).astype(np.float16)).astype(np.float64)
+            up = ((v - k) ** 2).astype(np.float32).astype(np.float64) - (v - k) ** 2
+            x = rng.choice(v[np.argsort(-up)[:40]], size=shape)
+        else:
+            x = rng.standard_normal(shape)
+        x[0, :, :8, :] = k  # the first sample's first elements: every shift's source
+        dy = rng.standard_normal(shape)
+        xt, dyt, params = _tensors(x, dy, torch.float16, torch.float32, 2)
+        if layout == "channels_last":
+            xt = xt.contiguous(memory_format=torch.channels_last)
+            dyt = dyt.contiguous(memory_format=torch.channels_last)
+        _assert_routes_agree(_both(xt, dyt, params))

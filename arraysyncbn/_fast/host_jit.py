@@ -421,15 +421,43 @@ within ~1e-19 of its sample, such as subnormal bfloat16, where eps is tiny
 too) the float32 squares could lose the variance entirely."""
 
 
+def variance_budget(x):  # pragma: no cover - replaced when compiled
+    """The relative variance error float32 partial sums of 16-bit ``x`` may
+    cost before its channel is summed again in float64: an eighth of the
+    output's epsilon for bfloat16 (2⁻¹⁰), a quarter for float16 (2⁻¹²), so
+    that y moves by well under an ulp where |x̂| ≤ 4."""
+    raise NotImplementedError("only inside compiled kernels")
+
+
+@overload(variance_budget)
+def _variance_budget(x):  # pragma: no cover - compiled
+    if x.dtype == _BF16_TYPE:
+        return lambda x: 2.0**-10
+    if x.dtype == _F16_TYPE:
+        return lambda x: 2.0**-12
+    if isinstance(x.dtype, types.Float):  # typed, never run: no partial sums
+        return lambda x: 1.0
+    return None
+
+
 @numba.njit(**_OPTS)
-def _redone(part, n):  # pragma: no cover - compiled
+def _redone(part, n, amplified):  # pragma: no cover - compiled
     """Channels whose partial sums (merged over ``part``'s threads) are not
-    finite or smaller than ``n·_SMALL``, in a boolean array."""
+    finite or smaller than ``n·_SMALL``, in a boolean array; and, with
+    ``amplified`` > 0 (statistics), those whose float32 rounding may cost
+    the variance more than its budget: Σd² errs by up to about
+    ``3·2⁻²⁴·L·Σd²`` (L elements per partial sum; Σd's error is at most as
+    large through the merge), and the variance numerator is
+    ``Σd² − (Σd)²/n``, smaller by ``1 + ((mean − K)/σ)²``: a sample K far
+    from the mean amplifies float32's rounding (seen: a float16 y 3 ulps
+    off with K 260σ away). ``amplified`` is ``3·2⁻²⁴·L/budget``."""
     c_count = part.shape[2]
     redo = np.zeros(c_count, np.bool_)
     for c in range(c_count):
         s1, s2 = merged_partials(part, c)
         redo[c] = not (np.isfinite(s1) and np.isfinite(s2) and abs(s2) >= n * _SMALL)
+        if amplified > 0.0 and amplified * s2 > s2 - s1 * (s1 / n):
+            redo[c] = True
     return redo
 
 
@@ -444,8 +472,11 @@ def redo_statistics(x, k, part):  # pragma: no cover - compiled
     """Sum again in float64 the channels of float32 partial sums (merged over
     the threads' ``part``) that overflowed, met NaN or inf, or may have lost
     squares to underflow (:data:`_SMALL`): into ``part[0]``, zero elsewhere.
-    Rare (non-finite or tiny data, constant channels), so serial."""
-    redo = _redone(part, x.shape[0] * x.shape[2])
+    Rare (non-finite or tiny data, constant channels, a sample K several
+    standard deviations from the mean), so serial."""
+    rows = x.shape[2] if x.shape[2] > 1 else x.shape[0]
+    amplified = 3.0 * 2.0**-24 * min(HALF_BLOCK, rows) / variance_budget(x)
+    redo = _redone(part, x.shape[0] * x.shape[2], amplified)
     wide = np.empty(0)
     for c in range(x.shape[1]):
         if redo[c]:
@@ -458,8 +489,9 @@ def redo_statistics(x, k, part):  # pragma: no cover - compiled
 
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def redo_gradient_sums(dy, x, hi, lo, part):  # pragma: no cover - compiled
-    """:func:`redo_statistics` for the backward sums ``Σdy``, ``Σdy·(x − mean)``."""
-    redo = _redone(part, x.shape[0] * x.shape[2])
+    """:func:`redo_statistics` for the backward sums ``Σdy``, ``Σdy·(x − mean)``
+    (x centered on the global mean: no amplification to guard against)."""
+    redo = _redone(part, x.shape[0] * x.shape[2], 0.0)
     wide = np.empty(0)
     for c in range(x.shape[1]):
         if redo[c]:
@@ -570,17 +602,60 @@ def _stats_body(x, k, nparts, i, s1, s2, acc):  # pragma: no cover - compiled
             _stats_short_planes(x, k, u0, u1, s1, s2, acc)
 
 
-@numba.njit(**_OPTS)
-def stats_packed_serial(x, center, n, buf, acc):  # pragma: no cover - compiled
-    """Per-channel ``Σ(x−K)``, ``Σ(x−K)²`` packed about ``center`` into ``buf``
-    as :func:`pack_statistics` packs them, in one call (a small input's
-    cost is mostly per-call work), with K taken here: x's first sample of
-    each channel, as the caller takes it for the threaded kernels.
-    ``center`` of length 0 stands for zeros; ``n`` > 0."""
+_SHIFT_SAMPLES = 8
+
+
+@numba.njit(fastmath=_REDUCE, **_OPTS)
+def shifts(x, center, acc):  # pragma: no cover - compiled
+    """Each channel's shift K for the statistics pass, in float64: x's first
+    sample (any value is exact), except for float32 partial sums (16-bit x),
+    whose rounding grows with ``((mean − K)/σ)²`` (:func:`_redone`): there
+    the merge center where one is given (the previous step's mean, for the
+    layer), rounded to float32, else the float32 mean of the channel's
+    first 8 elements (of its first plane, or its first rows): an outlier
+    there moves K by an eighth of its distance, and a K still far from the
+    mean sends the channel to the float64 pass (:func:`_redone`), which
+    keeps the result right; a longer mean would cost a pass over small
+    inputs. A K that is not finite falls back to the sample."""
     c_count = x.shape[1]
     k = np.empty(c_count)
     for c in range(c_count):
         k[c] = np.float64(work(x[0, c, 0]))
+    if partial_length(acc) == 0:
+        return k
+    means = np.zeros(c_count, np.float32)
+    if center.shape[0] > 0:
+        for c in range(c_count):
+            means[c] = np.float32(center[c])
+    elif x.shape[2] > 1:
+        for c in range(c_count):
+            row = x[0, c, :_SHIFT_SAMPLES]
+            a = np.float32(0.0)
+            for q in range(row.shape[0]):
+                a += work(row[q])
+            means[c] = a / np.float32(row.shape[0])
+    else:  # rows in memory order, channels summed side by side
+        rows = min(_SHIFT_SAMPLES, x.shape[0])
+        for p in range(rows):
+            for c in range(c_count):
+                means[c] += work(x[p, c, 0])
+        for c in range(c_count):
+            means[c] /= np.float32(rows)
+    for c in range(c_count):
+        if np.isfinite(means[c]):
+            k[c] = np.float64(means[c])
+    return k
+
+
+@numba.njit(**_OPTS)
+def stats_packed_serial(x, center, n, buf, acc):  # pragma: no cover - compiled
+    """Per-channel ``Σ(x−K)``, ``Σ(x−K)²`` packed about ``center`` into ``buf``
+    as :func:`pack_statistics` packs them, in one call (a small input's
+    cost is mostly per-call work), with K from :func:`shifts`, as the
+    caller takes it for the threaded kernels.
+    ``center`` of length 0 stands for zeros; ``n`` > 0."""
+    c_count = x.shape[1]
+    k = shifts(x, center, acc)
     part = np.zeros((1, 2, c_count))
     _stats_body(x, k, 1, 0, part[0, 0], part[0, 1], acc)
     if partial_length(acc) > 0:
