@@ -469,3 +469,74 @@ def test_partial_sums_enter_the_bounds_as_documented() -> None:
     for bad, match in ((("float32", 0), "at least 1"), ("float32", "expected")):
         with pytest.raises(ValueError, match=match):
             T.forward_bounds(ref, "float16", partial_sums=bad)
+
+
+def _naive32_backward(x: np.ndarray, dy: np.ndarray, eps: float, bug=None) -> np.ndarray:
+    """dx of one (N, C) shard whose backward sums Σdy and Σdy·x̂ are naive
+    float32 sums, left to right (what ``accumulation_eps=dtype_eps("float32")``
+    promises to bound); everything else in float64, rounded to float32."""
+    f32 = np.float32
+    mean = x.mean(axis=0, dtype=np.float64)
+    invstd = 1 / np.sqrt(x.var(axis=0, dtype=np.float64) + eps)
+    xhat = ((x - mean) * invstd).astype(f32)
+    n = x.shape[0]
+    mean_dy = np.cumsum(dy, axis=0, dtype=f32)[-1] / f32(n)
+    mean_dy_xhat = np.cumsum(dy * xhat, axis=0, dtype=f32)[-1] / f32(n)
+    if bug == "dx without the x̂ term":
+        mean_dy_xhat = 0 * mean_dy_xhat
+    return ((dy - mean_dy - xhat * mean_dy_xhat) * invstd).astype(f32)
+
+
+def test_dx_bound_carries_the_backward_sums_accumulation_error() -> None:
+    """The dx bound ignored the rounding of the backward's own sums Σdy and
+    Σdy·x̂ (``e_acc·n`` terms, which dbias' bound carries): a constant channel
+    with constant dy has dx = 0, and a naive float32 Σdy off by a few hundred
+    ulps gave dx ~11× the bound with ``accumulation_eps`` of float32. A
+    planted bug still fails under those settings."""
+    e32 = T.dtype_eps("float32")
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.zeros((4000, 1), np.float32), np.full((4000, 1), 0.5150754, np.float32)),
+        (np.zeros((1296, 1), np.float32), np.full((1296, 1), 1.6952121, np.float32)),
+        (
+            rng.normal(3.0, 2.0, (300, 2)).astype(np.float32),
+            rng.normal(1.0, 1.0, (300, 2)).astype(np.float32),
+        ),
+    ]
+    for x, dy in cases:
+        ref = T.reference_forward([x])
+        grads = T.reference_backward(ref, [dy])
+        bb = T.backward_bounds(ref, grads, [dy], "float32", accumulation_eps=e32)
+        T.assert_close_to_reference(
+            _naive32_backward(x, dy, 1e-5), grads.dxs[0], bb.dx, axis=1, name="dx"
+        )
+    x, dy = cases[2]
+    dy = dy + 2 * (x - 3)  # dy correlated with x̂: the x̂ term matters
+    ref = T.reference_forward([x])
+    grads = T.reference_backward(ref, [dy])
+    bb = T.backward_bounds(ref, grads, [dy], "float32", accumulation_eps=e32)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        T.assert_close_to_reference(
+            _naive32_backward(x, dy, 1e-5, bug="dx without the x̂ term"), grads.dxs[0], bb.dx,
+            axis=1, name="dx",
+        )  # fmt: skip
+
+
+def test_pytorchs_float32_backward_of_a_constant_channel_passes_the_torch_recipe() -> None:
+    """The user trial's repro: F.batch_norm over 1296 zeros with constant dy
+    gave dx = 3.2e-3 (true: 0), 1.15× the dx bound with the README's torch
+    settings, from torch's float32 Σdy."""
+    torch = pytest.importorskip("torch")
+    n = 1296
+    x = torch.zeros(n, 1, requires_grad=True)
+    dy = torch.full((n, 1), 1.6952121)
+    y = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    ref = T.reference_forward([x.detach()])
+    grads = T.reference_backward(ref, [dy])
+    e32 = T.dtype_eps("float32")
+    bb = T.backward_bounds(
+        ref, grads, [dy], "float32", second_pass=False,
+        centering_eps=(ref.count + 1) * e32, accumulation_eps=e32,
+    )  # fmt: skip
+    T.assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=1, name="dx")

@@ -51,7 +51,12 @@ by ``Δx̂ = (A + Δμ)·Δi + Δμ·i⁺`` and is at most ``X = r + Δx̂``. Wi
 ``m`` the momentum used:
 
 * ``|Δy| ≤ 2·[W·Δx̂ + (4·e_w + e_out)·(W·X + B)] + floor``,
-* ``|Δdx| ≤ 2·W·[Δi·G·(2 + X²) + i⁺·G·(2·X·Δx̂ + (8·e_w + e_out)·(2 + X²))] + floor``,
+* ``|Δdx| ≤ 2·W·[Δi·G·(2 + X²) + i⁺·G·(2·X·Δx̂ + (8·e_w + e_out)·(2 + X²))
+  + i⁺·G·e_s·(n + 2)·(1 + X·(1 + Δx̂))] + floor``, the last term for the
+  rounding of the backward's sums Σdy and Σdy·x̂ (``e_s = max(e_acc, e_mrg)``,
+  naive summation, per rank and then merged: mean(dy) errs by
+  ``e_s·(n + 2)·G`` and mean(dy·x̂) by ``e_s·(n + 2)·G·(1 + Δx̂)``, as
+  ``Σ|x̂| ≤ n`` by Cauchy–Schwarz; it is zero without batch statistics),
 * ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X + floor``,
   ``|Δdbias| ≤ 2·n·G·e_acc·n + e_p·n·G``,
 * ``|Δrunning_mean| ≤ m·Δμ + 4·e_p·|ref|``,
@@ -466,6 +471,26 @@ def forward_bounds(
     return ForwardBounds(y, rm_b, rv_b)
 
 
+def _backward_sums_term(
+    ref: ReferenceForward, w: np.ndarray, g: np.ndarray, st: _StatErrors, e_sum: float
+) -> Any:
+    """dx's share of the rounding of the backward's sums Σdy and Σdy·x̂
+    (module docstring): naive sums of n terms, per rank and then merged,
+    each off by ``e_sum·(n + 2)`` times the sum of its terms' magnitudes
+    (``n − 1`` additions on any path, the ``+ 2`` for the division by n and
+    the product with invstd). Σ|dy| ≤ n·G, and Σ|x̂| ≤ n by Cauchy–Schwarz
+    (Σx̂² ≤ n), ``n·(1 + Δx̂)`` for the computed x̂; so mean(dy) errs by
+    ``e_sum·(n + 2)·G``, mean(dy·x̂) by ``e_sum·(n + 2)·G·(1 + Δx̂)``, and dx,
+    ``W·i⁺·(dy − mean(dy) − x̂·mean(dy·x̂))``, by ``W·i⁺`` times the first
+    plus X times the second (times the module's factor 2). Zero without
+    batch statistics: dx is then ``W·invstd·dy``, with no sums."""
+    if not ref.batch_stats:
+        return 0.0
+    n = max(ref.count, 1)
+    spread = 1 + st.xhat_max * (1 + st.d_xhat)
+    return 2 * w * st.invstd_hi * g * e_sum * (n + 2) * spread
+
+
 @_overflow_is_infinite
 def backward_bounds(
     ref: ReferenceForward,
@@ -512,6 +537,7 @@ def backward_bounds(
         # Products dy·(x − mean) that underflowed in the partial sums: each off
         # by t_part moves invstd·mean(dy·x̂) by invstd²·t_part.
         + 2 * w * x * st.invstd_hi**2 * t_part
+        + _backward_sums_term(ref, w, g, st, max(e_acc, merge_eps))
     )
     n = max(ref.count, 1)
     tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32", ftz)
