@@ -540,3 +540,87 @@ def test_pytorchs_float32_backward_of_a_constant_channel_passes_the_torch_recipe
         centering_eps=(ref.count + 1) * e32, accumulation_eps=e32,
     )  # fmt: skip
     T.assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=1, name="dx")
+
+
+def _float32_running_update(batch, bug=None):
+    """A user's SyncBN whose running statistics are updated in float32
+    arithmetic, as PyTorch's float32 buffers are: ``(1 − m)·old + m·new``
+    with old, m and the statistics all float32."""
+    f32 = np.float32
+    nd = batch.shards[0].ndim
+    ax = batch.axis % nd
+    rows = [np.moveaxis(s.astype(np.float64), ax, -1) for s in batch.shards]
+    flat = np.concatenate([r.reshape(-1, batch.channels) for r in rows])
+    n = flat.shape[0]
+    bessel = 1.0 if bug == "no Bessel" else n / (n - 1)
+    m = f32(1.0 if batch.momentum is None else batch.momentum)
+    rm, rv = batch.running_mean.astype(f32), batch.running_var.astype(f32)
+    new_rm = (f32(1) - m) * rm + m * flat.mean(axis=0).astype(f32)
+    new_rv = (f32(1) - m) * rv + m * (flat.var(axis=0) * bessel).astype(f32)
+    return new_rm, new_rv
+
+
+def _check_running_update(batch, bug=None, **bounds) -> None:
+    if batch.count < 2 or batch.running_mean is None:
+        return
+    shards = [s.astype(np.float32) for s in batch.shards]
+    rm, rv = (a.astype(np.float32) for a in (batch.running_mean, batch.running_var))
+    batch = dataclasses.replace(batch, shards=shards, running_mean=rm, running_var=rv)
+    got_rm, got_rv = _float32_running_update(batch, bug)
+    ref = T.reference_forward(
+        shards, None, None, rm, rv, momentum=batch.momentum, eps=batch.eps, axis=batch.axis
+    )  # fmt: skip
+    fb = T.forward_bounds(
+        ref, "float32", param_dtype="float32", momentum=batch.momentum, second_pass=False,
+        **bounds,
+    )  # fmt: skip
+    T.assert_close_to_reference(got_rm, ref.running_mean, fb.running_mean, name="running_mean")
+    T.assert_close_to_reference(got_rv, ref.running_var, fb.running_var, name="running_var")
+
+
+def test_update_dtype_bounds_a_float32_running_average_in_both_directions() -> None:
+    """The running-statistics bounds assume arraysyncbn's update, in float64
+    and rounded once: a float32 update (PyTorch's) cancels, e.g. 0.9·(1/3) +
+    0.1·(−3) gives 0.0 against 8.9e-9, ~1e6× the default bound.
+    ``update_dtype="float32"`` bounds it; a missing Bessel correction still
+    fails under it; the default stays as tight as before."""
+    x = [np.full((4, 1), -3.0, np.float32), np.full((2, 1), -3.0, np.float32)]
+    rm, rv = np.array([0.33333334], np.float32), np.array([1.0], np.float32)
+    ref = T.reference_forward(x, running_mean=rm, running_var=rv, momentum=0.1)
+    got = rm * np.float32(0.9) + np.float32(0.1) * np.float32(-3.0)
+    assert got[0] == 0.0 and ref.running_mean[0] > 8e-9
+    default = T.forward_bounds(ref, "float32", momentum=0.1, second_pass=False)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        T.assert_close_to_reference(got, ref.running_mean, default.running_mean)
+    loose = T.forward_bounds(
+        ref, "float32", momentum=0.1, second_pass=False, update_dtype="float32"
+    )
+    T.assert_close_to_reference(got, ref.running_mean, loose.running_mean)
+    np.testing.assert_array_equal(loose.y, default.y)
+
+    def hunt(check):
+        @_USER_HUNT
+        @given(batch=sharded_batches(dtypes=st.just("float32")))
+        def prop(batch) -> None:
+            check(batch)
+
+        return prop
+
+    hunt(lambda b: _check_running_update(b, update_dtype="float32"))()
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        hunt(lambda b: _check_running_update(b, "no Bessel", update_dtype="float32"))()
+
+
+def test_pytorchs_running_statistics_pass_with_update_dtype() -> None:
+    """torch's own float32 update, through F.batch_norm, on the trial's case."""
+    torch = pytest.importorskip("torch")
+    t = torch.full((6, 1), -3.0)
+    trm, trv = torch.tensor([0.33333334]), torch.tensor([1.0])
+    ref = T.reference_forward([t], running_mean=trm, running_var=trv, momentum=0.1)
+    torch.nn.functional.batch_norm(t, trm, trv, training=True, momentum=0.1)
+    fb = T.forward_bounds(
+        ref, "float32", param_dtype="float32", momentum=0.1, second_pass=False,
+        update_dtype="float32",
+    )  # fmt: skip
+    T.assert_close_to_reference(trm, ref.running_mean, fb.running_mean, name="running_mean")
+    T.assert_close_to_reference(trv, ref.running_var, fb.running_var, name="running_var")

@@ -60,7 +60,11 @@ by ``Δx̂ = (A + Δμ)·Δi + Δμ·i⁺`` and is at most ``X = r + Δx̂``. Wi
 * ``|Δdweight| ≤ 2·n·G·(Δx̂ + (4·e_w + e_acc·n)·X) + e_p·n·G·X + floor``,
   ``|Δdbias| ≤ 2·n·G·e_acc·n + e_p·n·G``,
 * ``|Δrunning_mean| ≤ m·Δμ + 4·e_p·|ref|``,
-  ``|Δrunning_var| ≤ m·Δv·n/(n−1) + 4·e_p·|ref|``,
+  ``|Δrunning_var| ≤ m·Δv·n/(n−1) + 4·e_p·|ref|`` for an update computed in
+  float64 and rounded once (arraysyncbn's); one computed in a dtype of
+  epsilon ``e_u`` (``update_dtype``, PyTorch's float32) adds
+  ``4·e_u·((1 − m)·|old| + m·|new|)``, ``new`` the batch mean or unbiased
+  variance,
 
 An implementation that forms each per-rank sum from partial sums of at most
 ``L`` terms in a dtype of epsilon ``e_b`` (``partial_sums``; arraysyncbn's
@@ -398,6 +402,7 @@ def forward_bounds(
     centering_eps: float = 0.0,
     flush_to_zero: bool = False,
     partial_sums: tuple[Any, int] | str | None = _OWN,
+    update_dtype: Any = None,
 ) -> ForwardBounds:
     """Per-channel bounds on the forward's error against ``ref`` (module docstring).
 
@@ -445,6 +450,20 @@ def forward_bounds(
     :data:`HALF_PARTIAL_SUMS` (``("float32", 512)``), and other dtypes
     without partial sums. An implementation that accumulates half
     precision in float64 throughout passes None for the tighter bound.
+
+    ``update_dtype`` (default None) is the dtype in which the running
+    averages ``(1 − m)·old + m·new`` are computed. None is arraysyncbn's
+    contract: computed in float64 and rounded once to the buffer's dtype,
+    which ``4·e_p·|ref|`` bounds. An implementation that computes them in
+    the buffer's own precision, as PyTorch does for float32 buffers, passes
+    that dtype (``"float32"``): each of ``m``, ``1 − m``, the new statistic,
+    both products and the sum is then rounded in it, and cancellation
+    between the two terms (an old mean of 1/3, a new one of −3, m = 0.1)
+    leaves an absolute error of up to ``2·e_u·((1 − m)·|old| + m·|new|)``
+    however small the result; the running bounds gain twice that,
+    ``4·e_u·((1 − m)·|old| + m·|new|)`` (``e_u`` its epsilon; ``new`` is
+    the batch mean, or the unbiased batch variance; ``(1 − m)·|old|`` is
+    taken from the reference as ``|ref.running_mean − m·mean|``).
     """
     e_out = dtype_eps(dtype)
     e_w = _work_eps(e_out)
@@ -468,7 +487,21 @@ def forward_bounds(
         tiny_p = 4 * _tiny(param_dtype if param_dtype is not None else "float32", ftz)
         rm_b = m * st.d_mean + 4 * e_p * np.abs(ref.running_mean) + tiny_p
         rv_b = m * st.d_var * bessel + 4 * e_p * np.abs(ref.running_var) + tiny_p
+        if update_dtype is not None and m:
+            e_u = dtype_eps(update_dtype)
+            rm_b = rm_b + _update_term(e_u, m, ref.running_mean, ref.mean)
+            rv_b = rv_b + _update_term(e_u, m, ref.running_var, ref.var * bessel)
     return ForwardBounds(y, rm_b, rv_b)
+
+
+def _update_term(e_u: float, m: float, updated: np.ndarray, new: np.ndarray) -> Any:
+    """``4·e_u·((1 − m)·|old| + m·|new|)``: the rounding of ``(1 − m)·old +
+    m·new`` computed in a dtype of epsilon ``e_u`` (m, 1 − m, new, both
+    products and the sum each rounded once: at most ``2·e_u`` relative on
+    either term, doubled as every bound here is). ``(1 − m)·|old|`` is
+    ``|updated − m·new|``, from the reference's own update (exact up to
+    float64 rounding, and without dividing by ``1 − m``)."""
+    return 4 * e_u * (np.abs(updated - m * new) + m * np.abs(new))
 
 
 def _backward_sums_term(
