@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import arraysyncbn.testing as T
 from arraysyncbn import PrecisionWarning
-from arraysyncbn.testing.strategies import sharded_batches
+from arraysyncbn.testing.strategies import ShardedBatch, sharded_batches
 
 
 def test_documented_example_runs_and_passes() -> None:
@@ -624,3 +624,107 @@ def test_pytorchs_running_statistics_pass_with_update_dtype() -> None:
     )  # fmt: skip
     T.assert_close_to_reference(trm, ref.running_mean, fb.running_mean, name="running_mean")
     T.assert_close_to_reference(trv, ref.running_var, fb.running_var, name="running_var")
+
+
+def _torch_half_recipe(dtype: str, count: int) -> dict:
+    """The README's settings for PyTorch's CPU batch norm on float16/bfloat16."""
+    e32 = T.dtype_eps("float32")
+    return {
+        "second_pass": False,
+        "accumulation_eps": e32,
+        "centering_eps": (count + 1) * e32 + T.dtype_eps(dtype),
+        "partial_sums": (dtype, 1),
+        "flush_to_zero": dtype == "bfloat16",
+    }
+
+
+def _check_torch_half_batch_norm(batch, params: str, bug: bool = False, **recipe) -> None:
+    """F.batch_norm on one rank's float16/bfloat16 shard, forward and
+    backward, without affine parameters (``params="none"``), with them in the
+    input's dtype (``"half"``) or in float32 (``"float32"``). ``bug`` plants
+    one: the statistics count the first sample twice."""
+    torch = pytest.importorskip("torch")
+    dt = getattr(torch, batch.dtype)
+    x = torch.from_numpy(batch.shards[0].astype(np.float32)).to(dt).requires_grad_(True)
+    dy = torch.from_numpy(batch.dys[0].astype(np.float32)).to(dt)
+    ax = batch.axis % x.ndim
+    w = b = None
+    pdtype = None
+    if params != "none":
+        pt = dt if params == "half" else torch.float32
+        ones, zeros = np.ones(batch.channels), np.zeros(batch.channels)
+        w, b = (
+            torch.from_numpy(np.asarray(a, np.float32)).to(pt).requires_grad_(True)
+            for a in (ones if batch.weight is None else batch.weight,
+                      zeros if batch.bias is None else batch.bias)
+        )  # fmt: skip
+        # bfloat16 x with float32 parameters: torch rounds their gradients to bfloat16.
+        pdtype = batch.dtype if batch.dtype == "bfloat16" else str(pt).split(".")[1]
+    moved = torch.movedim(x, ax, 1)
+    rows = moved.shape[0]
+    if bug:
+        moved = torch.cat([moved, moved[:1]])
+    y = torch.nn.functional.batch_norm(moved, None, None, w, b, eps=batch.eps, training=True)
+    y = torch.movedim(y[:rows], 1, ax)
+    wd = None if w is None else w.detach()
+    bd = None if b is None else b.detach()
+    ref = T.reference_forward([x.detach()], wd, bd, eps=batch.eps, axis=batch.axis)
+    bounds = recipe or _torch_half_recipe(batch.dtype, ref.count)
+    fb = T.forward_bounds(ref, batch.dtype, weight=wd, bias=bd, param_dtype=pdtype, **bounds)
+    T.assert_close_to_reference(y, ref.ys[0], fb.y, axis=batch.axis, name="y")
+    grads_of = [x] if w is None else [x, w, b]
+    got = torch.autograd.grad(y, grads_of, dy)
+    grads = T.reference_backward(ref, [dy], wd)
+    bb = T.backward_bounds(ref, grads, [dy], batch.dtype, weight=wd, param_dtype=pdtype, **bounds)
+    T.assert_close_to_reference(got[0], grads.dxs[0], bb.dx, axis=batch.axis, name="dx")
+    if w is not None:
+        T.assert_close_to_reference(got[1], grads.dweight, bb.dweight, name="dweight")
+        T.assert_close_to_reference(got[2], grads.dbias, bb.dbias, name="dbias")
+
+
+@pytest.mark.parametrize("params", ["none", "half", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pytorchs_half_batch_norm_passes_the_documented_settings(dtype: str, params: str) -> None:
+    """PyTorch's CPU batch norm on float16/bfloat16 rounds the mean to the
+    input's dtype before centering, forms the backward's products dy·(x − mean)
+    in it (a float16 product below 6e-8 is 0), and on CPUs with AVX512-BF16
+    its conversions to bfloat16 flush subnormals: the README's settings
+    (:func:`_torch_half_recipe`) describe each, and it passes them."""
+    pytest.importorskip("torch")
+
+    @_USER_HUNT
+    @given(batch=sharded_batches(ranks=st.just(1), dtypes=st.just(dtype)))
+    def prop(batch) -> None:
+        if batch.count >= 2:
+            _check_torch_half_batch_norm(batch, params)
+
+    prop()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pytorchs_half_mean_needs_the_half_centering_term(dtype: str) -> None:
+    """Without ``dtype_eps(<half dtype>)`` in centering_eps (the float32
+    recipe alone), torch's half mean, rounded before centering, fails: x =
+    [1, 1.01] in bfloat16 gives y = [0, 1.55] against [−0.78, 0.78]; the
+    recipe still catches a sample counted twice."""
+    pytest.importorskip("torch")
+    x = np.array([[1.0], [1.01]])
+    if dtype == "float16":
+        x = np.array([[1.0], [1.0 + 2**-10]])  # mean 1 + 2**-11: a tie, rounded to 1
+    batch = ShardedBatch(
+        [x], [np.array([[1.0], [-0.5]])], 1, dtype, None, None, None, None, 0.1, 1e-5
+    )
+    _check_torch_half_batch_norm(batch, "none")
+    e32 = T.dtype_eps("float32")
+    float32_recipe = dict(_torch_half_recipe(dtype, 2), centering_eps=3 * e32)
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        _check_torch_half_batch_norm(batch, "none", **float32_recipe)
+
+    @_USER_HUNT
+    @given(batch=sharded_batches(ranks=st.just(1), dtypes=st.just(dtype)))
+    def planted(batch) -> None:
+        if batch.count >= 2 and batch.shards[0].size:
+            _check_torch_half_batch_norm(batch, "half", bug=True)
+
+    with pytest.raises(AssertionError, match="exceed the bound"):
+        planted()

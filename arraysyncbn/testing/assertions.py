@@ -425,8 +425,14 @@ def forward_bounds(
     kernels do: ``dtype_eps("float32")`` for a float64 mean rounded to
     float32, ``(n + 1)·dtype_eps("float32")`` for one summed naively in
     float32 (``n = ref.count``; pass ``accumulation_eps`` of float32 too).
-    That mean is off by ``δ = e_c·|μ|``, so ``Δμ`` grows by δ and ``Δv``
-    by ``δ²`` (a variance taken around ``μ + δ`` is ``var + δ²``); every
+    A mean rounded to the input's own dtype after that, as PyTorch's CPU
+    kernels do on float16 and bfloat16 input (without float32 affine
+    parameters), adds that dtype's epsilon: ``(n + 1)·dtype_eps("float32")
+    + dtype_eps("bfloat16")`` (the README's torch recipe has the rest of
+    the settings for half precision; the rounding errs by at most half
+    that epsilon, the other half covering its product with the float32
+    error). That mean is off by ``δ = e_c·|μ|``, so ``Δμ`` grows by δ and
+    ``Δv`` by ``δ²`` (a variance taken around ``μ + δ`` is ``var + δ²``); every
     bound built on them follows. The default bounds arraysyncbn's
     contract, whose float64 mean is applied as ``hi + lo`` without that
     loss: at ``|μ|/σ = 1e5`` in float32 a rounded mean alone moves x̂ by
@@ -436,7 +442,10 @@ def forward_bounds(
     arithmetic flushes subnormals to zero (:func:`flushes_subnormals`; CuPy
     does): a value that underflowed then errs by up to float32's smallest
     normal (``2**-126``) instead of one subnormal spacing (``2**-149``), in
-    every floor of float32 outputs, work and parameters.
+    every floor of float32 outputs, work and parameters. PyTorch's CPU
+    kernels on bfloat16 need it too where the CPU converts to bfloat16 with
+    AVX512-BF16, which flushes subnormals (the probe, of float32
+    arithmetic, does not see that).
 
     ``partial_sums`` is ``(dtype, L)`` for implementations that form each
     per-rank sum from partial sums of at most ``L`` terms accumulated in
