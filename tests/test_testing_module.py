@@ -728,3 +728,30 @@ def test_pytorchs_half_mean_needs_the_half_centering_term(dtype: str) -> None:
 
     with pytest.raises(AssertionError, match="exceed the bound"):
         planted()
+
+
+@pytest.mark.parametrize("magnitude", [1e160, 1e200, 1e300])
+def test_a_variance_beyond_float64_gives_a_right_reference_and_infinite_bounds(magnitude) -> None:
+    """Shards ±1e200 have a variance of 1e400, beyond float64: the reference
+    squared in place (overflow warning, invstd 0, y = 0 instead of ±1) and
+    the bounds were NaN, with "divide by zero" and "invalid value" warnings
+    that fail a user's test run under ``-W error``. The reference now scales
+    before squaring (var is +inf, honestly; invstd and y are right) and the
+    bounds are +inf there, quietly; the ordinary channel keeps its own."""
+    x = np.array([[magnitude, 1.0], [-magnitude, 2.0], [magnitude, 4.0], [-magnitude, 3.0]])
+    shards = [x[:1], x[1:]]
+    dys = [np.ones_like(s) for s in shards]
+    ones, zeros = np.ones(2), np.zeros(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = T.reference_forward(shards, ones, zeros, zeros, ones, momentum=0.5)
+        fb = T.forward_bounds(ref, "float64", param_dtype="float64", momentum=0.5)
+        grads = T.reference_backward(ref, dys, ones)
+        bb = T.backward_bounds(ref, grads, dys, "float64", weight=ones)
+    np.testing.assert_allclose(np.concatenate(ref.ys)[:, 0], [1.0, -1.0, 1.0, -1.0], rtol=1e-15)
+    np.testing.assert_allclose(ref.invstd[0], 1 / magnitude, rtol=1e-15)
+    assert ref.var[0] == np.inf and ref.running_var[0] == np.inf
+    for bound in (fb.y, fb.running_mean, fb.running_var, bb.dx, bb.dweight, bb.dbias):
+        assert not np.isnan(bound).any()
+    for bound in (fb.y, fb.running_var, bb.dx):
+        assert bound[0] == np.inf and 0 < bound[1] < 1e-10

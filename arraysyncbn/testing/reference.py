@@ -129,6 +129,37 @@ class ReferenceBackward:
     dbias: np.ndarray
 
 
+_SCALED = 2.0**500
+"""Deviations past this are scaled by a power of two before squaring."""
+
+
+def _variance_and_invstd(
+    xs: list[np.ndarray], mean: np.ndarray, count: int, eps: float, ax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The biased variance and ``1/sqrt(var + eps)`` of a non-empty batch.
+
+    A channel whose deviations reach past ~1e150 is scaled by a power of
+    two ``s`` (exact) before squaring: its variance may then be +inf (it is
+    beyond float64; no value is right), but
+    ``invstd = 1/(s·sqrt(Σ(d/s)²/n + eps/s/s))`` and so x̂ and y stay right
+    instead of 0. Other channels are computed as before, bit for bit."""
+    ndim = xs[0].ndim
+    axes = _axes(ndim, ax)
+    devs = [x - _bcast(mean, ndim, ax) for x in xs]
+    with np.errstate(invalid="ignore"):  # NaN/inf data: its NaN statistics stay
+        biggest = np.max([np.max(np.abs(d), axis=axes, initial=0.0) for d in devs], axis=0)
+    scaled = biggest > _SCALED  # False for NaN
+    scale = np.where(scaled, np.exp2(np.frexp(np.where(scaled, biggest, 1.0))[1]), 1.0)
+    norm = np.sum([((d / _bcast(scale, ndim, ax)) ** 2).sum(axis=axes) for d in devs], axis=0)
+    norm = norm / count
+    with np.errstate(over="ignore"):  # the variance itself beyond float64: +inf
+        var = norm * scale * scale
+    invstd = np.where(scaled, 1.0 / (scale * np.sqrt(norm + eps / scale / scale)), 0.0)
+    plain = ~scaled
+    invstd[plain] = 1.0 / np.sqrt(var[plain] + eps)
+    return var, invstd
+
+
 def reference_forward(
     shards: Sequence[Any],
     weight: Any = None,
@@ -150,6 +181,15 @@ def reference_forward(
     (added: y is +0 where x is the mean); global N = 0 leaves the
     running statistics unchanged; N = 1 with batch statistics raises
     ValueError.
+
+    Deviations from the mean past ~1e150 are scaled by a power of two before
+    squaring, so x̂, y and ``invstd`` stay right where the variance itself
+    is beyond float64 (``var`` and the running variance are then +inf, with
+    no overflow warning): the mathematical values, where PyTorch and
+    arraysyncbn, whose variance overflows, normalize to the bias; the
+    bounds there are +inf, so either passes. Data holding NaN or ±inf gives NaN statistics and
+    outputs for its channels (with numpy's warnings): nothing passes
+    against them.
 
     Raises ValueError, too, for inputs that do not describe one batch norm:
     no shards, shards with different numbers of dimensions or channels,
@@ -184,11 +224,11 @@ def reference_forward(
                 mean
                 + np.sum([(x - _bcast(mean, ndim, ax)).sum(axis=axes) for x in xs], axis=0) / count
             )
-            var = np.sum([((x - _bcast(mean, ndim, ax)) ** 2).sum(axis=axes) for x in xs], axis=0)
-            var = var / count
+            var, invstd = _variance_and_invstd(xs, mean, count, eps, ax)
     else:
         mean, var = rm, rv
-    invstd = 1.0 / np.sqrt(var + eps)
+    if not batch_stats or count == 0:
+        invstd = 1.0 / np.sqrt(var + eps)
     xhats = [(x - _bcast(mean, ndim, ax)) * _bcast(invstd, ndim, ax) for x in xs]
     ys = []
     for xh in xhats:
