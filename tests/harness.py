@@ -77,7 +77,7 @@ def rank_step(batch: ShardedBatch, c: Converted, comm: Any, *, training: bool) -
         eps=batch.eps,
         axis=batch.axis,
         comm=comm,
-        num_batches_tracked=3,
+        num_batches_tracked=batch.num_batches_tracked,
     )
     dx, dw, db = sbn.sync_batch_norm_backward(c.dys[comm.rank], saved)
     return RankResult(y, rm, rv, saved.count, dx, dw, db, saved.route)
@@ -117,7 +117,7 @@ def check_functional(
         momentum=batch.momentum,
         eps=batch.eps,
         axis=batch.axis,
-        num_batches_tracked=3,
+        num_batches_tracked=batch.num_batches_tracked,
     )
     acc_eps = F64_EPS if backend.has_float64 else F32_EPS
     # CuPy flushes float32 subnormals (drawn data reaches them: a spread of
@@ -130,7 +130,7 @@ def check_functional(
         bias=c.bias,
         param_dtype=c.pdtype,
         momentum=batch.momentum,
-        num_batches_tracked=3,
+        num_batches_tracked=batch.num_batches_tracked,
         accumulation_eps=acc_eps,
         flush_to_zero=ftz,
     )

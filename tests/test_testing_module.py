@@ -247,7 +247,8 @@ def _user_syncbn(batch, bug=None):
     ]
     rm = rv = None
     if batch.running_mean is not None:
-        m = 0.1 if batch.momentum is None else batch.momentum
+        steps = 0 if bug == "ignores num_batches_tracked" else batch.num_batches_tracked
+        m = 1 / (steps + 1) if batch.momentum is None else batch.momentum
         bessel_n = counts[0] if bug == "Bessel with the local count" else n
         bessel = 1.0 if bug == "no Bessel" else bessel_n / max(bessel_n - 1, 1)
         rm = (1 - m) * batch.running_mean + m * mean
@@ -273,14 +274,14 @@ def _check_user_syncbn(batch, bug=None) -> None:
     if batch.count < 2:
         return
     ys, rm, rv, dxs, dws, dbs = _user_syncbn(batch, bug)
-    momentum = 0.1 if batch.momentum is None else batch.momentum
+    steps = batch.num_batches_tracked
     ref = T.reference_forward(
         batch.shards, batch.weight, batch.bias, batch.running_mean, batch.running_var,
-        momentum=momentum, eps=batch.eps, axis=batch.axis,
+        momentum=batch.momentum, eps=batch.eps, axis=batch.axis, num_batches_tracked=steps,
     )  # fmt: skip
     fb = T.forward_bounds(
         ref, batch.dtype, weight=batch.weight, bias=batch.bias, param_dtype="float64",
-        momentum=momentum, second_pass=False,
+        momentum=batch.momentum, num_batches_tracked=steps, second_pass=False,
     )  # fmt: skip
     for y, want in zip(ys, ref.ys, strict=True):
         T.assert_close_to_reference(y, want, fb.y, axis=batch.axis, name="y")
@@ -329,6 +330,7 @@ _USER_BUGS = [
     "dx from local sums",
     "dx without the x̂ term",
     "count in float16",
+    "ignores num_batches_tracked",
 ]
 
 
@@ -553,7 +555,7 @@ def _float32_running_update(batch, bug=None):
     flat = np.concatenate([r.reshape(-1, batch.channels) for r in rows])
     n = flat.shape[0]
     bessel = 1.0 if bug == "no Bessel" else n / (n - 1)
-    m = f32(1.0 if batch.momentum is None else batch.momentum)
+    m = f32(1 / (batch.num_batches_tracked + 1) if batch.momentum is None else batch.momentum)
     rm, rv = batch.running_mean.astype(f32), batch.running_var.astype(f32)
     new_rm = (f32(1) - m) * rm + m * flat.mean(axis=0).astype(f32)
     new_rv = (f32(1) - m) * rv + m * (flat.var(axis=0) * bessel).astype(f32)
@@ -568,11 +570,12 @@ def _check_running_update(batch, bug=None, **bounds) -> None:
     batch = dataclasses.replace(batch, shards=shards, running_mean=rm, running_var=rv)
     got_rm, got_rv = _float32_running_update(batch, bug)
     ref = T.reference_forward(
-        shards, None, None, rm, rv, momentum=batch.momentum, eps=batch.eps, axis=batch.axis
+        shards, None, None, rm, rv, momentum=batch.momentum, eps=batch.eps, axis=batch.axis,
+        num_batches_tracked=batch.num_batches_tracked,
     )  # fmt: skip
     fb = T.forward_bounds(
         ref, "float32", param_dtype="float32", momentum=batch.momentum, second_pass=False,
-        **bounds,
+        num_batches_tracked=batch.num_batches_tracked, **bounds,
     )  # fmt: skip
     T.assert_close_to_reference(got_rm, ref.running_mean, fb.running_mean, name="running_mean")
     T.assert_close_to_reference(got_rv, ref.running_var, fb.running_var, name="running_var")

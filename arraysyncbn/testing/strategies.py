@@ -33,7 +33,11 @@ class ShardedBatch:
     """One drawn SyncBN problem; ``shards[i]`` and ``dys[i]`` belong to rank i.
 
     ``dtype`` names the input dtype (``"bfloat16"`` shards are float32 arrays
-    to be rounded by the library under test).
+    to be rounded by the library under test). ``num_batches_tracked`` is the
+    count of earlier training steps, which ``momentum=None`` (the cumulative
+    average, ``m = 1/(num_batches_tracked + 1)``) reads: pass it to the
+    implementation, :func:`~arraysyncbn.testing.reference_forward` and
+    :func:`~arraysyncbn.testing.forward_bounds` alike.
     """
 
     shards: list[np.ndarray]
@@ -46,6 +50,7 @@ class ShardedBatch:
     running_var: np.ndarray | None
     momentum: float | None
     eps: float
+    num_batches_tracked: int = 0
 
     @property
     def channels(self) -> int:
@@ -136,8 +141,9 @@ def sharded_batches(
     rank, one channel, one element per shard, sides of length 0 and 1,
     channels far from zero relative to their spread (up to 1e8 standard
     deviations for float64), nearly constant channels, and momentum 0, 1 and
-    None. ``hypothesis.find`` or ``hypothesis.assume`` on ``batch.count``,
-    ``batch.axis`` or the shard shapes narrows a test to one of them.
+    None (with ``num_batches_tracked`` 0 to 3 or 99). ``hypothesis.find``
+    or ``hypothesis.assume`` on ``batch.count``, ``batch.axis`` or the shard
+    shapes narrows a test to one of them.
     """
     k = draw(st.integers(1, 4) if ranks is None else ranks)
     if not isinstance(k, int) or k < 1:
@@ -190,6 +196,8 @@ def sharded_batches(
     running_var = draw(positive) if tracked else None
     momentum = draw(st.sampled_from([0.1, 0.0, 1.0, 0.5, None]))
     eps = draw(st.sampled_from([1e-5, 1e-3, 1e-1]))
+    # Drawn last, so that the draws above keep their order.
+    tracked_steps = draw(st.integers(0, 3) | st.just(99))
     return ShardedBatch(
         shards,
         dys,
@@ -201,4 +209,5 @@ def sharded_batches(
         running_var,
         momentum,
         eps,
+        tracked_steps,
     )
