@@ -758,3 +758,34 @@ def test_a_variance_beyond_float64_gives_a_right_reference_and_infinite_bounds(m
         assert not np.isnan(bound).any()
     for bound in (fb.y, fb.running_var, bb.dx):
         assert bound[0] == np.inf and 0 < bound[1] < 1e-10
+
+
+def _draw_one(strategy):
+    drawn = []
+
+    @settings(max_examples=1, database=None, deadline=None)
+    @given(value=strategy)
+    def prop(value) -> None:
+        drawn.append(value)
+
+    prop()
+    return drawn[0]
+
+
+def test_sharded_batches_takes_the_obvious_spellings_and_names_what_it_cannot() -> None:
+    """``dtypes=st.just(np.float32)``, ``st.just("half")`` or a torch dtype
+    raised a bare KeyError, ``ranks=3`` an AttributeError about ``validate``."""
+    spellings = [np.float32, np.dtype("float32"), "float32", "f4", "half", np.float16]
+    names = ["float32"] * 4 + ["float16"] * 2
+    for spelled, name in zip(spellings, names, strict=True):
+        assert _draw_one(sharded_batches(dtypes=st.just(spelled))).dtype == name
+    assert _draw_one(sharded_batches(dtypes="float64")).dtype == "float64"
+    assert len(_draw_one(sharded_batches(ranks=3)).shards) == 3
+    with pytest.raises(ValueError, match=r"dtypes strategy drew .*int32.*bfloat16, float16"):
+        _draw_one(sharded_batches(dtypes=st.just(np.int32)))
+    with pytest.raises(TypeError, match="ranks: expected an int or a hypothesis strategy"):
+        _draw_one(sharded_batches(ranks=[1, 2]))
+    torch = pytest.importorskip("torch")
+    for dt, name in ((torch.float32, "float32"), (torch.half, "float16"),
+                     (torch.bfloat16, "bfloat16")):  # fmt: skip
+        assert _draw_one(sharded_batches(dtypes=st.just(dt))).dtype == name

@@ -12,6 +12,7 @@ so rounding into bfloat16 and friends is part of the input, not an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -74,6 +75,36 @@ def splits(draw: st.DrawFn, total: int, parts: int) -> list[int]:
     return [edges[i + 1] - edges[i] for i in range(parts)]
 
 
+def _dtype_name(value: object) -> str:
+    """The name in ``_CENTERS`` of a drawn dtype: a name (``"float32"``,
+    ``"half"``, ``"f4"``), a numpy dtype or type, or another library's dtype
+    (``torch.float32``); ValueError naming the supported ones otherwise."""
+    from .assertions import _dtype_text
+
+    text = _dtype_text(value).removeprefix("torch.")
+    if text not in _CENTERS:
+        raise ValueError(
+            f"sharded_batches: the dtypes strategy drew {value!r}; expected one of "
+            f"{', '.join(sorted(_CENTERS))} (a name, or a numpy or torch dtype)"
+        )
+    return text
+
+
+def _strategy(value: object, name: str) -> st.SearchStrategy:
+    """``value`` if a strategy, else ``st.just(value)`` for a plain value of
+    the expected kind; TypeError otherwise (hypothesis' own error named
+    ``validate``)."""
+    if isinstance(value, st.SearchStrategy):
+        return value
+    kinds = {"ranks": (int,), "dtypes": (str, type, np.dtype)}[name]
+    if isinstance(value, kinds) or (name == "dtypes" and "dtype" in type(value).__name__):
+        return st.just(value)
+    what = {"ranks": "an int", "dtypes": "a dtype"}[name]
+    raise TypeError(
+        f"sharded_batches: {name}: expected {what} or a hypothesis strategy, got {value!r}"
+    )
+
+
 def _numpy_dtype(name: str) -> type:
     return np.float32 if name == "bfloat16" else getattr(np, name)
 
@@ -107,8 +138,8 @@ def _values(
 def sharded_batches(
     draw: st.DrawFn,
     *,
-    ranks: st.SearchStrategy[int] | None = None,
-    dtypes: st.SearchStrategy[str] | None = None,
+    ranks: st.SearchStrategy[int] | int | None = None,
+    dtypes: st.SearchStrategy[Any] | Any = None,
     max_ndim: int = 4,
     max_channels: int = 4,
     max_side: int = 4,
@@ -120,8 +151,11 @@ def sharded_batches(
     Parameters
     ----------
     ranks, dtypes : strategies for the world size (default 1..4) and the dtype
-        name (default float32 or float64; ``"float16"`` and ``"bfloat16"``
-        are supported too).
+        (default float32 or float64; ``"float16"`` and ``"bfloat16"`` are
+        supported too), or one fixed value. A dtype may be drawn as a name
+        (``"float32"``, ``"half"``), a numpy dtype or type, or a torch
+        dtype; ``batch.dtype`` is its name. Anything else is a ValueError
+        (a drawn dtype) or TypeError (neither a strategy nor a value).
     max_ndim, max_channels, max_side : size limits (ndim is at least 2, so
         ``(N, C)`` inputs are drawn; ``max_ndim=5`` adds 5-D ones). The
         channel axis is any axis, channels-last included, given as a
@@ -145,12 +179,13 @@ def sharded_batches(
     or ``hypothesis.assume`` on ``batch.count``, ``batch.axis`` or the shard
     shapes narrows a test to one of them.
     """
-    k = draw(st.integers(1, 4) if ranks is None else ranks)
+    k = draw(st.integers(1, 4) if ranks is None else _strategy(ranks, "ranks"))
     if not isinstance(k, int) or k < 1:
         raise ValueError(
             f"sharded_batches: the ranks strategy drew {k!r}; a world has 1 or more ranks"
         )
-    dtype = draw(st.sampled_from(["float32", "float64"]) if dtypes is None else dtypes)
+    default = st.sampled_from(["float32", "float64"])
+    dtype = _dtype_name(draw(default if dtypes is None else _strategy(dtypes, "dtypes")))
     ndim = draw(st.integers(2, max_ndim))
     axis = draw(st.integers(0, ndim - 1))
     channels = draw(st.integers(1, max_channels))
