@@ -789,3 +789,17 @@ def test_sharded_batches_takes_the_obvious_spellings_and_names_what_it_cannot() 
     for dt, name in ((torch.float32, "float32"), (torch.half, "float16"),
                      (torch.bfloat16, "bfloat16")):  # fmt: skip
         assert _draw_one(sharded_batches(dtypes=st.just(dt))).dtype == name
+
+
+def test_min_count_zero_draws_empty_batches_and_single_elements_as_documented() -> None:
+    """The docstring said min_count=0 allows all shards empty; it also draws
+    a global count of 1 (the N = 1 error case), and min_count=1 never 0."""
+    from hypothesis import find
+    from hypothesis.errors import NoSuchExample
+
+    quick = settings(database=None, max_examples=2000)
+    for count in (0, 1):
+        assert find(sharded_batches(min_count=0), lambda b, c=count: b.count == c, settings=quick)
+    assert find(sharded_batches(min_count=1), lambda b: b.count == 1, settings=quick)
+    with pytest.raises(NoSuchExample):
+        find(sharded_batches(min_count=1), lambda b: b.count == 0, settings=quick)

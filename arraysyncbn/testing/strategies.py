@@ -161,8 +161,10 @@ def sharded_batches(
         channel axis is any axis, channels-last included, given as a
         non-negative or a negative index.
     min_count : the drawn global count per channel is at least this (use 0
-        to allow all shards empty, 1 to allow the single-sample error case,
-        2049 or more to reach counts that float16 cannot hold exactly).
+        to allow all shards empty, which also draws a count of 1; 1 to allow
+        the single-sample error case without empty batches; 2049 or more to
+        reach counts that float16 cannot hold exactly). The default, 2,
+        draws neither.
         With the defaults, counts stay below a few hundred.
     same_shapes : True splits one global batch along its first non-channel
         axis (uneven, empty shards allowed): the shards then differ only in
