@@ -540,6 +540,39 @@ def test_half_partial_sums_count_every_element_once(dtype, shape) -> None:
             np.testing.assert_array_equal(part.sum(axis=0).ravel(), want_grads)
 
 
+def _step_within_bounds(xt: Any, dyt: Any, params: list[Any]) -> None:
+    """A momentum-0.5 training step on one rank's 16-bit ``xt``, ``dyt``
+    (float32 ``params``: weight, bias, running mean and variance) takes the
+    host route without warnings, and its y, dx, dweight, dbias and running
+    statistics are within the float64 reference's bounds."""
+    from arraysyncbn.testing import (
+        assert_close_to_reference,
+        backward_bounds,
+        forward_bounds,
+        reference_backward,
+        reference_forward,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, rm, rv, saved = sbn.sync_batch_norm_forward(xt, *params, momentum=0.5)
+        dx, dw, db = sbn.sync_batch_norm_backward(dyt, saved)
+    assert saved.route == "host"
+    name = str(xt.dtype).removeprefix("torch.")
+    xs, dys = [xt.double().numpy()], [dyt.double().numpy()]
+    w, b, m0, v0 = (p.double().numpy() for p in params)
+    ref = reference_forward(xs, w, b, m0, v0, momentum=0.5, axis=1)
+    grads = reference_backward(ref, dys, w)
+    fb = forward_bounds(ref, name, weight=w, bias=b, param_dtype="float32", momentum=0.5)
+    bb = backward_bounds(ref, grads, dys, name, weight=w, param_dtype="float32")
+    assert_close_to_reference(y, ref.ys[0], fb.y, axis=1, name="y")
+    assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=1, name="dx")
+    assert_close_to_reference(dw, grads.dweights[0], bb.dweight, name="dweight")
+    assert_close_to_reference(db, grads.dbiases[0], bb.dbias, name="dbias")
+    assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
+    assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_half_partial_sums_that_overflow_float32_are_summed_in_float64(
     threads, monkeypatch
@@ -551,14 +584,6 @@ def test_half_partial_sums_that_overflow_float32_are_summed_in_float64(
     summed again in float64: statistics, y, dx and dweight stay finite, within
     the float64 reference's bounds, with no NonFiniteWarning, as before the
     partial sums; the channel of ordinary data beside them is unaffected."""
-    from arraysyncbn.testing import (
-        assert_close_to_reference,
-        backward_bounds,
-        forward_bounds,
-        reference_backward,
-        reference_forward,
-    )
-
     monkeypatch.setenv("ARRAYSYNCBN_NUM_THREADS", str(threads))
     rng = np.random.default_rng(13)
     x = rng.standard_normal((4, 2, 600))
@@ -566,23 +591,82 @@ def test_half_partial_sums_that_overflow_float32_are_summed_in_float64(
     dy = rng.standard_normal(x.shape)
     dy[:, 0] *= 2.0**60
     xt, dyt, params = _tensors(x, dy, torch.bfloat16, torch.float32, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y, rm, rv, saved = sbn.sync_batch_norm_forward(xt, *params, momentum=0.5)
-        dx, dw, db = sbn.sync_batch_norm_backward(dyt, saved)
-    assert saved.route == "host"
-    xs, dys = [xt.double().numpy()], [dyt.double().numpy()]
-    w, b, m0, v0 = (p.double().numpy() for p in params)
-    ref = reference_forward(xs, w, b, m0, v0, momentum=0.5, axis=1)
-    grads = reference_backward(ref, dys, w)
-    fb = forward_bounds(ref, "bfloat16", weight=w, bias=b, param_dtype="float32", momentum=0.5)
-    bb = backward_bounds(ref, grads, dys, "bfloat16", weight=w, param_dtype="float32")
-    assert_close_to_reference(y, ref.ys[0], fb.y, axis=1, name="y")
-    assert_close_to_reference(dx, grads.dxs[0], bb.dx, axis=1, name="dx")
-    assert_close_to_reference(dw, grads.dweights[0], bb.dweight, name="dweight")
-    assert_close_to_reference(db, grads.dbiases[0], bb.dbias, name="dbias")
-    assert_close_to_reference(rm, ref.running_mean, fb.running_mean, name="running_mean")
-    assert_close_to_reference(rv, ref.running_var, fb.running_var, name="running_var")
+    _step_within_bounds(xt, dyt, params)
+
+
+def _redo_channels(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Six channels of n values in the order the kernels read them (the
+    shift reads the first 8): all zero (a ReLU's dead channel), constant 3,
+    tiny (around 2⁻¹²⁰, bfloat16 subnormals among them; float16 flushes
+    them to 0), ordinary, offset by 1000, and ordinary but for 8 first
+    values 300 (a shift far from the mean)."""
+    v = rng.standard_normal((6, n))
+    v[0] = 0.0
+    v[1] = 3.0
+    v[2] *= 2.0**-120
+    v[4] += 1000.0
+    v[5, :8] = 300.0
+    return v
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("layout", ["planes", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channels_are_summed_again_in_float64_exactly_where_float32_may_lose(
+    dtype, layout, threads
+) -> None:
+    """Which channels the statistics sum again in float64, serial and
+    threaded: bfloat16's dead, constant and tiny channels (float32 squares
+    may underflow there: all zero is not told from all lost), and in either
+    dtype the channel whose shift K sits far from its mean; not float16's
+    dead or constant channels (its nonzero differences square to past
+    2⁻¹⁰⁰, so float32 sums of zeros are exact), nor ordinary or offset
+    ones. The redone sums are float64 sums over every element once (an
+    element skipped or a thread's float32 partial left in shows), the others
+    float32 partial sums within their rounding."""
+    rng = np.random.default_rng(31)
+    p, q = 4, 600
+    v = _redo_channels(rng, p * q)
+    c = v.shape[0]
+    x = (v.reshape(c, p, q).transpose(1, 0, 2) if layout == "planes" else v.T[:, :, None]).copy()
+    xb = _bits_of(torch.from_numpy(x).to(dtype))
+    xv = _fast.values(xb).astype(np.float64)
+    acc = np.empty(0, np.float32)
+    k = hk.shifts(xb, np.zeros(0), acc)
+    part = np.zeros((threads, 2, c))
+    hk.stats_parallel(xb, k, part, acc)
+    want = {torch.bfloat16: [0, 1, 2, 5], torch.float16: [5]}[dtype]
+    assert hk._statistics_redone(xb, part).tolist() == want
+    if threads == 1:
+        hk.redo_statistics(xb, k, part)
+    else:
+        hk.redo_statistics_parallel(xb, k, part)
+    assert not part[1:, :, want].any()
+    d = xv - k[None, :, None]
+    exact = np.stack([d.sum(axis=(0, 2)), (d * d).sum(axis=(0, 2))])
+    got = part.sum(axis=0)
+    np.testing.assert_allclose(got[:, want], exact[:, want], rtol=1e-13, atol=0)
+    rest = [i for i in range(c) if i not in want]
+    scale = np.stack([np.abs(d).sum(axis=(0, 2)), (d * d).sum(axis=(0, 2))])
+    err = np.abs(got[:, rest] - exact[:, rest])
+    assert np.all(err <= 2.0**-24 * 600 * scale[:, rest]), err
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dead_constant_and_tiny_half_channels_in_a_layer(dtype, threads, monkeypatch) -> None:
+    """The layer end to end on those channels, serial and threaded, with a
+    dy of zeros in the dead channel (its backward sums are redone too): y,
+    dx, dweight, dbias and the running statistics within the float64
+    reference's bounds, NaN-free, without warnings."""
+    monkeypatch.setenv("ARRAYSYNCBN_NUM_THREADS", str(threads))
+    rng = np.random.default_rng(32)
+    v = _redo_channels(rng, 4 * 600)
+    x = v.reshape(6, 4, 600).transpose(1, 0, 2).copy()
+    dy = rng.standard_normal(x.shape)
+    dy[:, 0] = 0.0
+    xt, dyt, params = _tensors(x, dy, dtype, torch.float32, 6)
+    _step_within_bounds(xt, dyt, params)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

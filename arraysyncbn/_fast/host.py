@@ -367,8 +367,8 @@ class HostKernels:
         _set_threads(self.parts)
         with _LAUNCH:
             hk.stats_parallel(xb, k, part, acc)
-        if acc is _F32_SUMS:
-            hk.redo_statistics(xb, k, part)
+            if acc is _F32_SUMS:
+                hk.redo_statistics_parallel(xb, k, part)
         zero = _zeros(channels) if center is None else values(center).astype(np.float64, copy=False)
         hk.pack_statistics(_merged(part), k, zero, float(n), buf)
         return buf
@@ -500,8 +500,8 @@ class HostKernels:
         _set_threads(self.parts)
         with _LAUNCH:
             hk.backward_sums_parallel(dyb, self.xb, f.hi, f.lo, part, acc)
-        if acc is _F32_SUMS:
-            hk.redo_gradient_sums(dyb, self.xb, f.hi, f.lo, part)
+            if acc is _F32_SUMS:
+                hk.redo_gradient_sums_parallel(dyb, self.xb, f.hi, f.lo, part)
         hk.pack_backward(_merged(part), invstd, packed)
         return packed
 
@@ -619,8 +619,9 @@ def _put(buf: np.ndarray, start: int, values: tuple[float, ...]) -> None:
 _DUMMY = np.empty(0)
 # Markers of the kernels' partial sums (hk.in_sums): float32 ones, of at most
 # hk.HALF_BLOCK elements, for float16 and bfloat16 planes; float64 otherwise.
-# Channels whose float32 partial sums are not finite or tiny are summed again
-# in float64 (hk.redo_statistics, hk.redo_gradient_sums).
+# Channels whose float32 partial sums are not finite, tiny or amplified by the
+# shift are summed again in float64 (hk.redo_statistics, hk.redo_gradient_sums
+# and their threaded forms).
 _F32_SUMS = np.empty(0, np.float32)
 _F64_SUMS = _DUMMY
 

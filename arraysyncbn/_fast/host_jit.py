@@ -411,6 +411,9 @@ def gradient_sums(gr, xr, h, m, acc):  # pragma: no cover - compiled
     return a, b
 
 
+_F64 = np.empty(0)
+"""The float64 partial-sum marker (:func:`in_sums`) for the sums made again."""
+
 _SMALL = 2.0**-100
 """Per element: a channel's float32 partial sums whose ``|Σ|`` of squares
 (or of products ``dy·(x − c)``) is below ``n·_SMALL`` are summed again in
@@ -440,66 +443,150 @@ def _variance_budget(x):  # pragma: no cover - compiled
     return None
 
 
+def squares_underflow(x):  # pragma: no cover - replaced when compiled
+    """Whether float32 squares of ``x − K`` may underflow for 16-bit ``x``:
+    True for bfloat16 (its exponent range is float32's), False for float16,
+    whose nonzero differences from a float32 K are past 2⁻⁵⁰, squares past
+    2⁻¹⁰⁰ (and a channel whose differences are all 0 is summed exactly)."""
+    raise NotImplementedError("only inside compiled kernels")
+
+
+@overload(squares_underflow)
+def _squares_underflow(x):  # pragma: no cover - compiled
+    if x.dtype == _F16_TYPE:
+        return lambda x: False
+    if isinstance(x.dtype, (types.Float, types.Integer)):  # bfloat16 bits, floats
+        return lambda x: True
+    return None
+
+
 @numba.njit(**_OPTS)
-def _redone(part, n, amplified):  # pragma: no cover - compiled
-    """Channels whose partial sums (merged over ``part``'s threads) are not
-    finite or smaller than ``n·_SMALL``, in a boolean array; and, with
-    ``amplified`` > 0 (statistics), those whose float32 rounding may cost
-    the variance more than its budget: Σd² errs by up to about
-    ``3·2⁻²⁴·L·Σd²`` (L elements per partial sum; Σd's error is at most as
-    large through the merge), and the variance numerator is
-    ``Σd² − (Σd)²/n``, smaller by ``1 + ((mean − K)/σ)²``: a sample K far
-    from the mean amplifies float32's rounding (seen: a float16 y 3 ulps
-    off with K 260σ away). ``amplified`` is ``3·2⁻²⁴·L/budget``."""
+def _redone(part, n, small, amplified):  # pragma: no cover - compiled
+    """The channels whose partial sums (merged over ``part``'s threads) are
+    to be summed again in float64, as an index array: those not finite or
+    whose ``|Σ|`` of squares (products) is below ``small`` (``n·_SMALL``,
+    or 0 where nothing underflows); and, with ``amplified`` > 0
+    (statistics), those whose float32 rounding may cost the variance more
+    than its budget: Σd² errs by up to about ``3·2⁻²⁴·L·Σd²`` (L elements
+    per partial sum; Σd's error is at most as large through the merge), and
+    the variance numerator is ``Σd² − (Σd)²/n``, smaller by
+    ``1 + ((mean − K)/σ)²``: a sample K far from the mean amplifies
+    float32's rounding (seen: a float16 y 3 ulps off with K 260σ away).
+    ``amplified`` is ``3·2⁻²⁴·L/budget``."""
     c_count = part.shape[2]
     redo = np.zeros(c_count, np.bool_)
     for c in range(c_count):
         s1, s2 = merged_partials(part, c)
-        redo[c] = not (np.isfinite(s1) and np.isfinite(s2) and abs(s2) >= n * _SMALL)
+        redo[c] = not (np.isfinite(s1) and np.isfinite(s2) and abs(s2) >= small)
         if amplified > 0.0 and amplified * s2 > s2 - s1 * (s1 / n):
             redo[c] = True
-    return redo
+    return np.flatnonzero(redo)
+
+
+@numba.njit(**_OPTS)
+def _statistics_redone(x, part):  # pragma: no cover - compiled
+    """:func:`_redone` for the statistics of ``x``."""
+    rows = x.shape[2] if x.shape[2] > 1 else x.shape[0]
+    amplified = 3.0 * 2.0**-24 * min(HALF_BLOCK, rows) / variance_budget(x)
+    n = x.shape[0] * x.shape[2]
+    small = n * _SMALL if squares_underflow(x) else 0.0
+    return _redone(part, n, small, amplified)
+
+
+@numba.njit(**_OPTS)
+def _put_redone(part, idx, sums):  # pragma: no cover - compiled
+    """Channel ``idx[j]``'s partials in ``part`` replaced by the float64 sums
+    ``sums[:, :, j]`` (one row per thread): merged into ``part[0]``, zero
+    elsewhere."""
+    for j in range(idx.shape[0]):
+        c = idx[j]
+        part[:, :, c] = 0.0
+        for i in range(sums.shape[0]):
+            part[0, 0, c] += sums[i, 0, j]
+            part[0, 1, c] += sums[i, 1, j]
 
 
 @numba.njit(inline="always", **_OPTS)
-def _replace(part, c):  # pragma: no cover - compiled
-    """Clear channel c's partials in ``part`` for sums made again into ``part[0]``."""
-    part[:, :, c] = 0.0
+def _redo_stats_run(p, j0, j1, args):  # pragma: no cover - compiled
+    x, k, idx, s, wide = args
+    for j in range(j0, j1):
+        c = idx[j]
+        pa, pb = shifted_sums(x[p, c], k[c], wide)
+        s[0, j] += pa
+        s[1, j] += pb
+
+
+@numba.njit(inline="always", **_OPTS)
+def _redo_grads_run(p, j0, j1, args):  # pragma: no cover - compiled
+    dy, x, hi, lo, idx, s, wide = args
+    for j in range(j0, j1):
+        c = idx[j]
+        pa, pb = gradient_sums(dy[p, c], x[p, c], hi[c], lo[c], wide)
+        s[0, j] += pa
+        s[1, j] += pb
+
+
+# Thread i's share of the planes (rows) of the channels idx, in float64, into
+# sums[i]: units p·len(idx) + j, in memory order.
+_redo_stats_each = over_planes(_redo_stats_run)
+_redo_grads_each = over_planes(_redo_grads_run)
 
 
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def redo_statistics(x, k, part):  # pragma: no cover - compiled
     """Sum again in float64 the channels of float32 partial sums (merged over
-    the threads' ``part``) that overflowed, met NaN or inf, or may have lost
-    squares to underflow (:data:`_SMALL`): into ``part[0]``, zero elsewhere.
-    Rare (non-finite or tiny data, constant channels, a sample K several
-    standard deviations from the mean), so serial."""
-    rows = x.shape[2] if x.shape[2] > 1 else x.shape[0]
-    amplified = 3.0 * 2.0**-24 * min(HALF_BLOCK, rows) / variance_budget(x)
-    redo = _redone(part, x.shape[0] * x.shape[2], amplified)
-    wide = np.empty(0)
-    for c in range(x.shape[1]):
-        if redo[c]:
-            _replace(part, c)
-            for p in range(x.shape[0]):
-                pa, pb = shifted_sums(x[p, c], k[c], wide)
-                part[0, 0, c] += pa
-                part[0, 1, c] += pb
+    the threads' ``part``) that overflowed, met NaN or inf, may have lost
+    squares to underflow (:data:`_SMALL`; bfloat16 only), or whose shift K
+    amplifies float32's rounding (:func:`_redone`): into ``part[0]``, zero
+    elsewhere. Serial: :func:`redo_statistics_parallel` shares the work
+    among threads (all-constant channels, e.g. a ReLU's dead ones, are all
+    redone in bfloat16)."""
+    idx = _statistics_redone(x, part)
+    if idx.shape[0] > 0:
+        sums = np.zeros((1, 2, idx.shape[0]))
+        _redo_stats_each(idx.shape[0], 0, x.shape[0] * idx.shape[0], (x, k, idx, sums[0], _F64))
+        _put_redone(part, idx, sums)
+
+
+@numba.njit(parallel=True, fastmath=_REDUCE, **_OPTS)
+def redo_statistics_parallel(x, k, part):  # pragma: no cover - compiled
+    """:func:`redo_statistics` in ``part.shape[0]`` threads."""
+    idx = _statistics_redone(x, part)
+    if idx.shape[0] > 0:
+        nparts = part.shape[0]
+        sums = np.zeros((nparts, 2, idx.shape[0]))
+        units = x.shape[0] * idx.shape[0]
+        for i in numba.prange(nparts):
+            u0, u1 = chunk(units, nparts, i)
+            _redo_stats_each(idx.shape[0], u0, u1, (x, k, idx, sums[i], _F64))
+        _put_redone(part, idx, sums)
 
 
 @numba.njit(fastmath=_REDUCE, **_OPTS)
 def redo_gradient_sums(dy, x, hi, lo, part):  # pragma: no cover - compiled
     """:func:`redo_statistics` for the backward sums ``Σdy``, ``Σdy·(x − mean)``
-    (x centered on the global mean: no amplification to guard against)."""
-    redo = _redone(part, x.shape[0] * x.shape[2], 0.0)
-    wide = np.empty(0)
-    for c in range(x.shape[1]):
-        if redo[c]:
-            _replace(part, c)
-            for p in range(x.shape[0]):
-                pa, pb = gradient_sums(dy[p, c], x[p, c], hi[c], lo[c], wide)
-                part[0, 0, c] += pa
-                part[0, 1, c] += pb
+    (x centered on the global mean: no amplification to guard against; dy
+    may underflow whatever x's dtype)."""
+    idx = _redone(part, x.shape[0] * x.shape[2], x.shape[0] * x.shape[2] * _SMALL, 0.0)
+    if idx.shape[0] > 0:
+        sums = np.zeros((1, 2, idx.shape[0]))
+        args = (dy, x, hi, lo, idx, sums[0], _F64)
+        _redo_grads_each(idx.shape[0], 0, x.shape[0] * idx.shape[0], args)
+        _put_redone(part, idx, sums)
+
+
+@numba.njit(parallel=True, fastmath=_REDUCE, **_OPTS)
+def redo_gradient_sums_parallel(dy, x, hi, lo, part):  # pragma: no cover - compiled
+    """:func:`redo_gradient_sums` in ``part.shape[0]`` threads."""
+    idx = _redone(part, x.shape[0] * x.shape[2], x.shape[0] * x.shape[2] * _SMALL, 0.0)
+    if idx.shape[0] > 0:
+        nparts = part.shape[0]
+        sums = np.zeros((nparts, 2, idx.shape[0]))
+        units = x.shape[0] * idx.shape[0]
+        for i in numba.prange(nparts):
+            u0, u1 = chunk(units, nparts, i)
+            _redo_grads_each(idx.shape[0], u0, u1, (dy, x, hi, lo, idx, sums[i], _F64))
+        _put_redone(part, idx, sums)
 
 
 # -- statistics --------------------------------------------------------------
