@@ -791,6 +791,25 @@ def test_sharded_batches_takes_the_obvious_spellings_and_names_what_it_cannot() 
         assert _draw_one(sharded_batches(dtypes=st.just(dt))).dtype == name
 
 
+def test_sharded_batches_names_a_size_limit_that_draws_nothing() -> None:
+    """max_ndim=1 or max_channels=0 raised hypothesis' InvalidArgument about
+    ``max_value=1 < min_value=2``, naming neither argument; max_side=0 did
+    so only on the draws that split one batch."""
+    cases = [
+        ({"max_ndim": 1}, ValueError, r"max_ndim must be at least 2 \(inputs are \(N, C, "),
+        ({"max_channels": 0}, ValueError, "max_channels must be at least 1, got 0"),
+        ({"max_side": 0}, ValueError, "max_side must be at least 1"),
+        ({"min_count": -1}, ValueError, "min_count must be 0 or more, got -1"),
+        ({"max_side": 2.5}, TypeError, "max_side must be an int, got 2.5"),
+        ({"max_channels": True}, TypeError, "max_channels must be an int"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            _draw_one(sharded_batches(**kwargs))
+    batch = _draw_one(sharded_batches(max_ndim=2, max_channels=1, max_side=1, min_count=0))
+    assert batch.channels == 1 and batch.shards[0].ndim == 2
+
+
 def test_min_count_zero_draws_empty_batches_and_single_elements_as_documented() -> None:
     """The docstring said min_count=0 allows all shards empty; it also draws
     a global count of 1 (the N = 1 error case), and min_count=1 never 0."""

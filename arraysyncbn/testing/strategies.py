@@ -105,6 +105,23 @@ def _strategy(value: object, name: str) -> st.SearchStrategy:
     )
 
 
+def _check_limits(**limits: object) -> None:
+    """ValueError naming a size limit of :func:`sharded_batches` that draws
+    nothing (hypothesis' own error named ``min_value``/``max_value``)."""
+    least = {"max_ndim": 2, "max_channels": 1, "max_side": 1, "min_count": 0}
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"sharded_batches: {name} must be an int, got {value!r}")
+        if value < least[name]:
+            what = {
+                "max_ndim": "at least 2 (inputs are (N, C, ...))",
+                "max_channels": "at least 1",
+                "max_side": "at least 1 (sides are drawn from 0 to it)",
+                "min_count": "0 or more",
+            }[name]
+            raise ValueError(f"sharded_batches: {name} must be {what}, got {value}")
+
+
 def _numpy_dtype(name: str) -> type:
     return np.float32 if name == "bfloat16" else getattr(np, name)
 
@@ -165,7 +182,12 @@ def sharded_batches(
         the single-sample error case without empty batches; 2049 or more to
         reach counts that float16 cannot hold exactly). The default, 2,
         draws neither.
-        With the defaults, counts stay below a few hundred.
+        With the defaults, counts stay below a few hundred; a min_count in
+        the tens of thousands makes each draw slow enough for hypothesis'
+        health check to fail (suppress ``HealthCheck.too_slow`` and
+        ``HealthCheck.data_too_large`` there). A limit that draws nothing
+        (``max_ndim`` < 2, ``max_channels`` or ``max_side`` < 1, a negative
+        ``min_count``) is a ValueError, a non-integer one a TypeError.
     same_shapes : True splits one global batch along its first non-channel
         axis (uneven, empty shards allowed): the shards then differ only in
         that axis, so they concatenate along it. False draws every shard's
@@ -181,6 +203,8 @@ def sharded_batches(
     or ``hypothesis.assume`` on ``batch.count``, ``batch.axis`` or the shard
     shapes narrows a test to one of them.
     """
+    _check_limits(max_ndim=max_ndim, max_channels=max_channels, max_side=max_side,
+                  min_count=min_count)  # fmt: skip
     k = draw(st.integers(1, 4) if ranks is None else _strategy(ranks, "ranks"))
     if not isinstance(k, int) or k < 1:
         raise ValueError(
