@@ -182,9 +182,9 @@ def sharded_batches(
         the single-sample error case without empty batches; 2049 or more to
         reach counts that float16 cannot hold exactly). The default, 2,
         draws neither.
-        With the defaults, counts stay below a few hundred; a min_count in
-        the tens of thousands makes each draw slow enough for hypothesis'
-        health check to fail (suppress ``HealthCheck.too_slow`` and
+        With the defaults, counts stay below a few hundred; a min_count of
+        a few hundred thousand makes each draw slow enough for hypothesis'
+        health check to fail (100000 drew fine here) (suppress ``HealthCheck.too_slow`` and
         ``HealthCheck.data_too_large`` there). A limit that draws nothing
         (``max_ndim`` < 2, ``max_channels`` or ``max_side`` < 1, a negative
         ``min_count``) is a ValueError, a non-integer one a TypeError.
